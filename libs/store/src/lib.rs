@@ -1,0 +1,46 @@
+//! convoy's data placement and PostgreSQL plumbing, shared by every service that touches a
+//! shard: the slot hash, the shard map, one fail-fast pool per shard, the schema migrations,
+//! and the classification of database errors.
+//!
+//! Queries themselves belong to the services that own them.
+
+#![forbid(unsafe_code)]
+
+pub mod failure;
+pub mod pool;
+pub mod shard_map;
+pub mod slots;
+
+pub use failure::DbFailure;
+pub use pool::{PoolSettings, ShardPools};
+pub use shard_map::{Epoch, Shard, ShardId, ShardIndex, ShardMap, ShardMapError};
+pub use slots::{SLOT_COUNT, Slot};
+
+/// The schema migrations in `libs/store/migrations`, applied to every shard.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The store's one error type.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The shard map is invalid.
+    #[error(transparent)]
+    ShardMap(#[from] ShardMapError),
+    /// A shard's DSN does not parse.
+    #[error("shard {shard}: invalid DSN {dsn}: {source}")]
+    Dsn {
+        /// The shard.
+        shard: String,
+        /// The DSN, password redacted.
+        dsn: String,
+        /// Why.
+        source: sqlx::Error,
+    },
+    /// Migrations failed on a shard.
+    #[error("shard {shard}: migrations failed: {source}")]
+    Migrate {
+        /// The shard.
+        shard: String,
+        /// Why.
+        source: sqlx::migrate::MigrateError,
+    },
+}

@@ -1,0 +1,155 @@
+//! One PostgreSQL pool per shard, configured to fail fast.
+//!
+//! sqlx's defaults suit a single application database, not a fleet: a 30 s acquire timeout
+//! turns a dead shard into 30 s hangs, and no statement timeout lets one bad query hold a
+//! connection forever. Every number here is explicit and documented where it is declared.
+//!
+//! Not here: which shard a team lives on (see [`crate::shard_map`]).
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::StoreError;
+use crate::shard_map::{ShardIndex, ShardMap, redact_dsn};
+
+/// How each shard's pool behaves.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    /// Most connections per shard per process. Default 16: two cores' worth of backends
+    /// with headroom for waits on I/O; Postgres itself is the limit, not the pool.
+    pub max_connections: u32,
+    /// Connections kept open while idle. Default 1, so the first request finds one warm.
+    pub min_connections: u32,
+    /// Longest wait for a free connection before the request fails with UNAVAILABLE.
+    /// Default 2 s: fail fast when a shard is down or saturated (sqlx's default is 30 s).
+    pub acquire_timeout: Duration,
+    /// Server-side `statement_timeout`. Default 5 s.
+    pub statement_timeout: Duration,
+    /// Server-side `idle_in_transaction_session_timeout`, so a connection abandoned inside
+    /// a transaction releases its locks. Default 10 s.
+    pub idle_in_transaction_timeout: Duration,
+    /// Idle connections above `min_connections` are closed after this. Default 60 s.
+    pub idle_timeout: Duration,
+    /// Connections are recycled after this, spreading load after a failover. Default 30 min.
+    pub max_lifetime: Duration,
+    /// Server-side TCP keepalive idle time (`tcp_keepalives_idle`), so a vanished client's
+    /// backend is reaped. sqlx has no client-side keepalive setting; the client side is
+    /// covered by the per-request deadline. Default 30 s.
+    pub tcp_keepalive_idle: Duration,
+    /// `application_name`, visible in `pg_stat_activity`.
+    pub application_name: String,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            min_connections: 1,
+            acquire_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_lifetime: Duration::from_secs(30 * 60),
+            tcp_keepalive_idle: Duration::from_secs(30),
+            application_name: "convoy".into(),
+        }
+    }
+}
+
+/// The pools of every shard in a map.
+#[derive(Clone, Debug)]
+pub struct ShardPools {
+    map: Arc<ShardMap>,
+    pools: Vec<PgPool>,
+}
+
+impl ShardPools {
+    /// Builds a pool per shard without connecting: a shard that is down at start-up makes
+    /// its requests fail with UNAVAILABLE instead of stopping the process.
+    pub fn connect_lazy(map: ShardMap, settings: &PoolSettings) -> Result<Self, StoreError> {
+        let pools = map
+            .shards()
+            .iter()
+            .map(|shard| {
+                let options = connect_options(&shard.primary, settings).map_err(|source| {
+                    StoreError::Dsn {
+                        shard: shard.id.to_string(),
+                        dsn: redact_dsn(&shard.primary),
+                        source,
+                    }
+                })?;
+                Ok(PgPoolOptions::new()
+                    .max_connections(settings.max_connections)
+                    .min_connections(settings.min_connections)
+                    .acquire_timeout(settings.acquire_timeout)
+                    .idle_timeout(settings.idle_timeout)
+                    .max_lifetime(settings.max_lifetime)
+                    .test_before_acquire(true)
+                    .connect_lazy_with(options))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Self {
+            map: Arc::new(map),
+            pools,
+        })
+    }
+
+    /// Applies the schema migrations to every shard (concurrent callers are serialized by
+    /// sqlx's advisory lock).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        for (shard, pool) in self.map.shards().iter().zip(&self.pools) {
+            crate::MIGRATOR
+                .run(pool)
+                .await
+                .map_err(|source| StoreError::Migrate {
+                    shard: shard.id.to_string(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The shard map these pools serve.
+    pub fn map(&self) -> &ShardMap {
+        &self.map
+    }
+
+    /// The pool of shard `index`.
+    pub fn pool(&self, index: ShardIndex) -> &PgPool {
+        &self.pools[index]
+    }
+
+    /// The shard holding `team`, and its pool.
+    pub fn for_team(&self, team: &str) -> (ShardIndex, &PgPool) {
+        let index = self.map.owner_of_team(team);
+        (index, &self.pools[index])
+    }
+
+    /// Closes every pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        for pool in &self.pools {
+            pool.close().await;
+        }
+    }
+}
+
+fn connect_options(dsn: &str, settings: &PoolSettings) -> Result<PgConnectOptions, sqlx::Error> {
+    let ms = |d: Duration| d.as_millis().to_string();
+    Ok(PgConnectOptions::from_str(dsn)?
+        .application_name(&settings.application_name)
+        .options([
+            ("statement_timeout", ms(settings.statement_timeout)),
+            (
+                "idle_in_transaction_session_timeout",
+                ms(settings.idle_in_transaction_timeout),
+            ),
+            (
+                "tcp_keepalives_idle",
+                settings.tcp_keepalive_idle.as_secs().to_string(),
+            ),
+        ]))
+}

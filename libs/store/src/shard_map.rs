@@ -1,0 +1,376 @@
+//! The shard map: which shard owns each slot, and where each shard's servers are.
+//!
+//! For now the map comes from configuration (a TOML file or a list of DSNs split evenly);
+//! the shard-router will publish it in etcd with the same shape. A map is validated once
+//! when built ("parse, don't validate"): every slot has exactly one owner, shard ids are
+//! unique labels, and every shard has a primary.
+//!
+//! Not here: connections (see [`crate::pool`]) or the hash (see [`crate::slots`]).
+
+use std::fmt;
+use std::ops::RangeInclusive;
+
+use serde::Deserialize;
+
+use crate::slots::{SLOT_COUNT, Slot};
+
+/// A shard's stable id, such as `shard-0`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId(String);
+
+impl ShardId {
+    /// A shard id: 1 to 63 characters of `[a-z0-9-]`.
+    pub fn new(id: impl Into<String>) -> Result<Self, ShardMapError> {
+        let id = id.into();
+        let valid = !id.is_empty()
+            && id.len() <= 63
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if valid {
+            Ok(Self(id))
+        } else {
+            Err(ShardMapError::BadShardId(id))
+        }
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ShardId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The shard map's version: incremented by every change of placement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Epoch(pub u64);
+
+/// One shard: a primary and its replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// The shard's id.
+    pub id: ShardId,
+    /// Connection string of the primary (`postgres://...`); may hold credentials, so it is
+    /// never logged (see [`redact_dsn`]).
+    pub primary: String,
+    /// Connection strings of streaming replicas.
+    pub replicas: Vec<String>,
+}
+
+/// Index of a shard in [`ShardMap::shards`].
+pub type ShardIndex = usize;
+
+/// A validated shard map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardMap {
+    epoch: Epoch,
+    shards: Vec<Shard>,
+    /// `owner[slot]` is the index of the shard owning the slot.
+    owner: Vec<u16>,
+}
+
+/// Why a shard map is invalid.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ShardMapError {
+    /// A shard id with characters other than `[a-z0-9-]` or of a bad length.
+    #[error("shard id {0:?} is invalid: use 1 to 63 characters of [a-z0-9-]")]
+    BadShardId(String),
+    /// Two shards with one id.
+    #[error("shard id {0:?} appears twice")]
+    DuplicateShard(String),
+    /// No shards at all.
+    #[error("the shard map has no shards: configure at least one")]
+    NoShards,
+    /// A slot range that does not parse or is out of bounds.
+    #[error("slot range {0:?} is invalid: write `start-end` with 0 <= start <= end < {SLOT_COUNT}")]
+    BadRange(String),
+    /// A slot owned by two shards.
+    #[error("slot {slot} is assigned to both {first} and {second}")]
+    Overlap {
+        /// The slot.
+        slot: u16,
+        /// One owner.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// A slot owned by nobody.
+    #[error("slot {0} is not assigned to any shard: the ranges must cover 0-{max}", max = SLOT_COUNT - 1)]
+    Uncovered(u16),
+    /// A shard with no primary.
+    #[error("shard {0} has an empty primary DSN")]
+    NoPrimary(String),
+    /// The TOML does not parse.
+    #[error("shard map file: {0}")]
+    Toml(String),
+}
+
+/// The TOML form of a shard map.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShardMapFile {
+    #[serde(default = "first_epoch")]
+    epoch: u64,
+    shards: Vec<ShardFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShardFile {
+    id: String,
+    primary: String,
+    #[serde(default)]
+    replicas: Vec<String>,
+    /// Ranges such as `"0-511"`.
+    slots: Vec<String>,
+}
+
+fn first_epoch() -> u64 {
+    1
+}
+
+impl ShardMap {
+    /// Builds a map from shards and the slot ranges each owns.
+    pub fn new(
+        epoch: Epoch,
+        shards: Vec<(Shard, Vec<RangeInclusive<u16>>)>,
+    ) -> Result<Self, ShardMapError> {
+        if shards.is_empty() {
+            return Err(ShardMapError::NoShards);
+        }
+        const UNOWNED: u16 = u16::MAX;
+        let mut owner = vec![UNOWNED; usize::from(SLOT_COUNT)];
+        let mut seen = std::collections::HashSet::new();
+        for (index, (shard, ranges)) in shards.iter().enumerate() {
+            if !seen.insert(shard.id.clone()) {
+                return Err(ShardMapError::DuplicateShard(shard.id.0.clone()));
+            }
+            if shard.primary.trim().is_empty() {
+                return Err(ShardMapError::NoPrimary(shard.id.0.clone()));
+            }
+            for range in ranges {
+                if range.start() > range.end() || *range.end() >= SLOT_COUNT {
+                    return Err(ShardMapError::BadRange(format!(
+                        "{}-{}",
+                        range.start(),
+                        range.end()
+                    )));
+                }
+                for slot in range.clone() {
+                    let cell = &mut owner[usize::from(slot)];
+                    if *cell != UNOWNED {
+                        return Err(ShardMapError::Overlap {
+                            slot,
+                            first: shards[usize::from(*cell)].0.id.0.clone(),
+                            second: shard.id.0.clone(),
+                        });
+                    }
+                    *cell = index as u16;
+                }
+            }
+        }
+        if let Some(slot) = owner.iter().position(|&o| o == UNOWNED) {
+            return Err(ShardMapError::Uncovered(slot as u16));
+        }
+        Ok(Self {
+            epoch,
+            shards: shards.into_iter().map(|(shard, _)| shard).collect(),
+            owner,
+        })
+    }
+
+    /// Splits the slots evenly, in contiguous ranges, over shards `shard-0`, `shard-1`, ...
+    /// with the given primary DSNs, in order.
+    pub fn evenly(primaries: &[String]) -> Result<Self, ShardMapError> {
+        let n = primaries.len();
+        if n == 0 {
+            return Err(ShardMapError::NoShards);
+        }
+        let slots = usize::from(SLOT_COUNT);
+        let shards = primaries
+            .iter()
+            .enumerate()
+            .map(|(i, dsn)| {
+                let start = (i * slots / n) as u16;
+                let end = ((i + 1) * slots / n - 1) as u16;
+                let shard = Shard {
+                    id: ShardId::new(format!("shard-{i}"))?,
+                    primary: dsn.clone(),
+                    replicas: Vec::new(),
+                };
+                Ok((shard, vec![start..=end]))
+            })
+            .collect::<Result<Vec<_>, ShardMapError>>()?;
+        Self::new(Epoch(1), shards)
+    }
+
+    /// Parses the TOML form:
+    ///
+    /// ```toml
+    /// epoch = 1
+    /// [[shards]]
+    /// id = "shard-0"
+    /// primary = "postgres://convoy@127.0.0.1:5432/convoy"
+    /// slots = ["0-511"]
+    /// ```
+    pub fn from_toml(text: &str) -> Result<Self, ShardMapError> {
+        let file: ShardMapFile =
+            toml::from_str(text).map_err(|e| ShardMapError::Toml(e.to_string()))?;
+        let shards = file
+            .shards
+            .into_iter()
+            .map(|s| {
+                let ranges = s
+                    .slots
+                    .iter()
+                    .map(|r| parse_range(r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let shard = Shard {
+                    id: ShardId::new(s.id)?,
+                    primary: s.primary,
+                    replicas: s.replicas,
+                };
+                Ok((shard, ranges))
+            })
+            .collect::<Result<Vec<_>, ShardMapError>>()?;
+        Self::new(Epoch(file.epoch), shards)
+    }
+
+    /// The map's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The shards, in configuration order.
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// Index of the shard that owns `slot`.
+    pub fn owner(&self, slot: Slot) -> ShardIndex {
+        usize::from(self.owner[usize::from(slot.get())])
+    }
+
+    /// Index of the shard that holds `team`'s data.
+    pub fn owner_of_team(&self, team: &str) -> ShardIndex {
+        self.owner(Slot::for_team(team))
+    }
+
+    /// The contiguous slot ranges and their owners, in slot order.
+    pub fn ranges(&self) -> Vec<(RangeInclusive<u16>, ShardIndex)> {
+        let mut ranges: Vec<(RangeInclusive<u16>, ShardIndex)> = Vec::new();
+        for (slot, &owner) in self.owner.iter().enumerate() {
+            let slot = slot as u16;
+            match ranges.last_mut() {
+                Some((range, o)) if *o == usize::from(owner) => *range = *range.start()..=slot,
+                _ => ranges.push((slot..=slot, usize::from(owner))),
+            }
+        }
+        ranges
+    }
+}
+
+fn parse_range(text: &str) -> Result<RangeInclusive<u16>, ShardMapError> {
+    let bad = || ShardMapError::BadRange(text.to_owned());
+    let (start, end) = match text.split_once('-') {
+        Some((s, e)) => (s.trim(), e.trim()),
+        None => (text.trim(), text.trim()),
+    };
+    let start: u16 = start.parse().map_err(|_| bad())?;
+    let end: u16 = end.parse().map_err(|_| bad())?;
+    if start > end || end >= SLOT_COUNT {
+        return Err(bad());
+    }
+    Ok(start..=end)
+}
+
+/// A DSN with its password replaced by `***`, for logs.
+pub fn redact_dsn(dsn: &str) -> String {
+    // postgres://user:password@host/db -> postgres://user:***@host/db
+    let Some((scheme, rest)) = dsn.split_once("://") else {
+        return "<unparsable dsn>".into();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => dsn.to_owned(),
+        },
+        None => dsn.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dsns(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("postgres://localhost/s{i}"))
+            .collect()
+    }
+
+    #[test]
+    fn even_split_covers_every_slot_in_contiguous_ranges() {
+        let map = ShardMap::evenly(&dsns(2)).unwrap();
+        let ranges = map.ranges();
+        assert_eq!(ranges, vec![(0..=511, 0), (512..=1023, 1)]);
+        let map = ShardMap::evenly(&dsns(3)).unwrap();
+        assert_eq!(map.ranges().len(), 3);
+        assert_eq!(map.owner(Slot::new(1023).unwrap()), 2);
+    }
+
+    #[test]
+    fn toml_maps_parse_and_gaps_or_overlaps_are_refused() {
+        let ok = r#"
+            epoch = 7
+            [[shards]]
+            id = "shard-a"
+            primary = "postgres://a"
+            slots = ["0-99", "200-1023"]
+            [[shards]]
+            id = "shard-b"
+            primary = "postgres://b"
+            replicas = ["postgres://b-replica"]
+            slots = ["100-199"]
+        "#;
+        let map = ShardMap::from_toml(ok).unwrap();
+        assert_eq!(map.epoch(), Epoch(7));
+        assert_eq!(map.owner(Slot::new(150).unwrap()), 1);
+        assert_eq!(map.owner(Slot::new(250).unwrap()), 0);
+
+        let gap = ok.replace("\"100-199\"", "\"100-198\"");
+        assert_eq!(
+            ShardMap::from_toml(&gap),
+            Err(ShardMapError::Uncovered(199))
+        );
+        let overlap = ok.replace("\"100-199\"", "\"99-199\"");
+        assert!(matches!(
+            ShardMap::from_toml(&overlap),
+            Err(ShardMapError::Overlap { slot: 99, .. })
+        ));
+        let out_of_range = ok.replace("\"200-1023\"", "\"200-1024\"");
+        assert!(matches!(
+            ShardMap::from_toml(&out_of_range),
+            Err(ShardMapError::BadRange(_))
+        ));
+        let dup = ok.replace("shard-b", "shard-a");
+        assert!(matches!(
+            ShardMap::from_toml(&dup),
+            Err(ShardMapError::DuplicateShard(_))
+        ));
+    }
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        assert_eq!(
+            redact_dsn("postgres://convoy:s3cret@db:5432/convoy"),
+            "postgres://convoy:***@db:5432/convoy"
+        );
+        assert_eq!(redact_dsn("postgres://db/convoy"), "postgres://db/convoy");
+    }
+}
