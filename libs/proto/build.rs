@@ -15,7 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor)
-        .compile_protos(&protos, &[root.clone()])?;
+        // Deterministic encoding of map fields, so a message can be fingerprinted.
+        .btree_map(".")
+        .compile_protos(&protos, std::slice::from_ref(&root))?;
 
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())

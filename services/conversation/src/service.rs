@@ -1,0 +1,247 @@
+//! The gRPC face of the conversation service: request → validation → store → reply.
+//!
+//! Each handler validates, then runs its store work on a detached task, so a client that
+//! cancels or times out mid-call never cancels a transaction half-way through (sqlx's known
+//! pitfall: a future dropped inside `begin`/`commit` can return a connection to the pool
+//! inside a transaction). The task is itself bounded by the store's operation timeout.
+//! Writes answer with the consistency token header.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use convoy_proto::consistency::{ConsistencyToken, HEADER};
+use convoy_proto::v1 as pb;
+use convoy_proto::v1::conversation_service_server::ConversationService;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::model::{ListCursor, SearchCursor, Version};
+use crate::names::ConversationName;
+use crate::page_token::{self, Cursor};
+use crate::store::ConversationStore;
+use crate::{validate, wire};
+
+/// The ConversationService implementation.
+#[derive(Clone, Debug)]
+pub struct ConversationApi {
+    store: Arc<ConversationStore>,
+}
+
+impl ConversationApi {
+    /// A service over `store`.
+    pub fn new(store: Arc<ConversationStore>) -> Self {
+        Self { store }
+    }
+
+    /// Runs `work` on a detached task; see the module docs.
+    async fn detached<T, F>(
+        &self,
+        work: impl FnOnce(Arc<ConversationStore>) -> F,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, ApiError>> + Send + 'static,
+    {
+        let task = tokio::spawn(work(self.store.clone()));
+        match task.await {
+            Ok(result) => result.map_err(ApiError::into_status),
+            Err(e) => Err(ApiError::Internal(format!("request task failed: {e}")).into_status()),
+        }
+    }
+
+    fn token(&self, name: &ConversationName, version: Version) -> ConsistencyToken {
+        let (shard, _) = self.store.shard(&name.team);
+        ConsistencyToken {
+            shard: shard.to_owned(),
+            lsn: 0,
+            conversation: name.id,
+            version: version.0,
+        }
+    }
+
+    fn with_token<T>(&self, message: T, token: ConsistencyToken) -> Response<T> {
+        let mut response = Response::new(message);
+        if let Ok(value) = MetadataValue::try_from(token.encode()) {
+            response.metadata_mut().insert(HEADER, value);
+        }
+        response
+    }
+}
+
+#[tonic::async_trait]
+impl ConversationService for ConversationApi {
+    async fn create_conversation(
+        &self,
+        request: Request<pb::CreateConversationRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let new = validate::create(request.get_ref())?;
+        let created = self
+            .detached(|store| async move { store.create(new).await })
+            .await?;
+        let conversation = created.conversation;
+        let token = self.token(&conversation.name, conversation.version);
+        Ok(self.with_token(wire::conversation(conversation), token))
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<pb::GetConversationRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        // Reads go to the primary today, which is never older than any token; the token is
+        // still checked so that malformed ones fail now, not when replicas arrive.
+        validate::consistency_token(request.metadata())?;
+        let name = validate::conversation_name("name", &request.get_ref().name)?;
+        let conversation = self
+            .detached(|store| async move { store.get(&name).await })
+            .await?;
+        Ok(Response::new(wire::conversation(conversation)))
+    }
+
+    async fn batch_get_conversations(
+        &self,
+        request: Request<pb::BatchGetConversationsRequest>,
+    ) -> Result<Response<pb::BatchGetConversationsResponse>, Status> {
+        validate::consistency_token(request.metadata())?;
+        let (team, names) = validate::batch_get(request.get_ref())?;
+        let conversations = self
+            .detached(|store| async move { store.batch_get(&team, &names).await })
+            .await?;
+        Ok(Response::new(pb::BatchGetConversationsResponse {
+            conversations: conversations.into_iter().map(wire::conversation).collect(),
+        }))
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<pb::ListConversationsRequest>,
+    ) -> Result<Response<pb::ListConversationsResponse>, Status> {
+        validate::consistency_token(request.metadata())?;
+        let query = validate::list(request.get_ref())?;
+        let fingerprint = validate::list_token_fingerprint(&query);
+        let page = self
+            .detached(|store| async move { store.list(&query).await })
+            .await?;
+        let next_page_token = match (page.more, page.items.last()) {
+            (true, Some(last)) => page_token::encode(
+                fingerprint,
+                &Cursor::List(ListCursor {
+                    created_at_micros: last.created_at.timestamp_micros(),
+                    id: last.name.id,
+                }),
+            ),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListConversationsResponse {
+            conversations: page.items.into_iter().map(wire::conversation).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn search_conversations(
+        &self,
+        request: Request<pb::SearchConversationsRequest>,
+    ) -> Result<Response<pb::SearchConversationsResponse>, Status> {
+        validate::consistency_token(request.metadata())?;
+        let query = validate::search(request.get_ref())?;
+        let fingerprint = validate::search_token_fingerprint(&query);
+        let page = self
+            .detached(|store| async move { store.search(&query).await })
+            .await?;
+        let next_page_token = match (page.more, page.items.last()) {
+            (true, Some((last, rank))) => page_token::encode(
+                fingerprint,
+                &Cursor::Search(SearchCursor {
+                    rank: *rank,
+                    id: last.name.id,
+                }),
+            ),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::SearchConversationsResponse {
+            results: page
+                .items
+                .into_iter()
+                .map(|(c, rank)| pb::SearchResult {
+                    conversation: Some(wire::conversation(c)),
+                    rank,
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_conversation(
+        &self,
+        request: Request<pb::UpdateConversationRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let (name, patch, expected) = validate::update(request.get_ref())?;
+        let conversation = self
+            .detached(|store| async move { store.update(&name, &patch, expected).await })
+            .await?;
+        let token = self.token(&conversation.name, conversation.version);
+        Ok(self.with_token(wire::conversation(conversation), token))
+    }
+
+    async fn delete_conversation(
+        &self,
+        request: Request<pb::DeleteConversationRequest>,
+    ) -> Result<Response<()>, Status> {
+        let (name, expected) = validate::delete(request.get_ref())?;
+        let target = name.clone();
+        let deleted = self
+            .detached(|store| async move { store.delete(&target, expected).await })
+            .await?;
+        // The deletion is the version after the last one the row had.
+        let token = self.token(&name, Version(deleted.0 + 1));
+        Ok(self.with_token((), token))
+    }
+
+    async fn append_events(
+        &self,
+        request: Request<pb::AppendEventsRequest>,
+    ) -> Result<Response<pb::AppendEventsResponse>, Status> {
+        let (name, events) = validate::append(request.get_ref())?;
+        let target = name.clone();
+        let appended = self
+            .detached(|store| async move { store.append_events(&target, events).await })
+            .await?;
+        let token = self.token(&name, appended.conversation.version);
+        let response = pb::AppendEventsResponse {
+            events: appended
+                .events
+                .into_iter()
+                .map(|e| wire::event(&name, e))
+                .collect(),
+            conversation: Some(wire::conversation(appended.conversation)),
+            duplicate_count: appended.duplicates as i32,
+        };
+        Ok(self.with_token(response, token))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        validate::consistency_token(request.metadata())?;
+        let original_after = request.get_ref().after_sequence;
+        let query = validate::list_events(request.get_ref())?;
+        let fingerprint = validate::events_token_fingerprint(&query, original_after);
+        let name = query.conversation.clone();
+        let page = self
+            .detached(|store| async move { store.list_events(&query).await })
+            .await?;
+        let next_page_token = match (page.more, page.items.last()) {
+            (true, Some(last)) => page_token::encode(fingerprint, &Cursor::Events(last.sequence)),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListEventsResponse {
+            events: page
+                .items
+                .into_iter()
+                .map(|e| wire::event(&name, e))
+                .collect(),
+            next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,793 @@
+//! The conversation queries, routed to the shard that owns the team.
+//!
+//! Each operation is one round of SQL against one shard, bounded in time so that a shard
+//! that stops answering cannot hold a request forever, and built so that a write is either
+//! wholly committed or not at all. Queries are written out here, next to the indexes they
+//! rely on (see `libs/store/migrations`); the query-shape functions are public so the
+//! EXPLAIN tests run exactly the SQL that the service runs.
+//!
+//! Not here: validation ([`crate::validate`]) or the wire format ([`crate::wire`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use convoy_store::ShardPools;
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::model::*;
+use crate::names::{ConversationName, TeamId};
+
+/// Columns of a conversation row, in [`ConversationRow`]'s order.
+pub const COLUMNS: &str = "team_id, id, title, intent, status, content, metadata, \
+    effectiveness_score, message_count, event_count, duration_seconds, input_tokens, \
+    output_tokens, cache_creation_input_tokens, cache_read_input_tokens, first_event_at, \
+    last_event_at, version, created_at, updated_at";
+
+/// Columns of an event row, in [`EventRow`]'s order.
+pub const EVENT_COLUMNS: &str = "sequence, event_id, parent_event_id, kind, role, occurred_at, \
+    content, tool_name, tool_call_id, is_error, model, input_tokens, output_tokens, \
+    cache_creation_input_tokens, cache_read_input_tokens, is_sidechain, raw_json";
+
+/// One conversation by primary key.
+pub const GET_SQL: &str = "SELECT team_id, id, title, intent, status, content, metadata, \
+    effectiveness_score, message_count, event_count, duration_seconds, input_tokens, \
+    output_tokens, cache_creation_input_tokens, cache_read_input_tokens, first_event_at, \
+    last_event_at, version, created_at, updated_at \
+    FROM conversations WHERE team_id = $1 AND id = $2";
+
+/// Several conversations of one team by primary key.
+pub const BATCH_GET_SQL: &str = "SELECT team_id, id, title, intent, status, content, metadata, \
+    effectiveness_score, message_count, event_count, duration_seconds, input_tokens, \
+    output_tokens, cache_creation_input_tokens, cache_read_input_tokens, first_event_at, \
+    last_event_at, version, created_at, updated_at \
+    FROM conversations WHERE team_id = $1 AND id = ANY($2)";
+
+/// A page of a conversation's events.
+pub const LIST_EVENTS_SQL: &str = "SELECT sequence, event_id, parent_event_id, kind, role, \
+    occurred_at, content, tool_name, tool_call_id, is_error, model, input_tokens, output_tokens, \
+    cache_creation_input_tokens, cache_read_input_tokens, is_sidechain, raw_json \
+    FROM conversation_events WHERE team_id = $1 AND conversation_id = $2 AND sequence > $3 \
+    ORDER BY sequence LIMIT $4";
+
+#[derive(sqlx::FromRow)]
+struct ConversationRow {
+    team_id: String,
+    id: Uuid,
+    title: String,
+    intent: String,
+    status: String,
+    content: String,
+    metadata: Json<BTreeMap<String, String>>,
+    effectiveness_score: Option<f64>,
+    message_count: i64,
+    event_count: i64,
+    duration_seconds: f64,
+    input_tokens: i64,
+    output_tokens: i64,
+    cache_creation_input_tokens: i64,
+    cache_read_input_tokens: i64,
+    first_event_at: Option<DateTime<Utc>>,
+    last_event_at: Option<DateTime<Utc>>,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl ConversationRow {
+    fn into_model(self) -> Result<Conversation, ApiError> {
+        let corrupt = |what: &str, value: &str| {
+            ApiError::Internal(format!("stored {what} {value:?} of {} is unknown", self.id))
+        };
+        let team = TeamId::parse(&self.team_id).map_err(|_| corrupt("team", &self.team_id))?;
+        Ok(Conversation {
+            fields: ConversationFields {
+                intent: Intent::from_db(&self.intent)
+                    .ok_or_else(|| corrupt("intent", &self.intent))?,
+                status: Status::from_db(&self.status)
+                    .ok_or_else(|| corrupt("status", &self.status))?,
+                title: self.title,
+                content: self.content,
+                metadata: self.metadata.0,
+                effectiveness_score: self.effectiveness_score,
+            },
+            name: ConversationName { team, id: self.id },
+            message_count: self.message_count,
+            event_count: self.event_count,
+            duration_seconds: self.duration_seconds,
+            usage: TokenUsage {
+                input: self.input_tokens,
+                output: self.output_tokens,
+                cache_creation: self.cache_creation_input_tokens,
+                cache_read: self.cache_read_input_tokens,
+            },
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            first_event_at: self.first_event_at,
+            last_event_at: self.last_event_at,
+            version: Version(self.version),
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    sequence: i64,
+    event_id: Option<String>,
+    parent_event_id: Option<String>,
+    kind: String,
+    role: Option<String>,
+    occurred_at: DateTime<Utc>,
+    content: String,
+    tool_name: Option<String>,
+    tool_call_id: Option<String>,
+    is_error: bool,
+    model: Option<String>,
+    input_tokens: i64,
+    output_tokens: i64,
+    cache_creation_input_tokens: i64,
+    cache_read_input_tokens: i64,
+    is_sidechain: bool,
+    raw_json: Option<serde_json::Value>,
+}
+
+impl EventRow {
+    fn into_model(self) -> Result<Event, ApiError> {
+        let kind = EventKind::from_db(&self.kind).ok_or_else(|| {
+            ApiError::Internal(format!("stored event kind {:?} is unknown", self.kind))
+        })?;
+        let role = match &self.role {
+            None => None,
+            Some(r) => Some(
+                Role::from_db(r)
+                    .ok_or_else(|| ApiError::Internal(format!("stored role {r:?} is unknown")))?,
+            ),
+        };
+        Ok(Event {
+            sequence: self.sequence,
+            event: NewEvent {
+                event_id: self.event_id,
+                parent_event_id: self.parent_event_id,
+                kind,
+                role,
+                occurred_at: self.occurred_at,
+                content: self.content,
+                tool_name: self.tool_name,
+                tool_call_id: self.tool_call_id,
+                is_error: self.is_error,
+                model: self.model,
+                usage: TokenUsage {
+                    input: self.input_tokens,
+                    output: self.output_tokens,
+                    cache_creation: self.cache_creation_input_tokens,
+                    cache_read: self.cache_read_input_tokens,
+                },
+                is_sidechain: self.is_sidechain,
+                raw_json: self.raw_json,
+            },
+        })
+    }
+}
+
+/// Pushes the List/Search filters. Enum values are pushed as literals (they are our own
+/// closed set, never client text), so Postgres can match the partial index on
+/// `status = 'active'` in every plan, generic ones included.
+fn push_filters(qb: &mut QueryBuilder<'_, Postgres>, filters: &Filters) {
+    if let Some(status) = filters.status {
+        qb.push(" AND status = '").push(status.as_str()).push("'");
+    }
+    if let Some(intent) = filters.intent {
+        qb.push(" AND intent = '").push(intent.as_str()).push("'");
+    }
+    if let Some(from) = filters.created_from {
+        qb.push(" AND created_at >= ").push_bind(from);
+    }
+    if let Some(until) = filters.created_until {
+        qb.push(" AND created_at < ").push_bind(until);
+    }
+}
+
+/// The List query, newest first with keyset pagination; `prefix` is `""` or an EXPLAIN.
+pub fn list_query(prefix: &str, q: &ListQuery) -> QueryBuilder<'static, Postgres> {
+    let mut qb = QueryBuilder::new(prefix);
+    qb.push("SELECT ")
+        .push(COLUMNS)
+        .push(" FROM conversations WHERE team_id = ")
+        .push_bind(q.team.as_str().to_owned());
+    push_filters(&mut qb, &q.filters);
+    if let Some(cursor) = q.cursor {
+        let created = DateTime::<Utc>::from_timestamp_micros(cursor.created_at_micros)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        qb.push(" AND (created_at, id) < (")
+            .push_bind(created)
+            .push(", ")
+            .push_bind(cursor.id)
+            .push(")");
+    }
+    qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(q.page_size as i64 + 1);
+    qb
+}
+
+/// The Search query, best rank first with keyset pagination on (rank, id).
+pub fn search_query(prefix: &str, q: &SearchQuery) -> QueryBuilder<'static, Postgres> {
+    let mut qb = QueryBuilder::new(prefix);
+    qb.push("SELECT ")
+        .push(COLUMNS)
+        .push(", ts_rank(search_vector, query) AS rank FROM conversations, websearch_to_tsquery('english', ")
+        .push_bind(q.query.clone())
+        .push(") AS query WHERE team_id = ")
+        .push_bind(q.team.as_str().to_owned())
+        .push(" AND search_vector @@ query");
+    push_filters(&mut qb, &q.filters);
+    if let Some(cursor) = q.cursor {
+        qb.push(" AND (ts_rank(search_vector, query), id) < (")
+            .push_bind(cursor.rank)
+            .push("::real, ")
+            .push_bind(cursor.id)
+            .push(")");
+    }
+    qb.push(" ORDER BY rank DESC, id DESC LIMIT ")
+        .push_bind(q.page_size as i64 + 1);
+    qb
+}
+
+/// A page of results and whether more follow.
+pub struct Page<T> {
+    /// The rows.
+    pub items: Vec<T>,
+    /// True when another page exists.
+    pub more: bool,
+}
+
+/// A created conversation, or the one a replayed request created earlier.
+pub struct Created {
+    /// The conversation.
+    pub conversation: Conversation,
+    /// False when a retried request_id returned an earlier result.
+    pub fresh: bool,
+}
+
+/// The outcome of an append.
+pub struct Appended {
+    /// The conversation after the append.
+    pub conversation: Conversation,
+    /// The events stored, in request order.
+    pub events: Vec<Event>,
+    /// Events skipped because their event_id was already stored.
+    pub duplicates: usize,
+}
+
+/// The conversation store over every shard.
+#[derive(Clone, Debug)]
+pub struct ConversationStore {
+    pools: ShardPools,
+    /// Longest time one operation may take on a shard.
+    op_timeout: Duration,
+}
+
+impl ConversationStore {
+    /// A store over `pools`, bounding each operation by `op_timeout`.
+    pub fn new(pools: ShardPools, op_timeout: Duration) -> Self {
+        Self { pools, op_timeout }
+    }
+
+    /// The pools (for migrations and shutdown).
+    pub fn pools(&self) -> &ShardPools {
+        &self.pools
+    }
+
+    /// The shard id and pool that hold `team`.
+    pub fn shard(&self, team: &TeamId) -> (&str, &PgPool) {
+        let (index, pool) = self.pools.for_team(team.as_str());
+        (self.pools.map().shards()[index].id.as_str(), pool)
+    }
+
+    /// Runs `op` on `team`'s shard, bounded by the operation timeout, mapping database errors.
+    async fn on_shard<'a, T, F, Fut>(&'a self, team: &'a TeamId, op: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&'a PgPool) -> Fut,
+        Fut: Future<Output = Result<T, OpError>> + 'a,
+    {
+        let (shard, pool) = self.shard(team);
+        match tokio::time::timeout(self.op_timeout, op(pool)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(OpError::Api(e))) => Err(e),
+            Ok(Err(OpError::Db(e))) => Err(ApiError::from_db(shard, e)),
+            Err(_) => Err(ApiError::DeadlineExceeded(format!(
+                "shard {shard} did not answer within {:?}",
+                self.op_timeout
+            ))),
+        }
+    }
+
+    /// Creates a conversation, idempotently by request id.
+    pub async fn create(&self, new: NewConversation) -> Result<Created, ApiError> {
+        let team = new.name.team.clone();
+        self.on_shard(&team, |pool| async move {
+            let mut tx = pool.begin().await?;
+            if let Some((request_id, fingerprint)) = new.request {
+                let claimed: Option<Uuid> = sqlx::query_scalar(
+                    "INSERT INTO create_requests (team_id, request_id, conversation_id, fingerprint) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING conversation_id",
+                )
+                .bind(new.name.team.as_str())
+                .bind(request_id)
+                .bind(new.name.id)
+                .bind(&fingerprint[..])
+                .fetch_optional(&mut *tx)
+                .await?;
+                if claimed.is_none() {
+                    tx.rollback().await?;
+                    return replay(pool, &new.name.team, request_id, &fingerprint).await;
+                }
+            }
+            let row: Option<ConversationRow> = sqlx::query_as(&format!(
+                "INSERT INTO conversations (team_id, id, title, intent, status, content, metadata, \
+                 effectiveness_score) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (team_id, id) DO NOTHING RETURNING {COLUMNS}"
+            ))
+            .bind(new.name.team.as_str())
+            .bind(new.name.id)
+            .bind(&new.fields.title)
+            .bind(new.fields.intent.as_str())
+            .bind(new.fields.status.as_str())
+            .bind(&new.fields.content)
+            .bind(Json(&new.fields.metadata))
+            .bind(new.fields.effectiveness_score)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                return Err(OpError::Api(ApiError::AlreadyExists {
+                    what: new.name.to_string(),
+                    why: "a conversation with this id exists; omit conversation_id to get a fresh one".into(),
+                }));
+            };
+            tx.commit().await?;
+            Ok(Created {
+                conversation: row.into_model()?,
+                fresh: true,
+            })
+        })
+        .await
+    }
+
+    /// Gets one conversation.
+    pub async fn get(&self, name: &ConversationName) -> Result<Conversation, ApiError> {
+        self.on_shard(&name.team, |pool| async move {
+            let row: Option<ConversationRow> = sqlx::query_as(GET_SQL)
+                .bind(name.team.as_str())
+                .bind(name.id)
+                .fetch_optional(pool)
+                .await?;
+            match row {
+                Some(row) => Ok(row.into_model()?),
+                None => Err(OpError::Api(ApiError::NotFound(name.to_string()))),
+            }
+        })
+        .await
+    }
+
+    /// Gets every named conversation of one team, in the order of `names`; NOT_FOUND
+    /// names the first missing one.
+    pub async fn batch_get(
+        &self,
+        team: &TeamId,
+        names: &[ConversationName],
+    ) -> Result<Vec<Conversation>, ApiError> {
+        let ids: Vec<Uuid> = names.iter().map(|n| n.id).collect();
+        let rows: Vec<ConversationRow> = self
+            .on_shard(team, |pool| async move {
+                Ok(sqlx::query_as(BATCH_GET_SQL)
+                    .bind(team.as_str())
+                    .bind(&ids)
+                    .fetch_all(pool)
+                    .await?)
+            })
+            .await?;
+        let mut by_id = std::collections::HashMap::with_capacity(rows.len());
+        for row in rows {
+            let conversation = row.into_model()?;
+            by_id.insert(conversation.name.id, conversation);
+        }
+        names
+            .iter()
+            .map(|name| {
+                by_id
+                    .get(&name.id)
+                    .cloned()
+                    .ok_or_else(|| ApiError::NotFound(name.to_string()))
+            })
+            .collect()
+    }
+
+    /// Lists a page of a team's conversations.
+    pub async fn list(&self, q: &ListQuery) -> Result<Page<Conversation>, ApiError> {
+        let rows: Vec<ConversationRow> = self
+            .on_shard(&q.team, |pool| async move {
+                Ok(list_query("", q).build_query_as().fetch_all(pool).await?)
+            })
+            .await?;
+        page(rows, q.page_size, ConversationRow::into_model)
+    }
+
+    /// Searches a team's conversations.
+    pub async fn search(&self, q: &SearchQuery) -> Result<Page<(Conversation, f32)>, ApiError> {
+        #[derive(sqlx::FromRow)]
+        struct Hit {
+            #[sqlx(flatten)]
+            row: ConversationRow,
+            rank: f32,
+        }
+        let rows: Vec<Hit> = self
+            .on_shard(&q.team, |pool| async move {
+                Ok(search_query("", q).build_query_as().fetch_all(pool).await?)
+            })
+            .await?;
+        page(rows, q.page_size, |hit| {
+            Ok((hit.row.into_model()?, hit.rank))
+        })
+    }
+
+    /// Applies a patch, if `expected` (when given) is still the current version.
+    pub async fn update(
+        &self,
+        name: &ConversationName,
+        patch: &ConversationPatch,
+        expected: Option<Version>,
+    ) -> Result<Conversation, ApiError> {
+        self.on_shard(&name.team, |pool| async move {
+            let mut qb = QueryBuilder::<Postgres>::new("UPDATE conversations SET ");
+            {
+                let mut set = qb.separated(", ");
+                if let Some(title) = &patch.title {
+                    set.push("title = ").push_bind_unseparated(title.clone());
+                }
+                if let Some(intent) = patch.intent {
+                    set.push("intent = ").push_bind_unseparated(intent.as_str());
+                }
+                if let Some(status) = patch.status {
+                    set.push("status = ").push_bind_unseparated(status.as_str());
+                }
+                if let Some(content) = &patch.content {
+                    set.push("content = ")
+                        .push_bind_unseparated(content.clone());
+                }
+                if let Some(metadata) = &patch.metadata {
+                    set.push("metadata = ")
+                        .push_bind_unseparated(Json(metadata.clone()));
+                }
+                if let Some(score) = patch.effectiveness_score {
+                    set.push("effectiveness_score = ")
+                        .push_bind_unseparated(score);
+                }
+                set.push("version = version + 1");
+                set.push("updated_at = now()");
+            }
+            qb.push(" WHERE team_id = ")
+                .push_bind(name.team.as_str().to_owned())
+                .push(" AND id = ")
+                .push_bind(name.id);
+            if let Some(Version(v)) = expected {
+                qb.push(" AND version = ").push_bind(v);
+            }
+            qb.push(" RETURNING ").push(COLUMNS);
+            let row: Option<ConversationRow> = qb.build_query_as().fetch_optional(pool).await?;
+            match row {
+                Some(row) => Ok(row.into_model()?),
+                None => Err(OpError::Api(missing_or_stale(pool, name).await?)),
+            }
+        })
+        .await
+    }
+
+    /// Deletes a conversation and its events, if `expected` (when given) is current.
+    /// Returns the version the conversation had.
+    pub async fn delete(
+        &self,
+        name: &ConversationName,
+        expected: Option<Version>,
+    ) -> Result<Version, ApiError> {
+        self.on_shard(&name.team, |pool| async move {
+            let version: Option<i64> = sqlx::query_scalar(
+                "DELETE FROM conversations WHERE team_id = $1 AND id = $2 \
+                 AND ($3::bigint IS NULL OR version = $3) RETURNING version",
+            )
+            .bind(name.team.as_str())
+            .bind(name.id)
+            .bind(expected.map(|v| v.0))
+            .fetch_optional(pool)
+            .await?;
+            match version {
+                Some(v) => Ok(Version(v)),
+                None => Err(OpError::Api(missing_or_stale(pool, name).await?)),
+            }
+        })
+        .await
+    }
+
+    /// Appends events in one transaction, skipping those whose event_id is stored, and
+    /// updates the conversation's counters.
+    pub async fn append_events(
+        &self,
+        name: &ConversationName,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, ApiError> {
+        self.on_shard(&name.team, |pool| async move {
+            let mut tx = pool.begin().await?;
+            // The row lock serializes appends to one conversation, so sequences are
+            // gap-free and the duplicate check below cannot race.
+            let event_count: Option<i64> = sqlx::query_scalar(
+                "SELECT event_count FROM conversations WHERE team_id = $1 AND id = $2 FOR UPDATE",
+            )
+            .bind(name.team.as_str())
+            .bind(name.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(event_count) = event_count else {
+                return Err(OpError::Api(ApiError::NotFound(name.to_string())));
+            };
+
+            let ids: Vec<&str> = events.iter().filter_map(|e| e.event_id.as_deref()).collect();
+            let stored: Vec<String> = if ids.is_empty() {
+                Vec::new()
+            } else {
+                sqlx::query_scalar(
+                    "SELECT event_id FROM conversation_events \
+                     WHERE team_id = $1 AND conversation_id = $2 AND event_id = ANY($3)",
+                )
+                .bind(name.team.as_str())
+                .bind(name.id)
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?
+            };
+            let mut seen: HashSet<String> = stored.into_iter().collect();
+            let total = events.len();
+            let fresh: Vec<NewEvent> = events
+                .into_iter()
+                .filter(|e| e.event_id.as_ref().is_none_or(|id| seen.insert(id.clone())))
+                .collect();
+            let duplicates = total - fresh.len();
+
+            if fresh.is_empty() {
+                let row: ConversationRow = sqlx::query_as(GET_SQL)
+                    .bind(name.team.as_str())
+                    .bind(name.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(Appended {
+                    conversation: row.into_model()?,
+                    events: Vec::new(),
+                    duplicates,
+                });
+            }
+
+            let stored: Vec<Event> = fresh
+                .into_iter()
+                .enumerate()
+                .map(|(i, event)| Event {
+                    sequence: event_count + 1 + i as i64,
+                    event,
+                })
+                .collect();
+            insert_events(&mut tx, name, &stored).await?;
+
+            let messages = stored
+                .iter()
+                .filter(|e| e.event.kind == EventKind::Message)
+                .count() as i64;
+            let sum = |f: fn(&TokenUsage) -> i64| stored.iter().map(|e| f(&e.event.usage)).sum::<i64>();
+            let first = stored.iter().map(|e| e.event.occurred_at).min();
+            let last = stored.iter().map(|e| e.event.occurred_at).max();
+            let row: ConversationRow = sqlx::query_as(&format!(
+                "UPDATE conversations SET \
+                   event_count = event_count + $3, \
+                   message_count = message_count + $4, \
+                   input_tokens = input_tokens + $5, \
+                   output_tokens = output_tokens + $6, \
+                   cache_creation_input_tokens = cache_creation_input_tokens + $7, \
+                   cache_read_input_tokens = cache_read_input_tokens + $8, \
+                   first_event_at = LEAST(first_event_at, $9), \
+                   last_event_at = GREATEST(last_event_at, $10), \
+                   duration_seconds = EXTRACT(EPOCH FROM \
+                       GREATEST(last_event_at, $10) - LEAST(first_event_at, $9))::double precision, \
+                   version = version + 1, \
+                   updated_at = now() \
+                 WHERE team_id = $1 AND id = $2 RETURNING {COLUMNS}"
+            ))
+            .bind(name.team.as_str())
+            .bind(name.id)
+            .bind(stored.len() as i64)
+            .bind(messages)
+            .bind(sum(|u| u.input))
+            .bind(sum(|u| u.output))
+            .bind(sum(|u| u.cache_creation))
+            .bind(sum(|u| u.cache_read))
+            .bind(first)
+            .bind(last)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Appended {
+                conversation: row.into_model()?,
+                events: stored,
+                duplicates,
+            })
+        })
+        .await
+    }
+
+    /// Lists a page of a conversation's events.
+    pub async fn list_events(&self, q: &EventsQuery) -> Result<Page<Event>, ApiError> {
+        let name = &q.conversation;
+        let rows: Vec<EventRow> = self
+            .on_shard(&name.team, |pool| async move {
+                let rows: Vec<EventRow> = sqlx::query_as(LIST_EVENTS_SQL)
+                    .bind(name.team.as_str())
+                    .bind(name.id)
+                    .bind(q.after_sequence)
+                    .bind(q.page_size as i64 + 1)
+                    .fetch_all(pool)
+                    .await?;
+                if rows.is_empty() && !exists(pool, name).await? {
+                    return Err(OpError::Api(ApiError::NotFound(name.to_string())));
+                }
+                Ok(rows)
+            })
+            .await?;
+        page(rows, q.page_size, EventRow::into_model)
+    }
+
+    /// Deletes idempotency records older than `age` on every shard; returns how many.
+    pub async fn purge_create_requests(&self, age: Duration) -> Result<u64, sqlx::Error> {
+        let mut purged = 0;
+        for index in 0..self.pools.map().shards().len() {
+            purged += sqlx::query(
+                "DELETE FROM create_requests WHERE created_at < now() - make_interval(secs => $1)",
+            )
+            .bind(age.as_secs_f64())
+            .execute(self.pools.pool(index))
+            .await?
+            .rows_affected();
+        }
+        Ok(purged)
+    }
+}
+
+/// Why an operation on a shard failed: a database error (classified later, knowing the
+/// shard) or an API error decided by the operation itself.
+enum OpError {
+    Db(sqlx::Error),
+    Api(ApiError),
+}
+
+impl From<sqlx::Error> for OpError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+impl From<ApiError> for OpError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+fn page<R, T>(
+    mut rows: Vec<R>,
+    page_size: usize,
+    convert: impl Fn(R) -> Result<T, ApiError>,
+) -> Result<Page<T>, ApiError> {
+    let more = rows.len() > page_size;
+    rows.truncate(page_size);
+    Ok(Page {
+        items: rows.into_iter().map(convert).collect::<Result<_, _>>()?,
+        more,
+    })
+}
+
+async fn exists(pool: &PgPool, name: &ConversationName) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM conversations WHERE team_id = $1 AND id = $2)")
+        .bind(name.team.as_str())
+        .bind(name.id)
+        .fetch_one(pool)
+        .await
+}
+
+/// After a conditional write touched no row: was the row missing, or its etag stale?
+async fn missing_or_stale(pool: &PgPool, name: &ConversationName) -> Result<ApiError, sqlx::Error> {
+    Ok(if exists(pool, name).await? {
+        ApiError::StaleEtag {
+            name: name.to_string(),
+        }
+    } else {
+        ApiError::NotFound(name.to_string())
+    })
+}
+
+/// Answers a create whose request_id was already claimed.
+async fn replay(
+    pool: &PgPool,
+    team: &TeamId,
+    request_id: Uuid,
+    fingerprint: &[u8; 8],
+) -> Result<Created, OpError> {
+    let (conversation_id, stored): (Uuid, Vec<u8>) = sqlx::query_as(
+        "SELECT conversation_id, fingerprint FROM create_requests WHERE team_id = $1 AND request_id = $2",
+    )
+    .bind(team.as_str())
+    .bind(request_id)
+    .fetch_one(pool)
+    .await?;
+    if stored != fingerprint {
+        return Err(OpError::Api(ApiError::AlreadyExists {
+            what: format!("request_id {request_id}"),
+            why: "it was used for a different request; use a new request_id per logical request"
+                .into(),
+        }));
+    }
+    let name = ConversationName {
+        team: team.clone(),
+        id: conversation_id,
+    };
+    let row: Option<ConversationRow> = sqlx::query_as(GET_SQL)
+        .bind(team.as_str())
+        .bind(conversation_id)
+        .fetch_optional(pool)
+        .await?;
+    match row {
+        Some(row) => Ok(Created {
+            conversation: row.into_model()?,
+            fresh: false,
+        }),
+        None => Err(OpError::Api(ApiError::NotFound(name.to_string()))),
+    }
+}
+
+async fn insert_events(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    name: &ConversationName,
+    events: &[Event],
+) -> Result<(), sqlx::Error> {
+    fn col<T>(events: &[Event], f: impl Fn(&Event) -> T) -> Vec<T> {
+        events.iter().map(f).collect()
+    }
+    sqlx::query(
+        "INSERT INTO conversation_events (team_id, conversation_id, sequence, event_id, \
+           parent_event_id, kind, role, occurred_at, content, tool_name, tool_call_id, is_error, \
+           model, input_tokens, output_tokens, cache_creation_input_tokens, \
+           cache_read_input_tokens, is_sidechain, raw_json) \
+         SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], \
+           $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::bool[], \
+           $13::text[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::bool[], \
+           $19::jsonb[])",
+    )
+    .bind(name.team.as_str())
+    .bind(name.id)
+    .bind(col(events, |e| e.sequence))
+    .bind(col(events, |e| e.event.event_id.clone()))
+    .bind(col(events, |e| e.event.parent_event_id.clone()))
+    .bind(col(events, |e| e.event.kind.as_str()))
+    .bind(col(events, |e| e.event.role.map(Role::as_str)))
+    .bind(col(events, |e| e.event.occurred_at))
+    .bind(col(events, |e| e.event.content.clone()))
+    .bind(col(events, |e| e.event.tool_name.clone()))
+    .bind(col(events, |e| e.event.tool_call_id.clone()))
+    .bind(col(events, |e| e.event.is_error))
+    .bind(col(events, |e| e.event.model.clone()))
+    .bind(col(events, |e| e.event.usage.input))
+    .bind(col(events, |e| e.event.usage.output))
+    .bind(col(events, |e| e.event.usage.cache_creation))
+    .bind(col(events, |e| e.event.usage.cache_read))
+    .bind(col(events, |e| e.event.is_sidechain))
+    .bind(col(events, |e| e.event.raw_json.clone()))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
