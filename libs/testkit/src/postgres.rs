@@ -115,7 +115,10 @@ impl Postgres {
                 socket_dir.replace('\'', "''")
             ),
             "fsync = off".to_owned(),
-            "synchronous_commit = off".to_owned(),
+            // Commits must reach the OS before they are acknowledged: tests kill servers
+            // (`stop` is an immediate shutdown, a crash) and assert that no acknowledged write
+            // is lost. fsync=off is still safe for that, since the OS outlives the process.
+            "synchronous_commit = on".to_owned(),
             "full_page_writes = off".to_owned(),
             "max_connections = 200".to_owned(),
             "shared_buffers = 32MB".to_owned(),

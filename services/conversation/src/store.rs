@@ -213,19 +213,29 @@ pub fn list_query(prefix: &str, q: &ListQuery) -> QueryBuilder<'static, Postgres
     qb
 }
 
-/// The Search query, best rank first with keyset pagination on (rank, id).
+/// The Search query, best rank first with keyset pagination on (rank, id). The tsquery is
+/// written inline (not joined from a function in FROM) so the planner sees a constant and
+/// can use the (team_id, search_vector) GIN index for both conditions.
 pub fn search_query(prefix: &str, q: &SearchQuery) -> QueryBuilder<'static, Postgres> {
+    let tsquery = |qb: &mut QueryBuilder<'static, Postgres>| {
+        qb.push("websearch_to_tsquery('english', ")
+            .push_bind(q.query.clone())
+            .push(")");
+    };
     let mut qb = QueryBuilder::new(prefix);
     qb.push("SELECT ")
         .push(COLUMNS)
-        .push(", ts_rank(search_vector, query) AS rank FROM conversations, websearch_to_tsquery('english', ")
-        .push_bind(q.query.clone())
-        .push(") AS query WHERE team_id = ")
+        .push(", ts_rank(search_vector, ");
+    tsquery(&mut qb);
+    qb.push(") AS rank FROM conversations WHERE team_id = ")
         .push_bind(q.team.as_str().to_owned())
-        .push(" AND search_vector @@ query");
+        .push(" AND search_vector @@ ");
+    tsquery(&mut qb);
     push_filters(&mut qb, &q.filters);
     if let Some(cursor) = q.cursor {
-        qb.push(" AND (ts_rank(search_vector, query), id) < (")
+        qb.push(" AND (ts_rank(search_vector, ");
+        tsquery(&mut qb);
+        qb.push("), id) < (")
             .push_bind(cursor.rank)
             .push("::real, ")
             .push_bind(cursor.id)

@@ -1,0 +1,158 @@
+//! The fleet harness for integration tests: real PostgreSQL shards (through
+//! `convoy-testkit`) and the conversation service running in-process on a loopback port,
+//! reached through a real gRPC channel.
+//!
+//! Tests use it to assert what a client sees, and reach into the shards directly to assert
+//! what was stored where.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use conversation::Config;
+use convoy_proto::v1 as pb;
+use convoy_proto::v1::conversation_service_client::ConversationServiceClient;
+use convoy_store::ShardMap;
+use convoy_testkit::Postgres;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// A running conversation service over `n` real Postgres shards.
+pub struct Fleet {
+    /// The shards, in shard-map order (`shard-0`, `shard-1`, ...).
+    pub shards: Vec<Postgres>,
+    /// Where the service listens.
+    pub addr: SocketAddr,
+    /// The shard map the service routes by.
+    pub map: ShardMap,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Fleet {
+    /// Starts `n` shards and the service over them, with `extra` command-line flags.
+    pub async fn start_with(n: usize, extra: &[&str]) -> Fleet {
+        convoy_telemetry::init(convoy_telemetry::LogFormat::Text);
+        let shards = convoy_testkit::start_postgres_shards(n)
+            .await
+            .expect("start postgres shards");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let mut args = vec![
+            "conversation".to_owned(),
+            "--listen".into(),
+            addr.to_string(),
+        ];
+        for shard in &shards {
+            args.push("--shard-dsn".into());
+            args.push(shard.dsn());
+        }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let config = Config::try_parse_from(args).expect("config");
+        let map = config.shard_map().expect("shard map");
+        let store = conversation::connect(&config)
+            .await
+            .expect("connect and migrate");
+        let (tx, rx) = oneshot::channel();
+        let server = tokio::spawn(async move {
+            conversation::serve(&config, store, listener, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Fleet {
+            shards,
+            addr,
+            map,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    /// Starts `n` shards and the service with default settings.
+    pub async fn start(n: usize) -> Fleet {
+        Self::start_with(n, &[]).await
+    }
+
+    /// A gRPC channel to the service.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to the service")
+    }
+
+    /// A ConversationService client.
+    pub async fn client(&self) -> ConversationServiceClient<Channel> {
+        ConversationServiceClient::new(self.channel().await)
+    }
+
+    /// A direct connection pool to shard `index`, for assertions on what was stored.
+    pub async fn shard_pool(&self, index: usize) -> PgPool {
+        PgPool::connect(&self.shards[index].dsn())
+            .await
+            .expect("connect to shard")
+    }
+
+    /// Stops the service gracefully and waits for it to exit.
+    pub async fn stop_service(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .expect("server task")
+                .expect("server exits cleanly");
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// A conversation with a title, intent and content, for `teams/{team}`.
+pub fn new_conversation(team: &str, title: &str, content: &str) -> pb::CreateConversationRequest {
+    pb::CreateConversationRequest {
+        parent: format!("teams/{team}"),
+        conversation: Some(pb::Conversation {
+            title: title.into(),
+            intent: pb::Intent::Debug as i32,
+            content: content.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A MESSAGE event at `seconds` past the epoch.
+pub fn message(seconds: i64, content: &str) -> pb::ConversationEvent {
+    pb::ConversationEvent {
+        kind: pb::EventKind::Message as i32,
+        role: pb::Role::User as i32,
+        occur_time: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+        content: content.into(),
+        ..Default::default()
+    }
+}
+
+/// The field paths of a status's BadRequest details.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
