@@ -23,6 +23,13 @@ use tower::Service;
 
 use crate::DeadlineLayer;
 
+/// Services every convoy server answers besides its own.
+const ALWAYS_SERVED: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 /// How a server listens and stops.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -112,14 +119,20 @@ impl ServerBuilder {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
         if self.config.reflection {
-            let v1 = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(convoy_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1()?;
-            let v1alpha = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(convoy_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1alpha()?;
+            // Advertise only what this process serves: the descriptor set holds every
+            // convoy service, and listing one that answers UNIMPLEMENTED would mislead.
+            let reflection = || {
+                let mut builder = tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(convoy_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .include_reflection_service(false);
+                for name in self.names.iter().copied().chain(ALWAYS_SERVED) {
+                    builder = builder.with_service_name(name);
+                }
+                builder
+            };
+            let v1 = reflection().build_v1()?;
+            let v1alpha = reflection().build_v1alpha()?;
             self.routes.add_service(v1);
             self.routes.add_service(v1alpha);
         }

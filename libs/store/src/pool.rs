@@ -42,6 +42,11 @@ pub struct PoolSettings {
     pub tcp_keepalive_idle: Duration,
     /// `application_name`, visible in `pg_stat_activity`.
     pub application_name: String,
+    /// Ping each connection before handing it out. Default off: the ping is a full round
+    /// trip on every query (measured in docs/benchmarks.md); a connection broken by a
+    /// server restart fails its first query instead, which is UNAVAILABLE and retryable,
+    /// and sqlx then discards it.
+    pub test_before_acquire: bool,
 }
 
 impl Default for PoolSettings {
@@ -56,6 +61,7 @@ impl Default for PoolSettings {
             max_lifetime: Duration::from_secs(30 * 60),
             tcp_keepalive_idle: Duration::from_secs(30),
             application_name: "convoy".into(),
+            test_before_acquire: false,
         }
     }
 }
@@ -88,7 +94,7 @@ impl ShardPools {
                     .acquire_timeout(settings.acquire_timeout)
                     .idle_timeout(settings.idle_timeout)
                     .max_lifetime(settings.max_lifetime)
-                    .test_before_acquire(true)
+                    .test_before_acquire(settings.test_before_acquire)
                     .connect_lazy_with(options))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;

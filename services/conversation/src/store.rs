@@ -315,48 +315,35 @@ impl ConversationStore {
         }
     }
 
-    /// Creates a conversation, idempotently by request id.
+    /// Creates a conversation, idempotently by request id. Without a request id this is
+    /// one autocommit statement; with one, the claim of the request id and the insert
+    /// commit together.
     pub async fn create(&self, new: NewConversation) -> Result<Created, ApiError> {
         let team = new.name.team.clone();
         self.on_shard(&team, |pool| async move {
+            let Some((request_id, fingerprint)) = new.request else {
+                let row = insert_conversation(pool, &new).await?;
+                return Ok(Created {
+                    conversation: row.into_model()?,
+                    fresh: true,
+                });
+            };
             let mut tx = pool.begin().await?;
-            if let Some((request_id, fingerprint)) = new.request {
-                let claimed: Option<Uuid> = sqlx::query_scalar(
-                    "INSERT INTO create_requests (team_id, request_id, conversation_id, fingerprint) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING conversation_id",
-                )
-                .bind(new.name.team.as_str())
-                .bind(request_id)
-                .bind(new.name.id)
-                .bind(&fingerprint[..])
-                .fetch_optional(&mut *tx)
-                .await?;
-                if claimed.is_none() {
-                    tx.rollback().await?;
-                    return replay(pool, &new.name.team, request_id, &fingerprint).await;
-                }
-            }
-            let row: Option<ConversationRow> = sqlx::query_as(&format!(
-                "INSERT INTO conversations (team_id, id, title, intent, status, content, metadata, \
-                 effectiveness_score) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (team_id, id) DO NOTHING RETURNING {COLUMNS}"
-            ))
+            let claimed: Option<Uuid> = sqlx::query_scalar(
+                "INSERT INTO create_requests (team_id, request_id, conversation_id, fingerprint) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING conversation_id",
+            )
             .bind(new.name.team.as_str())
+            .bind(request_id)
             .bind(new.name.id)
-            .bind(&new.fields.title)
-            .bind(new.fields.intent.as_str())
-            .bind(new.fields.status.as_str())
-            .bind(&new.fields.content)
-            .bind(Json(&new.fields.metadata))
-            .bind(new.fields.effectiveness_score)
+            .bind(&fingerprint[..])
             .fetch_optional(&mut *tx)
             .await?;
-            let Some(row) = row else {
-                return Err(OpError::Api(ApiError::AlreadyExists {
-                    what: new.name.to_string(),
-                    why: "a conversation with this id exists; omit conversation_id to get a fresh one".into(),
-                }));
-            };
+            if claimed.is_none() {
+                tx.rollback().await?;
+                return replay(pool, &new.name.team, request_id, &fingerprint).await;
+            }
+            let row = insert_conversation(&mut *tx, &new).await?;
             tx.commit().await?;
             Ok(Created {
                 conversation: row.into_model()?,
@@ -718,6 +705,35 @@ async fn missing_or_stale(pool: &PgPool, name: &ConversationName) -> Result<ApiE
         }
     } else {
         ApiError::NotFound(name.to_string())
+    })
+}
+
+/// Inserts a new conversation; ALREADY_EXISTS if its id is taken.
+async fn insert_conversation<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    new: &NewConversation,
+) -> Result<ConversationRow, OpError> {
+    let row: Option<ConversationRow> = sqlx::query_as(&format!(
+        "INSERT INTO conversations (team_id, id, title, intent, status, content, metadata, \
+         effectiveness_score) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (team_id, id) DO NOTHING RETURNING {COLUMNS}"
+    ))
+    .bind(new.name.team.as_str())
+    .bind(new.name.id)
+    .bind(&new.fields.title)
+    .bind(new.fields.intent.as_str())
+    .bind(new.fields.status.as_str())
+    .bind(&new.fields.content)
+    .bind(Json(&new.fields.metadata))
+    .bind(new.fields.effectiveness_score)
+    .fetch_optional(executor)
+    .await?;
+    row.ok_or_else(|| {
+        OpError::Api(ApiError::AlreadyExists {
+            what: new.name.to_string(),
+            why: "a conversation with this id exists; omit conversation_id to get a fresh one"
+                .into(),
+        })
     })
 }
 

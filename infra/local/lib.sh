@@ -1,0 +1,297 @@
+# shellcheck shell=bash
+# Shared helpers for infra/local/*.sh. Source it; it defines functions and a few
+# variables and runs nothing else.
+#
+# Environment it honours:
+#   CONVOY_PG_BIN   folder holding initdb/pg_ctl/pg_isready/createdb (the same variable
+#                   the Rust testkit reads); default: the newest /usr/lib/postgresql/*/bin,
+#                   else PATH.
+
+# Repository root: this file lives in infra/local/.
+CONVOY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export CONVOY_ROOT
+
+# libpq variables that would redirect or alter the helper commands (createdb, pg_isready).
+CONVOY_PG_ENV_VARS=(PGDATA PGHOST PGHOSTADDR PGPORT PGUSER PGDATABASE PGPASSWORD PGPASSFILE
+    PGSERVICE PGSERVICEFILE PGOPTIONS PGSSLMODE PGCONNECT_TIMEOUT PGTZ)
+
+log() { printf '[convoy] %s\n' "$*" >&2; }
+warn() { printf '[convoy] warning: %s\n' "$*" >&2; }
+die() {
+    printf '[convoy] error: %s\n' "$*" >&2
+    exit 1
+}
+
+is_root() { [[ "$(id -u)" -eq 0 ]]; }
+
+# The folder holding the PostgreSQL server programs, or nothing.
+pg_bin_dir() {
+    if [[ -n "${CONVOY_PG_BIN:-}" ]]; then
+        printf '%s\n' "$CONVOY_PG_BIN"
+        return 0
+    fi
+    local d best=""
+    for d in /usr/lib/postgresql/*/bin; do
+        [[ -x "$d/initdb" ]] && best="$d" # glob order: the last is the newest major (until 100)
+    done
+    if [[ -z "$best" ]] && command -v initdb >/dev/null 2>&1; then
+        best="$(dirname "$(command -v initdb)")"
+    fi
+    [[ -n "$best" ]] && printf '%s\n' "$best"
+}
+
+# Installs the system packages the fleet and the tests need, when any is missing.
+ensure_packages() {
+    local missing=()
+    command -v protoc >/dev/null 2>&1 || missing+=(protoc)
+    [[ -n "$(pg_bin_dir)" ]] || missing+=(initdb)
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    command -v etcd >/dev/null 2>&1 || missing+=(etcd)
+    if ((${#missing[@]} > 0)); then
+        local pkgs=(protobuf-compiler postgresql redis-server etcd-server)
+        local sudo=()
+        if ! is_root; then
+            if command -v sudo >/dev/null 2>&1; then
+                sudo=(sudo)
+            else
+                die "missing: ${missing[*]}. Install them as root: apt-get install -y ${pkgs[*]}"
+            fi
+        fi
+        log "missing ${missing[*]}: installing ${pkgs[*]} with apt-get"
+        "${sudo[@]}" apt-get update
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${pkgs[@]}"
+        [[ -n "$(pg_bin_dir)" ]] || die "PostgreSQL installed but initdb still not found under /usr/lib/postgresql/*/bin"
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        die "cargo not found. Install Rust with rustup:
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y
+    . \"\$HOME/.cargo/env\""
+    fi
+    if is_root && ! id postgres >/dev/null 2>&1; then
+        die "running as root but there is no 'postgres' OS user (PostgreSQL refuses to run as root); install the postgresql package"
+    fi
+}
+
+# Installs the smoke client's Python packages, unless they are importable already.
+ensure_python_deps() {
+    command -v python3 >/dev/null 2>&1 || die "python3 not found (apt-get install -y python3 python3-pip)"
+    if python3 -c 'import grpc, grpc_reflection' >/dev/null 2>&1; then
+        return 0
+    fi
+    local req="$CONVOY_ROOT/infra/local/requirements.txt" out
+    log "installing Python packages from infra/local/requirements.txt"
+    if out="$(python3 -m pip install --quiet -r "$req" 2>&1)"; then
+        [[ -n "$out" ]] && printf '%s\n' "$out" >&2
+    elif grep -q 'externally-managed-environment' <<<"$out"; then
+        # Debian's own python3 refuses pip installs (PEP 668); this is a throwaway dev/CI
+        # machine's interpreter, so install anyway.
+        log "python3 is externally managed (PEP 668): retrying with --break-system-packages"
+        python3 -m pip install --quiet --break-system-packages -r "$req"
+    else
+        printf '%s\n' "$out" >&2
+        die "pip install -r infra/local/requirements.txt failed"
+    fi
+    python3 -c 'import grpc, grpc_reflection' || die "grpc / grpc_reflection still not importable after pip install"
+}
+
+# Runs a command as the postgres OS user when root, directly otherwise; from / (the
+# postgres user may not be able to read the current folder) and without libpq's
+# environment variables.
+as_pg() {
+    local unset_args=() v
+    for v in "${CONVOY_PG_ENV_VARS[@]}"; do unset_args+=(-u "$v"); done
+    if is_root; then
+        (cd / && env "${unset_args[@]}" runuser -u postgres -- "$@")
+    else
+        (cd / && env "${unset_args[@]}" "$@")
+    fi
+}
+
+# Runs a PostgreSQL program (by name, from pg_bin_dir) with as_pg.
+pg_run() {
+    local dir
+    dir="$(pg_bin_dir)" || true
+    [[ -n "$dir" ]] || die "PostgreSQL programs not found (apt-get install -y postgresql, or set CONVOY_PG_BIN)"
+    local bin="$dir/$1"
+    shift
+    as_pg "$bin" "$@"
+}
+
+# Whether the postgres OS user can enter the folder $1 (always true when not root).
+pg_can_enter() {
+    is_root || return 0
+    (cd / && runuser -u postgres -- test -x "$1" -a -r "$1")
+}
+
+# Makes $1 a folder owned by the user that runs PostgreSQL.
+pg_owned_dir() {
+    mkdir -p "$1"
+    if is_root; then
+        chown postgres:postgres "$1"
+    fi
+    chmod 0700 "$1"
+}
+
+# pg_root_for STATE_DIR: prints the folder that holds the clusters' data folders, as a
+# path the postgres user can follow: STATE_DIR/pg, unless (as root) the postgres user
+# cannot reach STATE_DIR (a repository under /root, say); then a folder under /var/tmp keyed
+# by STATE_DIR, symlinked from STATE_DIR/pg so that later runs find the same data.
+pg_root_for() {
+    local state="$1" root="$1/pg"
+    if [[ -e "$root" || -L "$root" ]] || pg_can_enter "$state"; then
+        mkdir -p "$root"
+        readlink -f "$root"
+        return 0
+    fi
+    local alt
+    alt="/var/tmp/convoy-pg-$(printf '%s' "$state" | cksum | cut -d' ' -f1)"
+    warn "the postgres user cannot enter $state; keeping PostgreSQL data in $alt (symlinked from $root)"
+    mkdir -p "$alt"
+    ln -sfn "$alt" "$root"
+    printf '%s\n' "$alt"
+}
+
+# The Unix socket folder for the instances under the pg root $1. Sockets live next to the
+# data folders unless that path is too long for a socket name (108 bytes on Linux).
+pg_socket_dir() {
+    local root="$1" dir="$1/sockets"
+    if ((${#dir} > 80)); then
+        dir="/tmp/convoy-pgsock-$(id -u)-$(printf '%s' "$root" | cksum | cut -d' ' -f1)"
+    fi
+    printf '%s\n' "$dir"
+}
+
+# pg_init DATA_DIR: initdb unless DATA_DIR already holds a cluster.
+pg_init() {
+    local data="$1"
+    if [[ -f "$data/PG_VERSION" ]]; then
+        return 0
+    fi
+    pg_owned_dir "$(dirname "$data")"
+    pg_owned_dir "$data"
+    log "initdb $data"
+    pg_run initdb -D "$data" -U postgres -A trust -E UTF8 --locale=C >/dev/null ||
+        die "initdb failed for $data"
+    # Per-start settings (port, sockets) go to convoy.conf, rewritten by pg_start.
+    printf "\n# convoy: local fleet settings, rewritten at every start by infra/local\ninclude_if_exists = 'convoy.conf'\n" |
+        as_pg tee -a "$data/postgresql.conf" >/dev/null
+}
+
+# Whether the cluster in DATA_DIR is running.
+pg_running() {
+    [[ -f "$1/postmaster.pid" ]] || return 1
+    pg_run pg_ctl status -D "$1" >/dev/null 2>&1
+}
+
+# The postmaster's PID for DATA_DIR, when running.
+pg_pid() {
+    pg_running "$1" || return 1
+    head -n1 "$1/postmaster.pid"
+}
+
+# Whether something accepts TCP connections on HOST PORT.
+tcp_open() {
+    local host="$1" port="$2"
+    # shellcheck disable=SC2016 # $0 and $1 expand in the inner bash
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$host" "$port" >/dev/null 2>&1
+}
+
+# pg_start DATA_DIR PORT LOGFILE: starts the cluster on 127.0.0.1:PORT (if not running
+# already), creates database convoy when missing, and waits until it accepts connections.
+pg_start() {
+    local data="$1" port="$2" logfile="$3" sock
+    sock="$(pg_socket_dir "$(dirname "$data")")"
+    pg_owned_dir "$sock"
+    if pg_running "$data"; then
+        log "postgres $data already running"
+    else
+        if tcp_open 127.0.0.1 "$port"; then
+            die "port 127.0.0.1:$port is taken by another process; pick other ports with CONVOY_PG_PORT_BASE"
+        fi
+        printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\n" "$port" "$sock" |
+            as_pg tee "$data/convoy.conf" >/dev/null
+        mkdir -p "$(dirname "$logfile")"
+        touch "$logfile"
+        is_root && chown postgres:postgres "$logfile"
+        log "starting postgres $data on 127.0.0.1:$port (log: $logfile)"
+        if ! pg_run pg_ctl start -D "$data" -l "$logfile" -w -t 60 >/dev/null; then
+            tail -n 30 "$logfile" >&2 || true
+            die "postgres $data did not start"
+        fi
+    fi
+    local i
+    for ((i = 0; i < 60; i++)); do
+        pg_run pg_isready -q -h 127.0.0.1 -p "$port" -U postgres && break
+        sleep 1
+    done
+    pg_run pg_isready -q -h 127.0.0.1 -p "$port" -U postgres ||
+        die "postgres $data is not accepting connections on 127.0.0.1:$port"
+    if ! pg_run psql -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAc \
+        "SELECT 1 FROM pg_database WHERE datname = 'convoy'" | grep -q 1; then
+        log "createdb convoy on 127.0.0.1:$port"
+        pg_run createdb -h 127.0.0.1 -p "$port" -U postgres convoy || die "createdb convoy failed on port $port"
+    fi
+}
+
+# pg_stop DATA_DIR: fast shutdown, when running.
+pg_stop() {
+    local data="$1"
+    [[ -f "$data/PG_VERSION" ]] || return 0
+    if pg_running "$data"; then
+        log "stopping postgres $data"
+        pg_run pg_ctl stop -D "$data" -m fast -w -t 60 >/dev/null ||
+            warn "pg_ctl stop failed for $data"
+    fi
+}
+
+# Whether PID is alive (a zombie counts as gone).
+pid_alive() {
+    [[ -n "$1" && -r "/proc/$1/stat" ]] || return 1
+    local state
+    state="$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
+    [[ -n "$state" && "$state" != Z && "$state" != X ]]
+}
+
+# Whether PID is alive and its command line contains WORD (guards against a reused PID).
+pid_is() {
+    pid_alive "$1" || return 1
+    tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"
+}
+
+# stop_pid PID NAME [GRACE_SECONDS]: SIGTERM, wait up to GRACE (default 30) s, then SIGKILL.
+stop_pid() {
+    local pid="$1" name="$2" grace="${3:-30}" i
+    if pid_alive "$pid"; then
+        log "stopping $name (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < grace * 10; i++)); do
+            pid_alive "$pid" || break
+            sleep 0.1
+        done
+        if pid_alive "$pid"; then
+            warn "$name (pid $pid) still running after ${grace}s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            for ((i = 0; i < 50; i++)); do
+                pid_alive "$pid" || break
+                sleep 0.1
+            done
+        fi
+    fi
+    # Reap it when it is this shell's child.
+    wait "$pid" 2>/dev/null || true
+}
+
+# host_port_of ADDR: prints "HOST PORT" to probe for a listen address (0.0.0.0 -> 127.0.0.1,
+# [::] -> ::1, brackets removed).
+host_port_of() {
+    local addr="$1" host port
+    port="${addr##*:}"
+    host="${addr%:*}"
+    host="${host#[}"
+    host="${host%]}"
+    case "$host" in
+    0.0.0.0 | "") host=127.0.0.1 ;;
+    ::) host=::1 ;;
+    esac
+    printf '%s %s\n' "$host" "$port"
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Runs convoy's tests: the whole Rust workspace, then a smoke test of a real fleet.
+#
+#   infra/local/test.sh
+#
+# Steps, failing fast:
+#   1. cargo test --workspace --all-targets, then cargo test --workspace --doc (the tests
+#      start their own private PostgreSQL servers);
+#   2. the fleet smoke: infra/local/up.sh --detach (dev build) in a temporary state folder on
+#      ports of its own, so it never touches your own fleet; infra/local/smoke.py against it;
+#      then up.sh --stop, always.
+#
+# Environment:
+#   CONVOY_SKIP_CARGO_TESTS=1   skip step 1 (run only the fleet smoke)
+#   CONVOY_TEST_PG_PORT_BASE    the smoke fleet's first PostgreSQL port (default 56432)
+#   CONVOY_TEST_LISTEN          the smoke fleet's gRPC address (default 127.0.0.1:56051)
+# Installs missing system packages (apt) and the smoke client's Python packages (pip).
+set -euo pipefail
+
+# shellcheck source=infra/local/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$CONVOY_ROOT"
+
+ensure_packages
+ensure_python_deps
+
+if [[ "${CONVOY_SKIP_CARGO_TESTS:-0}" == 1 ]]; then
+    log "CONVOY_SKIP_CARGO_TESTS=1: skipping cargo test"
+else
+    log "cargo test --workspace --all-targets"
+    cargo test --workspace --all-targets
+    log "cargo test --workspace --doc"
+    cargo test --workspace --doc
+fi
+
+# --- fleet smoke ---
+smoke_state="$(mktemp -d "${TMPDIR:-/tmp}/convoy-smoke.XXXXXX")"
+# PostgreSQL runs as the postgres user when we are root: it must be able to enter the folder.
+chmod 0755 "$smoke_state"
+smoke_env=(
+    CONVOY_STATE_DIR="$smoke_state"
+    CONVOY_BUILD_PROFILE=dev
+    CONVOY_PG_PORT_BASE="${CONVOY_TEST_PG_PORT_BASE:-56432}"
+    CONVOY_LISTEN="${CONVOY_TEST_LISTEN:-127.0.0.1:56051}"
+)
+smoke_ok=0
+cleanup_smoke() {
+    local rc=$?
+    trap - EXIT INT TERM HUP
+    env "${smoke_env[@]}" bash infra/local/up.sh --stop || rc=1
+    if [[ "$smoke_ok" != 1 ]]; then
+        local f
+        for f in "$smoke_state"/logs/*.log; do
+            [[ -f "$f" ]] || continue
+            log "last lines of $f:"
+            tail -n 30 "$f" >&2 || true
+        done
+    fi
+    rm -rf "$smoke_state"
+    exit "$rc"
+}
+trap cleanup_smoke EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+log "fleet smoke: starting a detached fleet in $smoke_state"
+env "${smoke_env[@]}" bash infra/local/up.sh --detach
+read -r host port < <(host_port_of "${CONVOY_TEST_LISTEN:-127.0.0.1:56051}")
+[[ "$host" == *:* ]] && host="[$host]"
+log "fleet smoke: python3 infra/local/smoke.py $host:$port"
+python3 infra/local/smoke.py "$host:$port"
+smoke_ok=1
+log "all tests passed"

@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# Starts the convoy fleet on this machine, for real: two PostgreSQL shards and the
+# conversation service, with persistent data under .convoy/.
+#
+#   infra/local/up.sh             build, start, stay in the foreground; Ctrl-C stops it all
+#   infra/local/up.sh --detach    (or -d) start in the background and return
+#   infra/local/up.sh --status    say what is running
+#   infra/local/up.sh --stop      stop a detached fleet
+#   infra/local/up.sh --reset     stop it and delete its PostgreSQL data (and logs)
+#
+# Environment:
+#   CONVOY_BUILD_PROFILE  cargo profile to build: release (default), dev, or any custom one
+#   CONVOY_PG_PORT_BASE   shard-0's port; shard-1 gets the next one (default 55432)
+#   CONVOY_LISTEN         the service's gRPC address (default 127.0.0.1:50051)
+#   CONVOY_STATE_DIR      where data, logs and PID files live (default .convoy at the repo root)
+#   CONVOY_PG_BIN         folder with initdb/pg_ctl (default: newest /usr/lib/postgresql/*/bin)
+#   Other CONVOY_* variables (CONVOY_LOG_FORMAT, CONVOY_POOL_MAX_CONNECTIONS, ...) reach the
+#   conversation binary, which reads them itself (see `conversation --help`).
+#
+# State: $CONVOY_STATE_DIR/pg/shard-{0,1} (PostgreSQL data, kept between runs),
+# $CONVOY_STATE_DIR/logs (postgres and service logs), $CONVOY_STATE_DIR/run (PID files of a
+# detached fleet).
+set -euo pipefail
+
+# shellcheck source=infra/local/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$CONVOY_ROOT"
+
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+
+mode=foreground
+while (($# > 0)); do
+    case "$1" in
+    -d | --detach) mode=detach ;;
+    --stop) mode=stop ;;
+    --status) mode=status ;;
+    --reset) mode=reset ;;
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    *)
+        usage >&2
+        die "unknown argument: $1"
+        ;;
+    esac
+    shift
+done
+
+SHARDS=2
+STATE_DIR="${CONVOY_STATE_DIR:-$CONVOY_ROOT/.convoy}"
+mkdir -p "$STATE_DIR"
+STATE_DIR="$(cd "$STATE_DIR" && pwd)"
+RUN_DIR="$STATE_DIR/run"
+LOG_DIR="$STATE_DIR/logs"
+PORT_BASE="${CONVOY_PG_PORT_BASE:-55432}"
+LISTEN="${CONVOY_LISTEN:-127.0.0.1:50051}"
+PROFILE="${CONVOY_BUILD_PROFILE:-release}"
+SERVICE_PID_FILE="$RUN_DIR/conversation.pid"
+SERVICE_LOG="$LOG_DIR/conversation.log"
+[[ "$PORT_BASE" =~ ^[0-9]+$ ]] || die "CONVOY_PG_PORT_BASE must be a port number, got '$PORT_BASE'"
+read -r PROBE_HOST PROBE_PORT < <(host_port_of "$LISTEN")
+[[ "$PROBE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_LISTEN must be HOST:PORT, got '$LISTEN'"
+# The address clients dial.
+if [[ "$PROBE_HOST" == *:* ]]; then CALL_ADDR="[$PROBE_HOST]:$PROBE_PORT"; else CALL_ADDR="$PROBE_HOST:$PROBE_PORT"; fi
+
+shard_data() { printf '%s/shard-%s\n' "$PG_ROOT" "$1"; }
+shard_port() { printf '%s\n' "$((PORT_BASE + $1))"; }
+
+# The PID of a running detached service, or nothing.
+detached_service_pid() {
+    local pid
+    [[ -f "$SERVICE_PID_FILE" ]] || return 1
+    pid="$(cat "$SERVICE_PID_FILE")"
+    pid_is "$pid" conversation || return 1
+    printf '%s\n' "$pid"
+}
+
+# Stops the service (SERVICE_PID, or the detached one), then every shard of this state
+# folder, and removes the PID files.
+stop_fleet() {
+    local pid
+    pid="${SERVICE_PID:-}"
+    [[ -n "$pid" ]] || pid="$(detached_service_pid)" || true
+    # The service drains in-flight calls for up to --drain-timeout-secs (20 s by default).
+    if [[ -n "$pid" ]]; then
+        stop_pid "$pid" "conversation service" 30
+    fi
+    SERVICE_PID=""
+    local i
+    for ((i = 0; i < SHARDS; i++)); do
+        pg_stop "$(shard_data "$i")"
+    done
+    rm -f "$RUN_DIR"/*.pid
+}
+
+print_status() {
+    local pid i data any=1
+    if pid="$(detached_service_pid)"; then
+        echo "conversation: running, pid $pid, log $SERVICE_LOG"
+        any=0
+    else
+        echo "conversation: not running (detached)"
+    fi
+    for ((i = 0; i < SHARDS; i++)); do
+        data="$(shard_data "$i")"
+        if pid="$(pg_pid "$data")"; then
+            echo "shard-$i: running, pid $pid, data $data"
+            any=0
+        else
+            echo "shard-$i: not running, data $data"
+        fi
+    done
+    return "$any"
+}
+
+print_howto() {
+    cat <<EOF
+
+convoy is up: conversation service on $LISTEN
+  shards: postgres://postgres@127.0.0.1:$(shard_port 0)/convoy, postgres://postgres@127.0.0.1:$(shard_port 1)/convoy
+  logs:   $LOG_DIR
+
+Call it with the Python smoke client (stock gRPC + server reflection; deps in infra/local/requirements.txt):
+  python3 infra/local/smoke.py $CALL_ADDR
+
+or, if you have grpcurl:
+  grpcurl -plaintext $CALL_ADDR list
+  grpcurl -plaintext -d '{"parent":"teams/acme","conversation":{"title":"Flaky test in CI","intent":"INTENT_DEBUG"}}' $CALL_ADDR convoy.v1.ConversationService/CreateConversation
+  grpcurl -plaintext -d '{"parent":"teams/acme"}' $CALL_ADDR convoy.v1.ConversationService/ListConversations
+  grpcurl -plaintext -d '{"service":"convoy.v1.ConversationService"}' $CALL_ADDR grpc.health.v1.Health/Check
+
+EOF
+}
+
+case "$mode" in
+status)
+    PG_ROOT="$(readlink -f "$STATE_DIR/pg")"
+    print_status
+    exit $?
+    ;;
+stop)
+    PG_ROOT="$(readlink -f "$STATE_DIR/pg")"
+    if [[ ! -d "$PG_ROOT" && ! -f "$SERVICE_PID_FILE" ]]; then
+        log "nothing to stop in $STATE_DIR"
+        exit 0
+    fi
+    stop_fleet
+    log "stopped"
+    exit 0
+    ;;
+reset)
+    PG_ROOT="$(readlink -f "$STATE_DIR/pg")"
+    stop_fleet
+    rm -rf "$PG_ROOT" "$STATE_DIR/pg" "$LOG_DIR" "$RUN_DIR"
+    log "deleted the fleet's data and logs in $STATE_DIR"
+    exit 0
+    ;;
+esac
+
+# --- start (foreground or detached) ---
+
+# Checks first, before anything is started (and before the clean-up trap exists, so that a
+# refusal never stops a fleet that is already running).
+if pid="$(detached_service_pid)"; then
+    die "a detached fleet is already running from $STATE_DIR (conversation pid $pid); stop it with: infra/local/up.sh --stop"
+fi
+if tcp_open "$PROBE_HOST" "$PROBE_PORT"; then
+    die "$CALL_ADDR already accepts connections (another fleet?); stop it or set CONVOY_LISTEN"
+fi
+
+ensure_packages
+
+case "$PROFILE" in
+dev | debug) cargo_profile=(--profile dev) ;;
+*) cargo_profile=(--profile "$PROFILE") ;;
+esac
+log "building conversation (cargo build ${cargo_profile[*]} -p conversation)"
+build_json="$(cargo build "${cargo_profile[@]}" -p conversation --message-format=json-render-diagnostics)" ||
+    die "cargo build failed"
+BIN="$(grep -o '"executable":"[^"]*/conversation"' <<<"$build_json" | tail -n1 | sed 's/^"executable":"//;s/"$//')" || true
+if [[ -z "$BIN" ]]; then
+    case "$PROFILE" in dev | debug) sub=debug ;; *) sub="$PROFILE" ;; esac
+    BIN="${CARGO_TARGET_DIR:-$CONVOY_ROOT/target}/$sub/conversation"
+fi
+[[ -x "$BIN" ]] || die "built binary not found at $BIN"
+
+SERVICE_PID=""
+COMMITTED=0
+# shellcheck disable=SC2317 # called by the EXIT trap
+on_exit() {
+    local rc=$?
+    trap - EXIT INT TERM HUP
+    if [[ "$COMMITTED" != 1 ]]; then
+        case "$rc" in
+        0) ;;
+        129 | 130 | 143) log "signal received: stopping the fleet" ;;
+        *) log "cleaning up after failure (exit $rc)" ;;
+        esac
+        stop_fleet
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+mkdir -p "$RUN_DIR" "$LOG_DIR"
+PG_ROOT="$(pg_root_for "$STATE_DIR")"
+pg_owned_dir "$PG_ROOT"
+# PostgreSQL writes its log as the postgres user: next to the data when it cannot reach
+# LOG_DIR, with a symlink in LOG_DIR.
+PG_LOG_DIR="$LOG_DIR"
+if ! pg_can_enter "$LOG_DIR"; then
+    PG_LOG_DIR="$PG_ROOT/logs"
+    pg_owned_dir "$PG_LOG_DIR"
+fi
+dsn_args=()
+for ((i = 0; i < SHARDS; i++)); do
+    data="$(shard_data "$i")"
+    port="$(shard_port "$i")"
+    pg_init "$data"
+    pg_start "$data" "$port" "$PG_LOG_DIR/pg-shard-$i.log"
+    if [[ "$PG_LOG_DIR" != "$LOG_DIR" ]]; then
+        ln -sfn "$PG_LOG_DIR/pg-shard-$i.log" "$LOG_DIR/pg-shard-$i.log"
+    fi
+    dsn_args+=(--shard-dsn "postgres://postgres@127.0.0.1:$port/convoy")
+done
+
+log "starting conversation on $LISTEN (log: $SERVICE_LOG)"
+printf '\n==== %s: %s %s --listen %s\n' "$(date -u +%FT%TZ)" "$BIN" "${dsn_args[*]}" "$LISTEN" >>"$SERVICE_LOG"
+# Its own session: Ctrl-C reaches only this script, which then stops the service before
+# the shards; a detached service survives the terminal.
+# NO_COLOR: plain text in the log file.
+env -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS -u CONVOY_MIGRATE_ONLY NO_COLOR=1 \
+    setsid "$BIN" "${dsn_args[@]}" --listen "$LISTEN" </dev/null >>"$SERVICE_LOG" 2>&1 &
+SERVICE_PID=$!
+
+ready=0
+for ((i = 0; i < 120; i++)); do
+    if ! pid_alive "$SERVICE_PID"; then
+        break
+    fi
+    if tcp_open "$PROBE_HOST" "$PROBE_PORT"; then
+        ready=1
+        break
+    fi
+    sleep 0.5
+done
+if ((ready == 0)); then
+    if pid_alive "$SERVICE_PID"; then
+        log "the service did not accept connections on $LISTEN within 60 s"
+    else
+        wait "$SERVICE_PID" && rc=0 || rc=$?
+        log "the service exited (status $rc) before accepting connections"
+    fi
+    log "last lines of $SERVICE_LOG:"
+    tail -n 40 "$SERVICE_LOG" >&2 || true
+    if tail -n 200 "$SERVICE_LOG" | grep -q 'previously applied but has been modified'; then
+        log "an already-applied migration file changed since this data was created; to start over with empty" \
+            "shards run: infra/local/up.sh --reset (deletes the local data)"
+    fi
+    exit 1
+fi
+
+print_howto
+
+if [[ "$mode" == detach ]]; then
+    printf '%s\n' "$SERVICE_PID" >"$SERVICE_PID_FILE"
+    for ((i = 0; i < SHARDS; i++)); do
+        pg_pid "$(shard_data "$i")" >"$RUN_DIR/pg-shard-$i.pid" || true
+    done
+    COMMITTED=1
+    stop_cmd="infra/local/up.sh --stop"
+    if [[ -n "${CONVOY_STATE_DIR:-}" ]]; then stop_cmd="CONVOY_STATE_DIR=$STATE_DIR $stop_cmd"; fi
+    echo "Running in the background (conversation pid $SERVICE_PID). Stop it with: $stop_cmd"
+    exit 0
+fi
+
+echo "Running in the foreground. Press Ctrl-C to stop the service and the shards."
+set +e
+wait "$SERVICE_PID"
+rc=$?
+set -e
+# Only reached when the service exited by itself (a signal to this script runs its trap).
+log "the conversation service exited by itself (status $rc); last lines of $SERVICE_LOG:"
+tail -n 20 "$SERVICE_LOG" >&2 || true
+SERVICE_PID=""
+exit $((rc == 0 ? 1 : rc))

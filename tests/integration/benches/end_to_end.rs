@@ -1,0 +1,116 @@
+//! End-to-end latency of Get and Create through gRPC, next to its two ceilings measured in
+//! the same run: a gRPC call that touches no database (the health check, on the same
+//! server), and the same SQL sent directly with sqlx, on one real PostgreSQL shard started
+//! by the testkit.
+//!
+//! `cargo bench -p convoy-integration-tests --bench end_to_end`
+
+use convoy_integration_tests::{Fleet, new_conversation};
+use convoy_proto::v1 as pb;
+use criterion::{Criterion, criterion_group, criterion_main};
+use uuid::Uuid;
+
+fn end_to_end(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (fleet, client, pool, name) = runtime.block_on(async {
+        let fleet = Fleet::start(1).await;
+        let mut client = fleet.client().await;
+        let created = client
+            .create_conversation(new_conversation("bench", "a benchmark", "some content"))
+            .await
+            .unwrap()
+            .into_inner();
+        let pool = fleet.shard_pool(0).await;
+        (fleet, client, pool, created.name)
+    });
+    let id: Uuid = name.rsplit('/').next().unwrap().parse().unwrap();
+
+    let health = runtime.block_on(async {
+        tonic_health::pb::health_client::HealthClient::new(fleet.channel().await)
+    });
+    let mut group = c.benchmark_group("get");
+    group.bench_function("grpc Health/Check (no database: the gRPC floor)", |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .unwrap()
+            }
+        })
+    });
+    group.bench_function("grpc GetConversation", |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut client = client.clone();
+            let name = name.clone();
+            async move {
+                client
+                    .get_conversation(pb::GetConversationRequest { name })
+                    .await
+                    .unwrap()
+            }
+        })
+    });
+    group.bench_function("direct SQL (sqlx)", |b| {
+        b.to_async(&runtime).iter(|| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query(conversation::store::GET_SQL)
+                    .bind("bench")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        })
+    });
+    group.finish();
+
+    // The same statement the service runs without a request_id, returning the same row.
+    let create_sql = format!(
+        "INSERT INTO conversations (team_id, id, title, intent, status, content) \
+         VALUES ($1, $2, $3, 'debug', 'active', $4) RETURNING {}",
+        conversation::store::COLUMNS
+    );
+    let create_sql = &create_sql;
+    let mut group = c.benchmark_group("create");
+    group.bench_function("grpc CreateConversation", |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .create_conversation(new_conversation("bench", "created", "body"))
+                    .await
+                    .unwrap()
+            }
+        })
+    });
+    group.bench_function("direct SQL (sqlx)", |b| {
+        b.to_async(&runtime).iter(|| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query(create_sql)
+                    .bind("bench")
+                    .bind(Uuid::now_v7())
+                    .bind("created")
+                    .bind("body")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        })
+    });
+    group.finish();
+
+    drop((client, health));
+    runtime.block_on(async move {
+        let mut fleet = fleet;
+        fleet.stop_service().await;
+    });
+}
+
+criterion_group!(benches, end_to_end);
+criterion_main!(benches);
