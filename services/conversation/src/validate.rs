@@ -34,6 +34,16 @@ impl Violations {
         result.map_err(|why| self.add(field, why)).ok()
     }
 
+    /// Like [`Violations::check`], building the field path only on error (batches of
+    /// events would otherwise format a dozen paths per event).
+    fn check_at<T>(
+        &mut self,
+        field: impl FnOnce() -> String,
+        result: Result<T, String>,
+    ) -> Option<T> {
+        result.map_err(|why| self.add(field(), why)).ok()
+    }
+
     fn finish<T>(self, build: impl FnOnce() -> T) -> Result<T, ApiError> {
         if self.0.is_empty() {
             Ok(build())
@@ -586,10 +596,15 @@ pub fn delete(
     v.finish(|| (name.expect("checked"), expected))
 }
 
-fn event(e: &pb::ConversationEvent, prefix: &str, v: &mut Violations) -> Option<NewEvent> {
-    let field = |name: &str| format!("{prefix}.{name}");
-    let kind = v.check(
-        &field("kind"),
+fn event(
+    e: &pb::ConversationEvent,
+    prefix: &str,
+    index: usize,
+    v: &mut Violations,
+) -> Option<NewEvent> {
+    let field = |name: &str| format!("{prefix}[{index}].{name}");
+    let kind = v.check_at(
+        || field("kind"),
         match pb::EventKind::try_from(e.kind) {
             Ok(pb::EventKind::Message) => Ok(EventKind::Message),
             Ok(pb::EventKind::ToolCall) => Ok(EventKind::ToolCall),
@@ -602,8 +617,8 @@ fn event(e: &pb::ConversationEvent, prefix: &str, v: &mut Violations) -> Option<
         },
     );
     let role = v
-        .check(
-            &field("role"),
+        .check_at(
+            || field("role"),
             match pb::Role::try_from(e.role) {
                 Ok(pb::Role::Unspecified) => Ok(None),
                 Ok(pb::Role::User) => Ok(Some(Role::User)),
@@ -619,32 +634,32 @@ fn event(e: &pb::ConversationEvent, prefix: &str, v: &mut Violations) -> Option<
             v.add(field("occur_time"), "is required");
             None
         }
-        Some(t) => v.check(&field("occur_time"), timestamp(t)),
+        Some(t) => v.check_at(|| field("occur_time"), timestamp(t)),
     };
-    let content = v.check(
-        &field("content"),
+    let content = v.check_at(
+        || field("content"),
         text(&e.content, MAX_EVENT_CONTENT_BYTES).map(|()| e.content.clone()),
     );
-    let event_id = v.check(
-        &field("event_id"),
+    let event_id = v.check_at(
+        || field("event_id"),
         optional_text(&e.event_id, MAX_EVENT_ID_BYTES),
     );
-    let parent = v.check(
-        &field("parent_event_id"),
+    let parent = v.check_at(
+        || field("parent_event_id"),
         optional_text(&e.parent_event_id, MAX_EVENT_ID_BYTES),
     );
-    let tool_name = v.check(
-        &field("tool_name"),
+    let tool_name = v.check_at(
+        || field("tool_name"),
         optional_text(&e.tool_name, MAX_TOOL_NAME_BYTES),
     );
-    let tool_call_id = v.check(
-        &field("tool_call_id"),
+    let tool_call_id = v.check_at(
+        || field("tool_call_id"),
         optional_text(&e.tool_call_id, MAX_EVENT_ID_BYTES),
     );
-    let model = v.check(&field("model"), optional_text(&e.model, MAX_MODEL_BYTES));
+    let model = v.check_at(|| field("model"), optional_text(&e.model, MAX_MODEL_BYTES));
     let usage = e.token_usage.unwrap_or_default();
-    let usage = v.check(
-        &field("token_usage"),
+    let usage = v.check_at(
+        || field("token_usage"),
         if [
             usage.input_tokens,
             usage.output_tokens,
@@ -664,7 +679,7 @@ fn event(e: &pb::ConversationEvent, prefix: &str, v: &mut Violations) -> Option<
             })
         },
     );
-    let raw_json = v.check(&field("raw_json"), raw_json(&e.raw_json));
+    let raw_json = v.check_at(|| field("raw_json"), raw_json(&e.raw_json));
     Some(NewEvent {
         event_id: event_id?,
         parent_event_id: parent?,
@@ -724,7 +739,7 @@ pub fn append(
         .events
         .iter()
         .enumerate()
-        .map(|(i, e)| event(e, &format!("events[{i}]"), &mut v))
+        .map(|(i, e)| event(e, "events", i, &mut v))
         .collect();
     v.finish(|| {
         (
