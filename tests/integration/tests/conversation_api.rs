@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use convoy_integration_tests::{Fleet, message, new_conversation, violated_fields};
 use convoy_proto::v1 as pb;
+use convoy_proto::v1::conversation_service_client::ConversationServiceClient;
 use convoy_store::Slot;
 use tonic::{Code, Request};
 
@@ -938,7 +939,6 @@ async fn a_down_shard_gives_unavailable_for_its_teams_only() {
 #[tokio::test]
 async fn a_call_past_its_deadline_gets_deadline_exceeded() {
     let fleet = Fleet::start(1).await;
-    let mut client = fleet.client().await;
     let created = create(&fleet, "slow", "t", "").await;
 
     // Hold the row lock so the update blocks.
@@ -949,6 +949,14 @@ async fn a_call_past_its_deadline_gets_deadline_exceeded() {
         .await
         .unwrap();
 
+    // A client without a timer of its own (tonic's channel would also enforce the header,
+    // racing the server): only the server's answer can end this call.
+    let connector =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<tonic::body::Body>();
+    let origin: http::Uri = format!("http://{}", fleet.addr).parse().unwrap();
+    let mut client = ConversationServiceClient::with_origin(connector, origin);
     let mut update = Request::new(pb::UpdateConversationRequest {
         conversation: Some(pb::Conversation {
             name: created.name.clone(),
@@ -957,7 +965,6 @@ async fn a_call_past_its_deadline_gets_deadline_exceeded() {
         }),
         update_mask: None,
     });
-    // The header alone (no client-side timer): the server must enforce it and say so.
     update
         .metadata_mut()
         .insert("grpc-timeout", "300m".parse().unwrap());
@@ -996,13 +1003,69 @@ async fn health_reports_serving_then_not_serving_on_shutdown() {
         first.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    fleet.stop_service().await;
-    // The watcher saw NOT_SERVING before the server went away.
-    let next = watch.message().await;
-    if let Ok(Some(next)) = next {
-        assert_eq!(
-            next.status,
-            tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
-        );
-    }
+    let stopping = tokio::spawn(async move { fleet.stop_service().await });
+    // Watchers see NOT_SERVING as soon as shutdown begins, while the server drains.
+    let next = watch.message().await.unwrap().unwrap();
+    assert_eq!(
+        next.status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    // An open stream would hold the drain until its timeout; a watcher that hears
+    // NOT_SERVING goes away.
+    drop(watch);
+    drop(health);
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_calls_finish_before_exiting() {
+    let mut fleet = Fleet::start(1).await;
+    let mut client = fleet.client().await;
+    let created = create(&fleet, "drain", "t", "").await;
+
+    // An update blocked on a row lock is in flight when shutdown begins.
+    let pool = fleet.shard_pool(0).await;
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM conversations WHERE team_id = 'drain' FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let in_flight = tokio::spawn(async move {
+        client
+            .update_conversation(pb::UpdateConversationRequest {
+                conversation: Some(pb::Conversation {
+                    name: created.name.clone(),
+                    title: "finished during drain".into(),
+                    ..Default::default()
+                }),
+                update_mask: None,
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(async move {
+        fleet.stop_service().await;
+        fleet
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the server exited with a call in flight"
+    );
+    blocker.rollback().await.unwrap();
+
+    let updated = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call completes");
+    assert_eq!(updated.into_inner().title, "finished during drain");
+    let fleet = stopping.await.unwrap();
+    // Stopped: new connections are refused.
+    assert!(
+        tonic::transport::Channel::from_shared(format!("http://{}", fleet.addr))
+            .unwrap()
+            .connect()
+            .await
+            .is_err()
+    );
 }
