@@ -3,9 +3,11 @@
 //! tonic's server enforces `grpc-timeout` too, but answers CANCELLED; gRPC says
 //! DEADLINE_EXCEEDED. [`DeadlineLayer`] sits inside tonic's own timer and fires a little
 //! earlier ([`DeadlineLayer::margin`]), so the client gets the right status while it is still
-//! listening. It also rejects calls whose deadline has already passed before they queue, and
-//! puts the [`Deadline`] in the request's extensions so handlers can bound their own work
-//! (database calls) by it.
+//! listening. It also rejects calls whose deadline has already passed before they queue, puts
+//! the [`Deadline`] in the request's extensions, and makes it the handler's
+//! [`Deadline::current`], from which the client stack ([`crate::propagation`]) carries it to
+//! the next hop. A task the handler spawns does not inherit it: detached work is not bounded
+//! by the caller.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,8 +16,14 @@ use std::time::Duration;
 
 use http::{HeaderMap, Request, Response};
 use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
+
+tokio::task_local! {
+    /// The deadline of the inbound call this task is serving, if it had one.
+    static CURRENT: Option<Deadline>;
+}
 
 /// Name of the gRPC deadline header.
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -28,6 +36,19 @@ impl Deadline {
     /// The deadline `timeout` from now.
     pub fn after(timeout: Duration) -> Self {
         Self(Instant::now() + timeout)
+    }
+
+    /// The deadline of the inbound call being served by this task, if any.
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(|d| *d).ok().flatten()
+    }
+
+    /// Runs `future` with `deadline` as its [`Deadline::current`].
+    pub fn scope<F: Future>(
+        deadline: Option<Self>,
+        future: F,
+    ) -> tokio::task::futures::TaskLocalFuture<Option<Self>, F> {
+        CURRENT.scope(deadline, future)
     }
 
     /// Time left, zero when passed.
@@ -140,7 +161,7 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = DeadlineFuture<S::Future>;
+    type Future = DeadlineFuture<TaskLocalFuture<Option<Deadline>, S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -154,7 +175,7 @@ where
             }
         };
         let Some(deadline) = deadline else {
-            return DeadlineFuture::unbounded(self.inner.call(request));
+            return DeadlineFuture::unbounded(Deadline::scope(None, self.inner.call(request)));
         };
         let fire_at = deadline.0.checked_sub(self.margin).unwrap_or(deadline.0);
         if fire_at <= Instant::now() {
@@ -163,14 +184,15 @@ where
         request.extensions_mut().insert(deadline);
         DeadlineFuture {
             state: State::Running {
-                inner: self.inner.call(request),
+                inner: Deadline::scope(Some(deadline), self.inner.call(request)),
                 sleep: Some(tokio::time::sleep_until(fire_at)),
             },
         }
     }
 }
 
-fn expired() -> tonic::Status {
+/// The status of a call whose deadline passed.
+pub(crate) fn expired() -> tonic::Status {
     tonic::Status::deadline_exceeded("the caller's deadline passed before the call completed")
 }
 

@@ -3,7 +3,9 @@
 //! Every service gets, without asking: `grpc.health.v1.Health` (SERVING per service name and
 //! for the whole server, ""), server reflection v1 and v1alpha over the embedded convoy
 //! descriptors (so grpcurl and grpcio can call without .proto files), deadline enforcement
-//! ([`crate::DeadlineLayer`]), HTTP/2 keepalives, and an ordered graceful shutdown:
+//! ([`crate::DeadlineLayer`]), a bulkhead that sheds instead of queueing
+//! ([`crate::BulkheadLayer`]), panics answered INTERNAL ([`crate::panic`]), HTTP/2
+//! keepalives, and an ordered graceful shutdown:
 //! health turns NOT_SERVING, then the listener stops accepting and in-flight calls drain,
 //! bounded by [`ServerConfig::drain_timeout`].
 
@@ -21,7 +23,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::Service;
 
-use crate::DeadlineLayer;
+use crate::{BulkheadLayer, DeadlineLayer};
 
 /// Services every convoy server answers besides its own.
 const ALWAYS_SERVED: [&str; 3] = [
@@ -44,6 +46,12 @@ pub struct ServerConfig {
     pub http2_keepalive_timeout: Duration,
     /// Concurrent HTTP/2 streams per connection. Default 1024.
     pub max_concurrent_streams: u32,
+    /// The bulkhead: calls in flight across all connections before new ones are shed with
+    /// RESOURCE_EXHAUSTED. Default 256: a few times a service's database connections, so
+    /// calls waiting for a connection stay bounded; past that, queueing only adds latency.
+    pub max_concurrent_calls: usize,
+    /// How long a shed client is told to wait (`grpc-retry-pushback-ms`). Default 100 ms.
+    pub shed_pushback: Duration,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +62,8 @@ impl Default for ServerConfig {
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
             max_concurrent_streams: 1024,
+            max_concurrent_calls: 256,
+            shed_pushback: Duration::from_millis(100),
         }
     }
 }
@@ -164,7 +174,14 @@ impl ServerBuilder {
             .http2_keepalive_interval(Some(self.config.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(self.config.http2_keepalive_timeout))
             .max_concurrent_streams(Some(self.config.max_concurrent_streams))
+            // Outermost first: a panic anywhere becomes INTERNAL; expired calls are refused
+            // before they take a bulkhead permit.
+            .layer(crate::panic::catch_panic_layer())
             .layer(DeadlineLayer::default())
+            .layer(BulkheadLayer::new(
+                self.config.max_concurrent_calls,
+                self.config.shed_pushback,
+            ))
             .add_routes(self.routes.routes())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
 

@@ -2,11 +2,12 @@
 //!
 //! This crate holds only generated code, the descriptor set that servers publish through
 //! reflection, and the few wire-level conventions every service shares (the consistency
-//! token header). Domain logic lives in the services and the other libs.
+//! token header, each method's idempotency). Domain logic lives in the services and the other libs.
 
 #![forbid(unsafe_code)]
 
 pub mod consistency;
+pub mod methods;
 
 /// Package `convoy.v1`: every service, message and enum of the public API.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -53,6 +53,11 @@ pub struct Config {
     #[arg(long, env = "CONVOY_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
 
+    /// Calls in flight before new ones are shed with RESOURCE_EXHAUSTED (the bulkhead).
+    /// 256: a few times the database connections, so waiting calls stay bounded.
+    #[arg(long, env = "CONVOY_MAX_CONCURRENT_CALLS", default_value_t = 256)]
+    pub max_concurrent_calls: usize,
+
     /// Serve gRPC reflection (for grpcurl and other stock clients).
     #[arg(long, env = "CONVOY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
@@ -94,6 +99,7 @@ impl Config {
         ServerConfig {
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             reflection: self.reflection,
+            max_concurrent_calls: self.max_concurrent_calls,
             ..ServerConfig::default()
         }
     }
@@ -103,7 +109,8 @@ impl Config {
         let dsns: Vec<String> = self.shard_dsn.iter().map(|d| redact_dsn(d)).collect();
         format!(
             "listen={} shard_map={:?} shard_dsns={:?} pool_max_connections={} \
-             pool_acquire_timeout_ms={} statement_timeout_ms={} drain_timeout_secs={} reflection={}",
+             pool_acquire_timeout_ms={} statement_timeout_ms={} drain_timeout_secs={} \
+             max_concurrent_calls={} reflection={}",
             self.listen,
             self.shard_map,
             dsns,
@@ -111,6 +118,7 @@ impl Config {
             self.pool_acquire_timeout_ms,
             self.statement_timeout_ms,
             self.drain_timeout_secs,
+            self.max_concurrent_calls,
             self.reflection
         )
     }

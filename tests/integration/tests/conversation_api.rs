@@ -1069,3 +1069,65 @@ async fn shutdown_lets_in_flight_calls_finish_before_exiting() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn past_the_bulkhead_calls_are_shed_at_once_with_pushback() {
+    const LIMIT: usize = 2;
+    const EXTRA: usize = 3;
+    let fleet = Fleet::start_with(1, &["--max-concurrent-calls", "2"]).await;
+    let created = create(&fleet, "bulkhead", "t", "").await;
+
+    // LIMIT updates block on a row lock and hold the bulkhead's permits.
+    let pool = fleet.shard_pool(0).await;
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM conversations WHERE team_id = 'bulkhead' FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let client = fleet.client().await;
+    let update = |title: &str| pb::UpdateConversationRequest {
+        conversation: Some(pb::Conversation {
+            name: created.name.clone(),
+            title: title.into(),
+            ..Default::default()
+        }),
+        update_mask: None,
+    };
+    let holders: Vec<_> = (0..LIMIT)
+        .map(|i| {
+            let mut client = client.clone();
+            let request = update(&format!("holder {i}"));
+            tokio::spawn(async move { client.update_conversation(request).await })
+        })
+        .collect();
+    // Wait until both hold a permit (their statements wait on the lock).
+    for _ in 0..100 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting as usize == LIMIT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    for i in 0..EXTRA {
+        let mut client = client.clone();
+        let status = client
+            .update_conversation(update(&format!("extra {i}")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.metadata().get("grpc-retry-pushback-ms").is_some());
+    }
+    blocker.rollback().await.unwrap();
+    for holder in holders {
+        holder
+            .await
+            .unwrap()
+            .expect("calls within the limit complete");
+    }
+}

@@ -1,0 +1,54 @@
+//! Opens etcd clients with discovery's timeouts, bounds every etcd request in time, and turns
+//! etcd-client's errors into [`Error`]s.
+//!
+//! Not here: what is read or written (registration, watch and list do that), or retrying
+//! (the callers' loops decide, by [`Error::is_transient`]).
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+
+use crate::config::EtcdConfig;
+use crate::{Error, Result};
+
+/// A client for `etcd.endpoints`. etcd-client connects lazily, so this succeeds while etcd is
+/// down; it fails only for configuration that can never work.
+pub(crate) async fn connect(etcd: &EtcdConfig) -> Result<Client> {
+    if etcd.endpoints.is_empty() {
+        return Err(Error::InvalidConfig(
+            "no etcd endpoints; give at least one URL such as http://127.0.0.1:2379".into(),
+        ));
+    }
+    let options = ConnectOptions::new()
+        .with_connect_timeout(etcd.connect_timeout)
+        .with_keep_alive(etcd.http2_keepalive_interval, etcd.http2_keepalive_timeout);
+    let connecting = Client::connect(&etcd.endpoints, Some(options));
+    match tokio::time::timeout(etcd.request_timeout, connecting).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e @ (etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_)))) => {
+            Err(Error::InvalidConfig(format!(
+                "etcd endpoints {:?} are not URLs such as http://127.0.0.1:2379: {e}",
+                etcd.endpoints
+            )))
+        }
+        Ok(Err(e)) => Err(Error::etcd("connect", e)),
+        Err(_) => Err(Error::Timeout {
+            op: "connect",
+            after: etcd.request_timeout,
+        }),
+    }
+}
+
+/// Runs one etcd request, giving up after `limit`: etcd-client itself waits forever on a
+/// connection that stopped answering.
+pub(crate) async fn bounded<T>(
+    op: &'static str,
+    limit: Duration,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(result) => result.map_err(|e| Error::etcd(op, e)),
+        Err(_) => Err(Error::Timeout { op, after: limit }),
+    }
+}

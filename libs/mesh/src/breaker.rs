@@ -1,0 +1,646 @@
+//! A per-endpoint circuit breaker that works as a readiness gate.
+//!
+//! After the design of linkerd2-proxy: responses are classified, the classification feeds a
+//! small policy ([`BreakerState`], a pure state machine), and the policy opens or closes a
+//! gate in `poll_ready`. The balancer in front never learns that breakers exist: a broken
+//! endpoint is simply not ready, and power-of-two-choices skips it.
+//!
+//! - Closed → Open after `consecutive_failures` failures in a row, or when the success rate
+//!   over the last `window` calls drops below `min_success_rate` (with at least
+//!   `min_requests` calls in the window).
+//! - Open for a jittered, exponentially growing backoff (1 s → 60 s), then Half-open: exactly
+//!   one probe is admitted; its success closes the breaker (and resets the backoff), its
+//!   failure opens it again for longer.
+//! - Like Envoy's outlier detection, breakers that share an [`EjectionBudget`] never eject
+//!   more than `max_ejection_share` of the endpoint set: past that, an endpoint stays in
+//!   rotation however it fails, because shedding the whole fleet helps nobody.
+//!
+//! A failure is a transport error or a gRPC status that says the endpoint is unwell
+//! (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS). RESOURCE_EXHAUSTED is load, not failure: the
+//! balancer's load estimate handles it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::Response;
+use pin_project_lite::pin_project;
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::{Instant, Sleep};
+use tower::{Layer, Service};
+
+/// Breaker settings.
+#[derive(Clone, Debug)]
+pub struct BreakerConfig {
+    /// Failures in a row that open the breaker. 7: linkerd's failure accrual default.
+    pub consecutive_failures: u32,
+    /// Calls remembered for the success rate. 100.
+    pub window: usize,
+    /// Calls needed in the window before the success rate counts. 20.
+    pub min_requests: usize,
+    /// Success rate below which the breaker opens. 0.5.
+    pub min_success_rate: f64,
+    /// First open period. 1 s.
+    pub min_backoff: Duration,
+    /// Longest open period. 60 s.
+    pub max_backoff: Duration,
+    /// Share of each open period added or removed at random, so endpoints that failed
+    /// together are not probed together. 0.5.
+    pub jitter: f64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 7,
+            window: 100,
+            min_requests: 20,
+            min_success_rate: 0.5,
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            jitter: 0.5,
+        }
+    }
+}
+
+/// How many endpoints of a set may be ejected at once.
+#[derive(Debug)]
+pub struct EjectionBudget {
+    max_share: f64,
+    endpoints: AtomicUsize,
+    ejected: AtomicUsize,
+}
+
+impl EjectionBudget {
+    /// At most `max_share` of the endpoints (rounded down, but never below one when the
+    /// share is positive and there are at least two endpoints) may be ejected. Envoy's
+    /// default share is 10%; convoy defaults to 0.5 with few instances per service.
+    pub fn new(max_share: f64) -> Arc<Self> {
+        Arc::new(Self {
+            max_share,
+            endpoints: AtomicUsize::new(0),
+            ejected: AtomicUsize::new(0),
+        })
+    }
+
+    fn max_ejected(&self) -> usize {
+        let endpoints = self.endpoints.load(Ordering::Acquire);
+        let share = (endpoints as f64 * self.max_share).floor() as usize;
+        if endpoints >= 2 && self.max_share > 0.0 {
+            share.max(1).min(endpoints - 1)
+        } else {
+            0
+        }
+    }
+
+    /// Takes an ejection slot, if the share allows one more.
+    fn try_eject(&self) -> bool {
+        let max = self.max_ejected();
+        self.ejected
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn readmit(&self) {
+        let _ = self
+            .ejected
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Endpoints ejected now.
+    pub fn ejected(&self) -> usize {
+        self.ejected.load(Ordering::Acquire)
+    }
+
+    /// Endpoints registered now.
+    pub fn endpoints(&self) -> usize {
+        self.endpoints.load(Ordering::Acquire)
+    }
+}
+
+/// What the gate says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Take calls.
+    Open,
+    /// Take exactly one probe.
+    Probe,
+    /// Take nothing until then.
+    ShutUntil(Instant),
+    /// Take nothing until the probe that is out answers.
+    AwaitProbe,
+}
+
+/// Why a breaker changed state, for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// Opened after failures in a row.
+    OpenedConsecutive,
+    /// Opened on a low success rate.
+    OpenedSuccessRate,
+    /// A probe failed; open again, for longer.
+    ProbeFailed,
+    /// A probe succeeded; closed.
+    Closed,
+    /// Would have opened, but the ejection share was used up.
+    EjectionRefused,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+/// The breaker's policy: a pure state machine over outcomes and time.
+#[derive(Debug)]
+pub struct BreakerState {
+    config: BreakerConfig,
+    budget: Arc<EjectionBudget>,
+    phase: Phase,
+    consecutive: u32,
+    window: std::collections::VecDeque<bool>,
+    backoff: Duration,
+}
+
+impl BreakerState {
+    /// A closed breaker counted in `budget`'s endpoint set.
+    pub fn new(config: BreakerConfig, budget: Arc<EjectionBudget>) -> Self {
+        budget.endpoints.fetch_add(1, Ordering::AcqRel);
+        let backoff = config.min_backoff;
+        Self {
+            config,
+            budget,
+            phase: Phase::Closed,
+            consecutive: 0,
+            window: std::collections::VecDeque::new(),
+            backoff,
+        }
+    }
+
+    /// Whether calls may go through at `now` (moving Open to Half-open when its time is up).
+    pub fn gate(&mut self, now: Instant) -> Gate {
+        match self.phase {
+            Phase::Closed => Gate::Open,
+            Phase::Open { until } if now < until => Gate::ShutUntil(until),
+            Phase::Open { .. } => {
+                self.phase = Phase::HalfOpen { probing: false };
+                Gate::Probe
+            }
+            Phase::HalfOpen { probing: false } => Gate::Probe,
+            // A probe is out: nothing else until it answers.
+            Phase::HalfOpen { probing: true } => Gate::AwaitProbe,
+        }
+    }
+
+    /// Records that the one probe of a half-open breaker was sent.
+    pub fn probe_sent(&mut self) {
+        if let Phase::HalfOpen { probing } = &mut self.phase {
+            *probing = true;
+        }
+    }
+
+    /// Records an outcome; returns the transition it caused, if any.
+    pub fn record(&mut self, success: bool, now: Instant) -> Option<Transition> {
+        match self.phase {
+            Phase::HalfOpen { .. } => {
+                if success {
+                    self.phase = Phase::Closed;
+                    self.consecutive = 0;
+                    self.window.clear();
+                    self.backoff = self.config.min_backoff;
+                    self.budget.readmit();
+                    Some(Transition::Closed)
+                } else {
+                    self.backoff = (self.backoff * 2).min(self.config.max_backoff);
+                    self.phase = Phase::Open {
+                        until: now + self.jittered(self.backoff),
+                    };
+                    Some(Transition::ProbeFailed)
+                }
+            }
+            // Answers to calls admitted before the breaker opened change nothing.
+            Phase::Open { .. } => None,
+            Phase::Closed => {
+                self.consecutive = if success { 0 } else { self.consecutive + 1 };
+                self.window.push_back(success);
+                if self.window.len() > self.config.window {
+                    self.window.pop_front();
+                }
+                let reason = if self.consecutive >= self.config.consecutive_failures {
+                    Some(Transition::OpenedConsecutive)
+                } else if self.window.len() >= self.config.min_requests
+                    && self.success_rate() < self.config.min_success_rate
+                {
+                    Some(Transition::OpenedSuccessRate)
+                } else {
+                    None
+                }?;
+                if !self.budget.try_eject() {
+                    return Some(Transition::EjectionRefused);
+                }
+                self.phase = Phase::Open {
+                    until: now + self.jittered(self.backoff),
+                };
+                Some(reason)
+            }
+        }
+    }
+
+    fn success_rate(&self) -> f64 {
+        let ok = self.window.iter().filter(|s| **s).count();
+        ok as f64 / self.window.len() as f64
+    }
+
+    fn jittered(&self, period: Duration) -> Duration {
+        let spread = self.config.jitter.clamp(0.0, 1.0);
+        let factor = 1.0 + spread * (rand::rng().random::<f64>() * 2.0 - 1.0);
+        period.mul_f64(factor)
+    }
+
+    /// True while the breaker keeps calls out (open, or half-open with its probe out).
+    pub fn is_ejected(&self) -> bool {
+        !matches!(self.phase, Phase::Closed)
+    }
+}
+
+impl Drop for BreakerState {
+    fn drop(&mut self) {
+        if self.is_ejected() {
+            self.budget.readmit();
+        }
+        self.budget.endpoints.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether a response (or a transport error) counts against the endpoint.
+pub fn is_failure<B>(result: &Result<Response<B>, impl Sized>) -> bool {
+    match result {
+        Err(_) => true,
+        Ok(response) => {
+            let code = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok());
+            // UNKNOWN 2, INTERNAL 13, UNAVAILABLE 14, DATA_LOSS 15; 5xx from a proxy too.
+            matches!(code, Some(2 | 13 | 14 | 15)) || response.status().is_server_error()
+        }
+    }
+}
+
+/// Adds a breaker to an endpoint; see the module docs.
+#[derive(Clone, Debug)]
+pub struct BreakerLayer {
+    config: BreakerConfig,
+    budget: Arc<EjectionBudget>,
+}
+
+impl BreakerLayer {
+    /// Breakers with `config`, sharing `budget` across the endpoint set.
+    pub fn new(config: BreakerConfig, budget: Arc<EjectionBudget>) -> Self {
+        Self { config, budget }
+    }
+}
+
+impl<S> Layer<S> for BreakerLayer {
+    type Service = Breaker<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Breaker {
+            inner,
+            shared: Arc::new(Shared {
+                state: Mutex::new(BreakerState::new(self.config.clone(), self.budget.clone())),
+                probe_answered: Arc::new(Notify::new()),
+            }),
+            sleep: None,
+            notified: None,
+            probe: false,
+        }
+    }
+}
+
+/// What a breaker's service and its response futures share.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<BreakerState>,
+    /// Woken when a half-open probe answers, so a gate waiting on it re-checks.
+    probe_answered: Arc<Notify>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        // The state is a few counters: a panic while holding the lock cannot leave it
+        // unusable, so a poisoned lock is taken as is.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The service made by [`BreakerLayer`]: one per endpoint.
+pub struct Breaker<S> {
+    inner: S,
+    shared: Arc<Shared>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    notified: Option<Pin<Box<OwnedNotified>>>,
+    /// The next call is the half-open probe.
+    probe: bool,
+}
+
+impl<S> Breaker<S> {
+    /// True while the breaker keeps calls out.
+    pub fn is_ejected(&self) -> bool {
+        self.shared.state().is_ejected()
+    }
+}
+
+// === impl Breaker ===
+
+impl<S, Req, B> Service<Req> for Breaker<S>
+where
+    S: Service<Req, Response = Response<B>>,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = BreakerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        loop {
+            // Register for the probe's answer before looking, so it cannot be missed.
+            let notified = self.notified.get_or_insert_with(|| {
+                Box::pin(self.shared.probe_answered.clone().notified_owned())
+            });
+            notified.as_mut().enable();
+            let gate = self.shared.state().gate(Instant::now());
+            match gate {
+                Gate::Open => {
+                    self.sleep = None;
+                    self.probe = false;
+                    return self.inner.poll_ready(cx);
+                }
+                Gate::Probe => {
+                    self.sleep = None;
+                    ready!(self.inner.poll_ready(cx))?;
+                    self.probe = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Gate::AwaitProbe => {
+                    ready!(notified.as_mut().poll(cx));
+                    self.notified = None;
+                }
+                Gate::ShutUntil(until) => {
+                    let sleep = self
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                    if sleep.deadline() != until {
+                        sleep.as_mut().reset(until);
+                    }
+                    ready!(sleep.as_mut().poll(cx));
+                    self.sleep = None;
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        if std::mem::take(&mut self.probe) {
+            self.shared.state().probe_sent();
+        }
+        BreakerFuture {
+            inner: self.inner.call(request),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Breaker`]: classifies the outcome.
+    pub struct BreakerFuture<F> {
+        #[pin]
+        inner: F,
+        shared: Arc<Shared>,
+    }
+}
+
+impl<F, B, E> Future for BreakerFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let failed = is_failure(&result);
+        let transition = this.shared.state().record(!failed, Instant::now());
+        if let Some(transition) = transition {
+            if matches!(transition, Transition::Closed | Transition::ProbeFailed) {
+                this.shared.probe_answered.notify_waiters();
+            }
+            tracing::info!(?transition, "circuit breaker");
+        }
+        Poll::Ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::atomic::AtomicBool;
+    use std::task::Poll;
+    use tower::ServiceExt;
+
+    /// An endpoint that answers OK or UNAVAILABLE as its flag says, counting calls.
+    #[derive(Clone, Default)]
+    struct Endpoint {
+        healthy: Arc<AtomicBool>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl Endpoint {
+        fn service(
+            &self,
+        ) -> impl Service<
+            (),
+            Response = Response<()>,
+            Error = std::convert::Infallible,
+            Future = impl Send,
+        > + Clone {
+            let (healthy, calls) = (self.healthy.clone(), self.calls.clone());
+            tower::service_fn(move |()| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let ok = healthy.load(Ordering::SeqCst);
+                async move {
+                    let mut response = Response::new(());
+                    if !ok {
+                        response
+                            .headers_mut()
+                            .insert("grpc-status", "14".parse().unwrap());
+                    }
+                    Ok(response)
+                }
+            })
+        }
+    }
+
+    fn config() -> BreakerConfig {
+        BreakerConfig {
+            jitter: 0.0,
+            ..BreakerConfig::default()
+        }
+    }
+
+    /// A breaker in a set of two endpoints (the other one healthy and never called), so
+    /// the ejection share allows ejecting this one.
+    fn breaker(
+        endpoint: &Endpoint,
+        config: BreakerConfig,
+    ) -> (
+        Breaker<impl Service<(), Response = Response<()>, Error = std::convert::Infallible>>,
+        BreakerState,
+    ) {
+        let budget = EjectionBudget::new(0.5);
+        let other = BreakerState::new(config.clone(), budget.clone());
+        (
+            BreakerLayer::new(config, budget).layer(endpoint.service()),
+            other,
+        )
+    }
+
+    fn ready<S: Service<()>>(service: &mut S) -> bool {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        matches!(service.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    async fn call<S>(service: &mut S)
+    where
+        S: Service<(), Response = Response<()>>,
+        S::Error: std::fmt::Debug,
+    {
+        service.ready().await.unwrap().call(()).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn seven_failures_in_a_row_open_the_breaker_and_one_probe_closes_it() {
+        let endpoint = Endpoint::default();
+        let (mut service, _other) = breaker(&endpoint, config());
+        for _ in 0..6 {
+            call(&mut service).await;
+        }
+        assert!(ready(&mut service), "six failures leave the breaker closed");
+        call(&mut service).await;
+        assert!(!ready(&mut service), "the seventh opens it");
+        assert!(service.is_ejected());
+
+        // Open for the first backoff (1 s, no jitter here).
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!ready(&mut service));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        endpoint.healthy.store(true, Ordering::SeqCst);
+
+        // Half-open: exactly one probe goes out; nothing else until it answers.
+        assert!(ready(&mut service));
+        let probe = service.call(());
+        assert!(!ready(&mut service), "a second call waits for the probe");
+        probe.await.unwrap();
+        assert!(ready(&mut service), "a successful probe closes the breaker");
+        assert!(!service.is_ejected());
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens_for_twice_as_long() {
+        let endpoint = Endpoint::default();
+        let (mut service, _other) = breaker(&endpoint, config());
+        for _ in 0..7 {
+            call(&mut service).await;
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        call(&mut service).await; // the probe fails
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(!ready(&mut service), "reopened for 2 s");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(ready(&mut service));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_low_success_rate_opens_the_breaker_without_a_failure_streak() {
+        let endpoint = Endpoint::default();
+        let (mut service, _other) = breaker(&endpoint, config());
+        // Two failures, one success, repeated: never seven in a row, 30% success once the
+        // window holds its minimum of 20 calls.
+        for i in 0..20 {
+            endpoint.healthy.store(i % 3 == 2, Ordering::SeqCst);
+            assert!(ready(&mut service), "still closed after {i} calls");
+            call(&mut service).await;
+        }
+        assert!(
+            !ready(&mut service),
+            "opened on the success rate at the 20th call"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ejection_share_keeps_part_of_the_set_in_rotation() {
+        let budget = EjectionBudget::new(0.5);
+        let endpoints: Vec<Endpoint> = (0..4).map(|_| Endpoint::default()).collect();
+        let mut services: Vec<_> = endpoints
+            .iter()
+            .map(|e| BreakerLayer::new(config(), budget.clone()).layer(e.service()))
+            .collect();
+        for service in &mut services {
+            for _ in 0..7 {
+                call(service).await;
+            }
+        }
+        assert_eq!(
+            budget.ejected(),
+            2,
+            "at most half of four endpoints are ejected"
+        );
+        let in_rotation = services.iter_mut().map(ready).filter(|r| *r).count();
+        assert_eq!(in_rotation, 2);
+        drop(services);
+        assert_eq!((budget.endpoints(), budget.ejected()), (0, 0));
+    }
+
+    proptest! {
+        /// No sequence of outcomes and clock steps ejects more than the share allows.
+        #[test]
+        fn no_sequence_ejects_more_than_the_maximum_share(
+            endpoints in 2usize..7,
+            share in 0.1f64..0.9,
+            steps in proptest::collection::vec((0usize..7, any::<bool>(), 0u64..3000), 1..400),
+        ) {
+            let budget = EjectionBudget::new(share);
+            let mut states: Vec<BreakerState> = (0..endpoints)
+                .map(|_| BreakerState::new(BreakerConfig::default(), budget.clone()))
+                .collect();
+            let max = budget.max_ejected();
+            prop_assert!(max < endpoints, "never the whole set");
+            let mut now = Instant::now();
+            for (index, success, advance_ms) in steps {
+                now += Duration::from_millis(advance_ms);
+                let state = &mut states[index % endpoints];
+                if matches!(state.gate(now), Gate::Open | Gate::Probe) {
+                    if matches!(state.gate(now), Gate::Probe) {
+                        state.probe_sent();
+                    }
+                    state.record(success, now);
+                }
+                let ejected = states.iter().filter(|s| s.is_ejected()).count();
+                prop_assert!(ejected <= max, "{ejected} ejected of {endpoints} (max {max})");
+                prop_assert_eq!(ejected, budget.ejected());
+            }
+        }
+    }
+}
