@@ -7,7 +7,8 @@
 //! ([`crate::BulkheadLayer`]), panics answered INTERNAL ([`crate::panic`]), HTTP/2
 //! keepalives, and an ordered graceful shutdown:
 //! health turns NOT_SERVING, then the listener stops accepting and in-flight calls drain,
-//! bounded by [`ServerConfig::drain_timeout`].
+//! bounded by [`ServerConfig::drain_timeout`]. A drain hook runs between the two (see
+//! [`ServerBuilder::serve_with_drain_hook`]): services deregister from etcd there.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -124,9 +125,22 @@ impl ServerBuilder {
 
     /// Serves on `listener` until `shutdown` completes, then shuts down in order.
     pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        self.serve_with_drain_hook(listener, shutdown, async {})
+            .await
+    }
+
+    /// Like [`ServerBuilder::serve`], running `before_drain` after health turns NOT_SERVING
+    /// and before the listener stops accepting: the place to deregister from discovery, so
+    /// peers stop sending new calls while in-flight ones still finish.
+    pub async fn serve_with_drain_hook(
         mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
+        before_drain: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
         if self.config.reflection {
             // Advertise only what this process serves: the descriptor set holds every
@@ -166,6 +180,7 @@ impl ServerBuilder {
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;
             }
+            before_drain.await;
             let _ = stopping_tx.send(());
         };
 

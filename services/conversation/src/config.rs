@@ -8,10 +8,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use convoy_discovery::{Endpoint, EtcdConfig, Metadata, RegistrationConfig};
 use convoy_mesh::ServerConfig;
 use convoy_store::shard_map::redact_dsn;
 use convoy_store::{PoolSettings, ShardMap, StoreError};
 use convoy_telemetry::LogFormat;
+
+/// The name this service registers under in discovery.
+pub const SERVICE_NAME: &str = "conversation";
 
 /// The conversation service: convoy's system of record over sharded PostgreSQL.
 #[derive(Clone, Debug, Parser)]
@@ -57,6 +61,33 @@ pub struct Config {
     /// 256: a few times the database connections, so waiting calls stay bounded.
     #[arg(long, env = "CONVOY_MAX_CONCURRENT_CALLS", default_value_t = 256)]
     pub max_concurrent_calls: usize,
+
+    /// etcd endpoints to register this instance with (repeat, or comma-separate in the
+    /// environment variable). None: no registration (static set-ups and tests).
+    #[arg(
+        long = "etcd-endpoint",
+        env = "CONVOY_ETCD_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Address peers dial to reach this instance (host:port). Default: the listening
+    /// address, which must then be a specific one (in Kubernetes, pass the pod IP).
+    #[arg(long, env = "CONVOY_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// This instance's id in discovery. Default: a fresh UUIDv7 per process.
+    #[arg(long, env = "CONVOY_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Zone label published with the registration, for zone-aware clients.
+    #[arg(long, env = "CONVOY_ZONE", default_value = "local")]
+    pub zone: String,
+
+    /// Lease TTL of the registration, in seconds. 10: a crashed instance leaves the
+    /// endpoint set within 10 s; the lease is kept alive every third of it.
+    #[arg(long, env = "CONVOY_REGISTRATION_TTL_SECS", default_value_t = 10)]
+    pub registration_ttl_secs: u64,
 
     /// Serve gRPC reflection (for grpcurl and other stock clients).
     #[arg(long, env = "CONVOY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -104,13 +135,57 @@ impl Config {
         }
     }
 
+    /// What to register in etcd, if registration is configured. `listening` is the bound
+    /// address, advertised when `--advertise-addr` is not given.
+    pub fn registration(
+        &self,
+        listening: SocketAddr,
+    ) -> anyhow::Result<Option<(EtcdConfig, Endpoint, RegistrationConfig)>> {
+        if self.etcd_endpoints.is_empty() {
+            return Ok(None);
+        }
+        let addr = match &self.advertise_addr {
+            Some(addr) => addr.clone(),
+            None if listening.ip().is_unspecified() => anyhow::bail!(
+                "listening on {listening} with etcd registration: pass --advertise-addr with \
+                 the address peers should dial"
+            ),
+            None => listening.to_string(),
+        };
+        let endpoint = Endpoint {
+            addr,
+            metadata: Metadata {
+                service: SERVICE_NAME.into(),
+                instance: self
+                    .instance_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                version: env!("CARGO_PKG_VERSION").into(),
+                zone: self.zone.clone(),
+                extra: Default::default(),
+            },
+        };
+        let ttl = Duration::from_secs(self.registration_ttl_secs.max(2));
+        let etcd = EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            ..EtcdConfig::default()
+        };
+        let registration = RegistrationConfig {
+            ttl,
+            keepalive_interval: ttl / 3,
+            ..RegistrationConfig::default()
+        };
+        Ok(Some((etcd, endpoint, registration)))
+    }
+
     /// The effective configuration as one log-friendly line, without secrets.
     pub fn summary(&self) -> String {
         let dsns: Vec<String> = self.shard_dsn.iter().map(|d| redact_dsn(d)).collect();
         format!(
             "listen={} shard_map={:?} shard_dsns={:?} pool_max_connections={} \
              pool_acquire_timeout_ms={} statement_timeout_ms={} drain_timeout_secs={} \
-             max_concurrent_calls={} reflection={}",
+             max_concurrent_calls={} reflection={} etcd_endpoints={:?} advertise_addr={:?} \
+             zone={} registration_ttl_secs={}",
             self.listen,
             self.shard_map,
             dsns,
@@ -119,7 +194,11 @@ impl Config {
             self.statement_timeout_ms,
             self.drain_timeout_secs,
             self.max_concurrent_calls,
-            self.reflection
+            self.reflection,
+            self.etcd_endpoints,
+            self.advertise_addr,
+            self.zone,
+            self.registration_ttl_secs
         )
     }
 }

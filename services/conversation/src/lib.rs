@@ -23,6 +23,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use convoy_discovery::Registrar;
 use convoy_mesh::ServerBuilder;
 use convoy_proto::v1::conversation_service_server::ConversationServiceServer;
 use convoy_store::ShardPools;
@@ -61,10 +62,26 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let store = Arc::new(store);
+    let registration = match config.registration(listener.local_addr()?)? {
+        Some((etcd, endpoint, settings)) => {
+            tracing::info!(addr = %endpoint.addr, instance = %endpoint.metadata.instance, "registering in etcd");
+            Some(Registrar::register(&etcd, endpoint, settings).await?)
+        }
+        None => None,
+    };
+    // Shutdown order: health NOT_SERVING, then deregister (peers drop us at once), then
+    // stop accepting and drain.
+    let deregister = async move {
+        if let Some(registration) = registration
+            && let Err(e) = registration.deregister().await
+        {
+            tracing::warn!(error = %e, "deregistering failed; the lease will expire instead");
+        }
+    };
     let purger = tokio::spawn(purge_old_requests(store.clone()));
     let result = ServerBuilder::new(config.server_config())
         .add_service(grpc_service(store.clone()))
-        .serve(listener, shutdown)
+        .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
     purger.abort();
     store.pools().close().await;

@@ -26,21 +26,24 @@ use tonic::transport::Channel;
 pub struct Fleet {
     /// The shards, in shard-map order (`shard-0`, `shard-1`, ...).
     pub shards: Vec<Postgres>,
-    /// Where the service listens.
+    /// Where the first instance listens.
     pub addr: SocketAddr,
     /// The shard map the service routes by.
     pub map: ShardMap,
+    primary: Instance,
+}
+
+/// One conversation service instance running in this process.
+pub struct Instance {
+    /// Where it listens.
+    pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-impl Fleet {
-    /// Starts `n` shards and the service over them, with `extra` command-line flags.
-    pub async fn start_with(n: usize, extra: &[&str]) -> Fleet {
-        convoy_telemetry::init(convoy_telemetry::LogFormat::Text);
-        let shards = convoy_testkit::start_postgres_shards(n)
-            .await
-            .expect("start postgres shards");
+impl Instance {
+    /// Starts an instance over `shards` with `extra` command-line flags.
+    async fn launch(shards: &[Postgres], extra: &[&str]) -> (Instance, ShardMap) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let mut args = vec![
@@ -48,7 +51,7 @@ impl Fleet {
             "--listen".into(),
             addr.to_string(),
         ];
-        for shard in &shards {
+        for shard in shards {
             args.push("--shard-dsn".into());
             args.push(shard.dsn());
         }
@@ -65,12 +68,56 @@ impl Fleet {
             })
             .await
         });
-        Fleet {
-            shards,
+        let instance = Instance {
             addr,
-            map,
             shutdown: Some(tx),
             server: Some(server),
+        };
+        (instance, map)
+    }
+
+    /// Stops gracefully (health NOT_SERVING, deregister, drain) and waits for the exit.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .expect("server task")
+                .expect("server exits cleanly");
+        }
+    }
+
+    /// Stops at once, like SIGKILL: nothing is drained or deregistered.
+    pub fn kill(mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+impl Fleet {
+    /// Starts `n` shards and the service over them, with `extra` command-line flags.
+    pub async fn start_with(n: usize, extra: &[&str]) -> Fleet {
+        convoy_telemetry::init(convoy_telemetry::LogFormat::Text);
+        let shards = convoy_testkit::start_postgres_shards(n)
+            .await
+            .expect("start postgres shards");
+        let (primary, map) = Instance::launch(&shards, extra).await;
+        Fleet {
+            addr: primary.addr,
+            shards,
+            map,
+            primary,
         }
     }
 
@@ -79,17 +126,17 @@ impl Fleet {
         Self::start_with(n, &[]).await
     }
 
-    /// A gRPC channel to the service.
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect to the service")
+    /// Starts one more instance over the same shards.
+    pub async fn spawn_instance(&self, extra: &[&str]) -> Instance {
+        Instance::launch(&self.shards, extra).await.0
     }
 
-    /// A ConversationService client.
+    /// A gRPC channel to the first instance.
+    pub async fn channel(&self) -> Channel {
+        channel_to(self.addr).await
+    }
+
+    /// A ConversationService client of the first instance.
     pub async fn client(&self) -> ConversationServiceClient<Channel> {
         ConversationServiceClient::new(self.channel().await)
     }
@@ -101,26 +148,20 @@ impl Fleet {
             .expect("connect to shard")
     }
 
-    /// Stops the service gracefully and waits for it to exit.
+    /// Stops the first instance gracefully and waits for it to exit.
     pub async fn stop_service(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server
-                .await
-                .expect("server task")
-                .expect("server exits cleanly");
-        }
+        self.primary.stop().await;
     }
 }
 
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.abort();
-        }
-    }
+/// A gRPC channel to `addr`.
+pub async fn channel_to(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the service")
 }
 
 /// A conversation with a title, intent and content, for `teams/{team}`.
