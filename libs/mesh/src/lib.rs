@@ -8,14 +8,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod balance;
 pub mod breaker;
 pub mod bulkhead;
 pub mod deadline;
+pub mod endpoint;
 pub mod panic;
 pub mod propagation;
 pub mod retry;
 pub mod server;
 
+pub use balance::{BalanceConfig, BalancedChannel, balanced_channel};
 pub use breaker::{BreakerConfig, BreakerLayer, EjectionBudget};
 pub use bulkhead::BulkheadLayer;
 pub use deadline::{Deadline, DeadlineLayer};

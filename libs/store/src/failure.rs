@@ -35,6 +35,9 @@ impl DbFailure {
                 // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
                 // read_only_sql_transaction (a demoted primary)
                 Some("57P01" | "57P02" | "57P03" | "53300" | "25006") => Self::Unavailable,
+                // The service's own credentials were refused (for example mid-rotation): this
+                // process cannot reach the shard, another instance may. Not the caller's fault.
+                Some("28000" | "28P01") => Self::Unavailable,
                 Some(code) if code.starts_with("08") => Self::Unavailable,
                 _ => Self::Internal,
             },

@@ -131,6 +131,12 @@ impl Fleet {
         Instance::launch(&self.shards, extra).await.0
     }
 
+    /// Starts one more instance whose `--shard-dsn` flags are all in `flags` (for example
+    /// the same shards reached as another role).
+    pub async fn spawn_instance_with_own_shards(&self, flags: &[&str]) -> Instance {
+        Instance::launch(&[], flags).await.0
+    }
+
     /// A gRPC channel to the first instance.
     pub async fn channel(&self) -> Channel {
         channel_to(self.addr).await

@@ -1,0 +1,181 @@
+//! The Rust SDK for convoy.
+//!
+//! [`ConvoyClient::connect`] finds a service's instances (in etcd, or from a static list),
+//! and gives typed clients whose every call goes through the mesh's client stack, outermost
+//! first: the deadline (the smaller of the per-call timeout and the caller's own remaining
+//! deadline, covering every attempt), retries for idempotent methods paid from a shared
+//! budget, power-of-two-choices balancing over peak-EWMA load, a circuit breaker and a
+//! connection-aware readiness gate per endpoint. Creates get a `request_id` when the caller
+//! gave none (AIP-155), so retrying them is safe.
+
+#![forbid(unsafe_code)]
+
+mod conversation;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_discovery::{Endpoint, EtcdConfig, Metadata};
+use convoy_mesh::propagation::DeadlinePropagationLayer;
+use convoy_mesh::{BalanceConfig, BalancedChannel, Deadline, RetryBudget, RetryConfig};
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Layer, ServiceExt};
+
+pub use conversation::ConversationClient;
+
+/// Where to find a service's instances.
+#[derive(Clone, Debug)]
+pub enum Discovery {
+    /// Fixed `host:port` addresses (local runs, tests).
+    Static(Vec<String>),
+    /// Instances registered in etcd.
+    Etcd(EtcdConfig),
+}
+
+/// Client settings; every default is documented where it is declared.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Longest time one call (all its attempts) may take when the caller sets no deadline.
+    /// 10 s.
+    pub per_call_timeout: Duration,
+    /// Time kept back from an inherited deadline for the answer's way back. 5 ms.
+    pub deadline_margin: Duration,
+    /// Retries.
+    pub retry: RetryConfig,
+    /// Balancing, breakers and endpoint connections.
+    pub balance: BalanceConfig,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            per_call_timeout: Duration::from_secs(10),
+            deadline_margin: Duration::from_millis(5),
+            retry: RetryConfig::default(),
+            balance: BalanceConfig::default(),
+        }
+    }
+}
+
+/// What the SDK's calls run on: the balanced channel behind deadline propagation.
+pub type Transport = BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    TransportError,
+>;
+
+/// A failure below gRPC (the balancer's queue closed, a discovery error). A concrete type
+/// rather than a boxed trait object, so the typed clients' futures are provably `Send`.
+#[derive(Debug)]
+pub struct TransportError(BoxError);
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+/// A connection to the convoy fleet.
+#[derive(Clone)]
+pub struct ConvoyClient {
+    conversation: ConversationClient,
+}
+
+/// What every typed client shares.
+#[derive(Clone)]
+pub(crate) struct Stack {
+    pub(crate) transport: Transport,
+    pub(crate) config: Arc<ClientConfig>,
+    pub(crate) retry: Arc<RetryConfig>,
+    pub(crate) budget: Arc<RetryBudget>,
+}
+
+impl Stack {
+    fn new(discovery: &Discovery, service: &str, config: Arc<ClientConfig>) -> Self {
+        let changes = match discovery {
+            Discovery::Static(addrs) => convoy_discovery::static_endpoints(
+                addrs
+                    .iter()
+                    .map(|addr| Endpoint {
+                        addr: addr.clone(),
+                        metadata: Metadata {
+                            service: service.into(),
+                            instance: addr.clone(),
+                            version: String::new(),
+                            zone: String::new(),
+                            extra: Default::default(),
+                        },
+                    })
+                    .collect(),
+            ),
+            Discovery::Etcd(etcd) => convoy_discovery::watch_service(etcd, service),
+        };
+        let balanced: BalancedChannel =
+            convoy_mesh::balanced_channel(changes, config.balance.clone());
+        let transport = BoxCloneSyncService::new(
+            DeadlinePropagationLayer::new(config.per_call_timeout, config.deadline_margin)
+                .layer(balanced)
+                .map_err(TransportError),
+        );
+        let retry = Arc::new(config.retry.clone());
+        let budget = Arc::new(RetryBudget::new(&retry));
+        Self {
+            transport,
+            config,
+            retry,
+            budget,
+        }
+    }
+
+    /// The deadline of a call: the per-call timeout, shortened to the caller's own deadline
+    /// (from the request, or the inbound call this task serves) minus the margin.
+    pub(crate) fn deadline_for<M>(&self, request: &tonic::Request<M>) -> Deadline {
+        let own = Deadline::after(self.config.per_call_timeout);
+        let inherited = request
+            .extensions()
+            .get::<Deadline>()
+            .copied()
+            .or_else(Deadline::current)
+            .map(|d| Deadline(d.0.checked_sub(self.config.deadline_margin).unwrap_or(d.0)));
+        match inherited {
+            Some(inherited) if inherited < own => inherited,
+            _ => own,
+        }
+    }
+
+    /// Requests made, retries spent and retries refused by the budget.
+    pub(crate) fn retry_counts(&self) -> (u64, u64, u64) {
+        self.budget.counts()
+    }
+}
+
+/// Why connecting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Must be called inside a tokio runtime.
+    #[error("convoy-client needs a tokio runtime")]
+    NoRuntime,
+}
+
+impl ConvoyClient {
+    /// Connects to the fleet. Instances are found and connected in the background; calls
+    /// made before any is ready wait (up to the fail-fast timeout) rather than fail.
+    pub fn connect(discovery: Discovery, config: ClientConfig) -> Result<Self, Error> {
+        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let config = Arc::new(config);
+        Ok(Self {
+            conversation: ConversationClient::new(Stack::new(&discovery, "conversation", config)),
+        })
+    }
+
+    /// The conversation service.
+    pub fn conversations(&self) -> ConversationClient {
+        self.conversation.clone()
+    }
+}

@@ -1,0 +1,227 @@
+//! One endpoint's connection, as a service that is ready only while it is connected.
+//!
+//! tonic's own `Channel` reconnects lazily and always looks ready, so a balancer over plain
+//! channels keeps picking a dead endpoint. Here a background task connects (and reconnects,
+//! with backoff) and the service is ready only while the task holds a live channel; the first
+//! transport error of a call marks the endpoint down, answers that call UNAVAILABLE, and
+//! wakes the task. The balancer
+//! therefore sees a dead endpoint as not ready, at once, and a recovered one as ready again.
+//!
+//! Not here: choosing between endpoints (the balancer) or judging answers (the breaker).
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tower::{BoxError, Service};
+
+/// How endpoints connect.
+#[derive(Clone, Debug)]
+pub struct EndpointConfig {
+    /// Longest wait for a TCP + HTTP/2 connection. 1 s: on a LAN, longer means down.
+    pub connect_timeout: Duration,
+    /// First wait before reconnecting. 100 ms.
+    pub min_backoff: Duration,
+    /// Longest wait between reconnection attempts. 5 s.
+    pub max_backoff: Duration,
+    /// HTTP/2 keepalive ping interval, so a silently dead peer is noticed. 10 s.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered. 5 s.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// The live channel, if any.
+    channel: Mutex<Option<Channel>>,
+    /// Woken when the endpoint connects.
+    connected: Arc<Notify>,
+    /// Woken when a call finds the connection broken.
+    broken: Notify,
+}
+
+impl Shared {
+    fn channel(&self) -> Option<Channel> {
+        self.channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(&self, channel: Option<Channel>) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+}
+
+/// A connection-aware endpoint service; see the module docs.
+pub struct EndpointService {
+    addr: String,
+    shared: Arc<Shared>,
+    /// The channel the current call will use, taken at readiness.
+    ready: Option<Channel>,
+    waiting: Option<std::pin::Pin<Box<OwnedNotified>>>,
+    task: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl EndpointService {
+    /// Starts connecting to `addr` (`host:port`) in the background.
+    pub fn new(addr: String, config: EndpointConfig) -> Result<Self, BoxError> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(config.keepalive_interval)
+            .keep_alive_timeout(config.keepalive_timeout);
+        let shared = Arc::new(Shared {
+            channel: Mutex::new(None),
+            connected: Arc::new(Notify::new()),
+            broken: Notify::new(),
+        });
+        let task = tokio::spawn(connect_loop(addr.clone(), endpoint, config, shared.clone()));
+        Ok(Self {
+            addr,
+            shared,
+            ready: None,
+            waiting: None,
+            task: Arc::new(AbortOnDrop(task)),
+        })
+    }
+
+    /// The endpoint's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether a live connection is held now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.channel().is_some()
+    }
+}
+
+async fn connect_loop(
+    addr: String,
+    endpoint: tonic::transport::Endpoint,
+    config: EndpointConfig,
+    shared: Arc<Shared>,
+) {
+    let mut backoff = config.min_backoff;
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => {
+                tracing::debug!(%addr, "endpoint connected");
+                backoff = config.min_backoff;
+                let broken = shared.broken.notified();
+                tokio::pin!(broken);
+                broken.as_mut().enable();
+                shared.set(Some(channel));
+                shared.connected.notify_waiters();
+                broken.await;
+                tracing::info!(%addr, "endpoint connection failed; reconnecting");
+            }
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, ?backoff, "endpoint connect failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.max_backoff);
+            }
+        }
+    }
+}
+
+impl Clone for EndpointService {
+    fn clone(&self) -> Self {
+        Self {
+            addr: self.addr.clone(),
+            shared: self.shared.clone(),
+            ready: None,
+            waiting: None,
+            task: self.task.clone(),
+        }
+    }
+}
+
+// === impl EndpointService ===
+
+impl Service<Request<Body>> for EndpointService {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Body>, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        loop {
+            let waiting = self
+                .waiting
+                .get_or_insert_with(|| Box::pin(self.shared.connected.clone().notified_owned()));
+            waiting.as_mut().enable();
+            if let Some(mut channel) = self.shared.channel() {
+                self.waiting = None;
+                return match channel.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.ready = Some(channel);
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Ready(Err(e)) => {
+                        self.shared.set(None);
+                        self.shared.broken.notify_one();
+                        tracing::debug!(addr = %self.addr, error = %e, "endpoint not ready");
+                        continue;
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            std::task::ready!(waiting.as_mut().poll(cx));
+            self.waiting = None;
+        }
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let mut channel = self
+            .ready
+            .take()
+            .expect("poll_ready must return Ready before call");
+        let shared = self.shared.clone();
+        let addr = self.addr.clone();
+        Box::pin(async move {
+            match channel.call(request).await {
+                Ok(response) => Ok(response),
+                Err(e) => {
+                    // A transport error: this connection is gone, and the endpoint is not
+                    // ready until it reconnects. The caller gets UNAVAILABLE, which the
+                    // retry policy understands (the call may not have reached the server,
+                    // so only idempotent methods are retried).
+                    shared.set(None);
+                    shared.broken.notify_one();
+                    Ok(
+                        tonic::Status::unavailable(format!("connection to {addr} failed: {e}"))
+                            .into_http(),
+                    )
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,237 @@
+//! The SDK over the mesh, against real instances found in etcd: restarts, broken and
+//! stalled instances cost callers nothing but the retries the budget allows.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use convoy_client::{ClientConfig, ConvoyClient, Discovery};
+use convoy_discovery::EtcdConfig;
+use convoy_integration_tests::{Fleet, new_conversation};
+use convoy_proto::v1 as pb;
+use convoy_testkit::Etcd;
+
+fn etcd_flags(etcd: &Etcd) -> Vec<String> {
+    vec![
+        "--etcd-endpoint".into(),
+        etcd.endpoint(),
+        "--registration-ttl-secs".into(),
+        "2".into(),
+    ]
+}
+
+fn as_strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+#[tokio::test]
+async fn a_rolling_restart_of_three_instances_fails_no_idempotent_read() {
+    let etcd = Etcd::start().await.unwrap();
+    let flags = etcd_flags(&etcd);
+    let flags = as_strs(&flags);
+    let mut fleet = Fleet::start_with(2, &flags).await;
+    let mut instances = vec![
+        fleet.spawn_instance(&flags).await,
+        fleet.spawn_instance(&flags).await,
+    ];
+
+    let client = ConvoyClient::connect(
+        Discovery::Etcd(EtcdConfig {
+            endpoints: vec![etcd.endpoint()],
+            ..EtcdConfig::default()
+        }),
+        ClientConfig::default(),
+    )
+    .unwrap();
+    let conversations = client.conversations();
+    let created = conversations
+        .create_conversation(new_conversation("rolling", "survives restarts", ""))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // A steady stream of reads for the whole restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reads, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let reader = {
+        let (stop, reads, failures) = (stop.clone(), reads.clone(), failures.clone());
+        let conversations = conversations.clone();
+        let name = created.name.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match conversations
+                    .get_conversation(pb::GetConversationRequest { name: name.clone() })
+                    .await
+                {
+                    Ok(_) => reads.fetch_add(1, Ordering::Relaxed),
+                    Err(status) => {
+                        eprintln!("read failed: {status:?}");
+                        failures.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    // Replace each instance in turn: start the new one, then stop the old one gracefully.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fleet.stop_service().await;
+    instances.push(fleet.spawn_instance(&flags).await);
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        instances.push(fleet.spawn_instance(&flags).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut old = instances.remove(0);
+        old.stop().await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
+
+    let (reads, failures) = (
+        reads.load(Ordering::Relaxed),
+        failures.load(Ordering::Relaxed),
+    );
+
+    assert!(reads > 100, "only {reads} reads went through");
+    assert_eq!(
+        failures,
+        0,
+        "{failures} of {} reads failed",
+        reads + failures
+    );
+}
+
+/// Runs `n` reads, eight at a time (so load spreads over every endpoint rather than
+/// following the single fastest one); returns how many failed.
+async fn read_n(client: &convoy_client::ConversationClient, name: &str, n: usize) -> usize {
+    let failed = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, name) = (client.clone(), name.to_owned());
+            let (failed, next) = (failed.clone(), next.clone());
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < n {
+                    if let Err(status) = client
+                        .get_conversation(pb::GetConversationRequest { name: name.clone() })
+                        .await
+                    {
+                        eprintln!("read failed: {status:?}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    failed.load(Ordering::Relaxed)
+}
+
+/// Runs `sql` on every shard of `fleet`.
+async fn on_every_shard(fleet: &Fleet, sql: &str) {
+    for index in 0..fleet.shards.len() {
+        let pool = fleet.shard_pool(index).await;
+        for statement in sql.split(';').filter(|s| !s.trim().is_empty()) {
+            sqlx::query(statement).execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+    }
+}
+
+#[tokio::test]
+async fn an_instance_answering_unavailable_is_ejected_and_readmitted_when_it_recovers() {
+    let etcd = Etcd::start().await.unwrap();
+    let flags = etcd_flags(&etcd);
+    let flags = as_strs(&flags);
+    let mut fleet = Fleet::start_with(2, &flags).await;
+    let mut healthy = fleet.spawn_instance(&flags).await;
+
+    // Instance B reaches the shards as its own role, which the test can lock out: a real
+    // fault of the real server ("role is not permitted to log in"), which B answers
+    // UNAVAILABLE at once. (A shard that refuses connections in a transient way instead
+    // costs B its pool's acquire timeout per call, and p2c's load estimate steers around
+    // it before any breaker needs to.)
+    on_every_shard(
+        &fleet,
+        "CREATE ROLE convoy_b LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO convoy_b; \
+         GRANT CREATE ON SCHEMA public TO convoy_b",
+    )
+    .await;
+    let mut b_flags: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
+    for shard in &fleet.shards {
+        b_flags.push("--shard-dsn".into());
+        b_flags.push(
+            shard
+                .dsn()
+                .replace("postgres://postgres@", "postgres://convoy_b@"),
+        );
+    }
+    // The harness passes the superuser DSNs too; B's own flags come last and must win, so
+    // B gets only its DSNs: start it over no default shards.
+    let b = fleet
+        .spawn_instance_with_own_shards(&as_strs(&b_flags))
+        .await;
+
+    let client = ConvoyClient::connect(
+        Discovery::Etcd(EtcdConfig {
+            endpoints: vec![etcd.endpoint()],
+            ..EtcdConfig::default()
+        }),
+        ClientConfig::default(),
+    )
+    .unwrap();
+    let conversations = client.conversations();
+    let name = conversations
+        .create_conversation(new_conversation("breaker", "t", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    assert_eq!(read_n(&conversations, &name, 60).await, 0);
+
+    // Break B.
+    on_every_shard(
+        &fleet,
+        "ALTER ROLE convoy_b NOLOGIN; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'convoy_b'",
+    )
+    .await;
+    assert_eq!(
+        read_n(&conversations, &name, 200).await,
+        0,
+        "retries hide B's failures from callers"
+    );
+    let (_, retries_while_breaking, _) = conversations.retry_counts();
+    assert!(retries_while_breaking > 0, "B was called and failed");
+    // Ejected: B gets no more calls, so no more retries are needed.
+    assert_eq!(read_n(&conversations, &name, 200).await, 0);
+    let (_, retries_after, _) = conversations.retry_counts();
+    assert_eq!(
+        retries_after, retries_while_breaking,
+        "B is out of rotation"
+    );
+
+    // Recover B, then leave it alone in the set: reads succeed only if its breaker let a
+    // probe through and closed.
+    on_every_shard(&fleet, "ALTER ROLE convoy_b LOGIN").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.stop_service().await;
+    healthy.stop().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ok = 0;
+    for _ in 0..50 {
+        if conversations
+            .get_conversation(pb::GetConversationRequest { name: name.clone() })
+            .await
+            .is_ok()
+        {
+            ok += 1;
+        }
+    }
+    assert!(ok >= 45, "B serves again once recovered ({ok} of 50 reads)");
+    drop(b);
+}
