@@ -179,3 +179,10 @@ impl ConvoyClient {
         self.conversation.clone()
     }
 }
+
+/// The mesh transport to one service, for generated clients the SDK does not wrap yet (and
+/// for health checks): balancing, breakers and deadline propagation, without retries (they
+/// need the typed request).
+pub fn transport(discovery: &Discovery, service: &str, config: ClientConfig) -> Transport {
+    Stack::new(discovery, service, Arc::new(config)).transport
+}
