@@ -73,7 +73,38 @@ impl Instance {
             shutdown: Some(tx),
             server: Some(server),
         };
+        instance.wait_until_serving().await;
         (instance, map)
+    }
+
+    /// Waits (at most 15 s) until the instance answers its health check with SERVING; it
+    /// registers in etcd, when configured, before it starts serving.
+    async fn wait_until_serving(&self) {
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let attempt = async {
+                let channel = Channel::from_shared(format!("http://{}", self.addr))
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
+                let response = tonic_health::pb::health_client::HealthClient::new(channel)
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .ok()?;
+                Some(response.into_inner().status)
+            };
+            if attempt.await == Some(serving) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instance on {} did not start serving",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Stops gracefully (health NOT_SERVING, deregister, drain) and waits for the exit.
@@ -108,7 +139,11 @@ impl Drop for Instance {
 impl Fleet {
     /// Starts `n` shards and the service over them, with `extra` command-line flags.
     pub async fn start_with(n: usize, extra: &[&str]) -> Fleet {
-        convoy_telemetry::init(convoy_telemetry::LogFormat::Text);
+        // Logs only when asked for (RUST_LOG=info cargo test ...): they go to stderr, which
+        // the test harness does not capture.
+        if std::env::var_os("RUST_LOG").is_some() {
+            convoy_telemetry::init(convoy_telemetry::LogFormat::Text);
+        }
         let shards = convoy_testkit::start_postgres_shards(n)
             .await
             .expect("start postgres shards");

@@ -106,3 +106,19 @@ async fn instances_register_and_leave_at_once_or_within_the_ttl() {
     );
     assert_eq!(set.len(), 1);
 }
+
+#[tokio::test]
+async fn convoyctl_status_shows_each_instance_and_its_health() {
+    let etcd = Etcd::start().await.unwrap();
+    let fleet = Fleet::start_with(1, &["--etcd-endpoint", &etcd.endpoint()]).await;
+    let etcd_config = EtcdConfig {
+        endpoints: vec![etcd.endpoint()],
+        ..EtcdConfig::default()
+    };
+    let rows = convoyctl::status::status(&etcd_config).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].endpoint.addr, fleet.addr.to_string());
+    assert_eq!(rows[0].health, "SERVING");
+    let table = convoyctl::status::render(&rows);
+    assert!(table.contains("conversation") && table.contains("SERVING"));
+}

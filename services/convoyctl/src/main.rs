@@ -1,0 +1,44 @@
+//! `convoyctl`: convoy's operator CLI.
+
+use clap::{Parser, Subcommand};
+use convoy_discovery::EtcdConfig;
+
+/// Operate a convoy fleet.
+#[derive(Debug, Parser)]
+#[command(name = "convoyctl", version, about)]
+struct Cli {
+    /// etcd endpoints of the fleet (repeat, or comma-separate in the variable).
+    #[arg(
+        long = "etcd-endpoint",
+        env = "CONVOY_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379",
+        global = true
+    )]
+    etcd_endpoints: Vec<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every registered instance with its address, version, zone and gRPC health.
+    Status,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let etcd = EtcdConfig {
+        endpoints: cli.etcd_endpoints,
+        ..EtcdConfig::default()
+    };
+    match cli.command {
+        Command::Status => {
+            let rows = convoyctl::status::status(&etcd).await?;
+            print!("{}", convoyctl::status::render(&rows));
+        }
+    }
+    Ok(())
+}
