@@ -7,13 +7,15 @@
 #   1. cargo test --workspace --all-targets, then cargo test --workspace --doc (the tests
 #      start their own private PostgreSQL servers);
 #   2. the fleet smoke: infra/local/up.sh --detach (dev build) in a temporary state folder on
-#      ports of its own, so it never touches your own fleet; infra/local/smoke.py against it;
-#      then up.sh --stop, always.
+#      ports of its own, so it never touches your own fleet; infra/local/smoke.py against it,
+#      and `convoyctl status` must show the instance SERVING in etcd; then up.sh --stop,
+#      always.
 #
 # Environment:
 #   CONVOY_SKIP_CARGO_TESTS=1   skip step 1 (run only the fleet smoke)
 #   CONVOY_TEST_PG_PORT_BASE    the smoke fleet's first PostgreSQL port (default 56432)
 #   CONVOY_TEST_LISTEN          the smoke fleet's gRPC address (default 127.0.0.1:56051)
+#   CONVOY_TEST_ETCD_PORT       the smoke fleet's etcd client port (default 56379)
 # Installs missing system packages (apt) and the smoke client's Python packages (pip).
 set -euo pipefail
 
@@ -42,6 +44,7 @@ smoke_env=(
     CONVOY_BUILD_PROFILE=dev
     CONVOY_PG_PORT_BASE="${CONVOY_TEST_PG_PORT_BASE:-56432}"
     CONVOY_LISTEN="${CONVOY_TEST_LISTEN:-127.0.0.1:56051}"
+    CONVOY_ETCD_PORT="${CONVOY_TEST_ETCD_PORT:-56379}"
 )
 smoke_ok=0
 cleanup_smoke() {
@@ -70,5 +73,11 @@ read -r host port < <(host_port_of "${CONVOY_TEST_LISTEN:-127.0.0.1:56051}")
 [[ "$host" == *:* ]] && host="[$host]"
 log "fleet smoke: python3 infra/local/smoke.py $host:$port"
 python3 infra/local/smoke.py "$host:$port"
+etcd_url="http://127.0.0.1:${CONVOY_TEST_ETCD_PORT:-56379}"
+log "fleet smoke: convoyctl --etcd-endpoint $etcd_url status"
+status_table="$("${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$etcd_url" status)"
+printf '%s\n' "$status_table"
+grep -q "^conversation .*SERVING$" <<<"$status_table" ||
+    die "convoyctl status does not show the conversation instance as SERVING"
 smoke_ok=1
 log "all tests passed"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Starts the convoy fleet on this machine, for real: two PostgreSQL shards and the
-# conversation service, with persistent data under .convoy/.
+# Starts the convoy fleet on this machine, for real: etcd (discovery), two PostgreSQL
+# shards and the conversation service (registered in etcd), with persistent data under
+# .convoy/.
 #
 #   infra/local/up.sh             build, start, stay in the foreground; Ctrl-C stops it all
 #   infra/local/up.sh --detach    (or -d) start in the background and return
@@ -12,12 +13,14 @@
 #   CONVOY_BUILD_PROFILE  cargo profile to build: release (default), dev, or any custom one
 #   CONVOY_PG_PORT_BASE   shard-0's port; shard-1 gets the next one (default 55432)
 #   CONVOY_LISTEN         the service's gRPC address (default 127.0.0.1:50051)
+#   CONVOY_ETCD_PORT      etcd's client port; its peer port is the next one (default 52379)
 #   CONVOY_STATE_DIR      where data, logs and PID files live (default .convoy at the repo root)
 #   CONVOY_PG_BIN         folder with initdb/pg_ctl (default: newest /usr/lib/postgresql/*/bin)
 #   Other CONVOY_* variables (CONVOY_LOG_FORMAT, CONVOY_POOL_MAX_CONNECTIONS, ...) reach the
 #   conversation binary, which reads them itself (see `conversation --help`).
 #
 # State: $CONVOY_STATE_DIR/pg/shard-{0,1} (PostgreSQL data, kept between runs),
+# $CONVOY_STATE_DIR/etcd (etcd data),
 # $CONVOY_STATE_DIR/logs (postgres and service logs), $CONVOY_STATE_DIR/run (PID files of a
 # detached fleet).
 set -euo pipefail
@@ -58,6 +61,13 @@ LISTEN="${CONVOY_LISTEN:-127.0.0.1:50051}"
 PROFILE="${CONVOY_BUILD_PROFILE:-release}"
 SERVICE_PID_FILE="$RUN_DIR/conversation.pid"
 SERVICE_LOG="$LOG_DIR/conversation.log"
+ETCD_PORT="${CONVOY_ETCD_PORT:-52379}"
+[[ "$ETCD_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_ETCD_PORT must be a port number, got '$ETCD_PORT'"
+ETCD_PEER_PORT="$((ETCD_PORT + 1))"
+ETCD_URL="http://127.0.0.1:$ETCD_PORT"
+ETCD_DATA="$STATE_DIR/etcd"
+ETCD_PID_FILE="$RUN_DIR/etcd.pid"
+ETCD_LOG="$LOG_DIR/etcd.log"
 [[ "$PORT_BASE" =~ ^[0-9]+$ ]] || die "CONVOY_PG_PORT_BASE must be a port number, got '$PORT_BASE'"
 read -r PROBE_HOST PROBE_PORT < <(host_port_of "$LISTEN")
 [[ "$PROBE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_LISTEN must be HOST:PORT, got '$LISTEN'"
@@ -76,8 +86,17 @@ detached_service_pid() {
     printf '%s\n' "$pid"
 }
 
-# Stops the service (SERVICE_PID, or the detached one), then every shard of this state
-# folder, and removes the PID files.
+# The PID of a running detached etcd, or nothing.
+detached_etcd_pid() {
+    local pid
+    [[ -f "$ETCD_PID_FILE" ]] || return 1
+    pid="$(cat "$ETCD_PID_FILE")"
+    pid_is "$pid" etcd || return 1
+    printf '%s\n' "$pid"
+}
+
+# Stops the service (SERVICE_PID, or the detached one; it deregisters from etcd on the
+# way out), then etcd, then every shard of this state folder, and removes the PID files.
 stop_fleet() {
     local pid
     pid="${SERVICE_PID:-}"
@@ -87,6 +106,12 @@ stop_fleet() {
         stop_pid "$pid" "conversation service" 30
     fi
     SERVICE_PID=""
+    pid="${ETCD_PID:-}"
+    [[ -n "$pid" ]] || pid="$(detached_etcd_pid)" || true
+    if [[ -n "$pid" ]]; then
+        stop_pid "$pid" "etcd" 10
+    fi
+    ETCD_PID=""
     local i
     for ((i = 0; i < SHARDS; i++)); do
         pg_stop "$(shard_data "$i")"
@@ -101,6 +126,12 @@ print_status() {
         any=0
     else
         echo "conversation: not running (detached)"
+    fi
+    if pid="$(detached_etcd_pid)"; then
+        echo "etcd: running, pid $pid, $ETCD_URL, data $ETCD_DATA"
+        any=0
+    else
+        echo "etcd: not running (detached), data $ETCD_DATA"
     fi
     for ((i = 0; i < SHARDS; i++)); do
         data="$(shard_data "$i")"
@@ -119,6 +150,7 @@ print_howto() {
 
 convoy is up: conversation service on $LISTEN
   shards: postgres://postgres@127.0.0.1:$(shard_port 0)/convoy, postgres://postgres@127.0.0.1:$(shard_port 1)/convoy
+  etcd:   $ETCD_URL (the fleet as etcd sees it: $CTL_BIN --etcd-endpoint $ETCD_URL status)
   logs:   $LOG_DIR
 
 Call it with the Python smoke client (stock gRPC + server reflection; deps in infra/local/requirements.txt):
@@ -152,7 +184,7 @@ stop)
 reset)
     PG_ROOT="$(readlink -f "$STATE_DIR/pg")"
     stop_fleet
-    rm -rf "$PG_ROOT" "$STATE_DIR/pg" "$LOG_DIR" "$RUN_DIR"
+    rm -rf "$PG_ROOT" "$STATE_DIR/pg" "$ETCD_DATA" "$LOG_DIR" "$RUN_DIR"
     log "deleted the fleet's data and logs in $STATE_DIR"
     exit 0
     ;;
@@ -168,6 +200,9 @@ fi
 if tcp_open "$PROBE_HOST" "$PROBE_PORT"; then
     die "$CALL_ADDR already accepts connections (another fleet?); stop it or set CONVOY_LISTEN"
 fi
+if tcp_open 127.0.0.1 "$ETCD_PORT"; then
+    die "127.0.0.1:$ETCD_PORT already accepts connections (another etcd?); stop it or set CONVOY_ETCD_PORT"
+fi
 
 ensure_packages
 
@@ -175,17 +210,25 @@ case "$PROFILE" in
 dev | debug) cargo_profile=(--profile dev) ;;
 *) cargo_profile=(--profile "$PROFILE") ;;
 esac
-log "building conversation (cargo build ${cargo_profile[*]} -p conversation)"
-build_json="$(cargo build "${cargo_profile[@]}" -p conversation --message-format=json-render-diagnostics)" ||
+log "building conversation and convoyctl (cargo build ${cargo_profile[*]} -p conversation -p convoyctl)"
+build_json="$(cargo build "${cargo_profile[@]}" -p conversation -p convoyctl --message-format=json-render-diagnostics)" ||
     die "cargo build failed"
-BIN="$(grep -o '"executable":"[^"]*/conversation"' <<<"$build_json" | tail -n1 | sed 's/^"executable":"//;s/"$//')" || true
-if [[ -z "$BIN" ]]; then
-    case "$PROFILE" in dev | debug) sub=debug ;; *) sub="$PROFILE" ;; esac
-    BIN="${CARGO_TARGET_DIR:-$CONVOY_ROOT/target}/$sub/conversation"
-fi
-[[ -x "$BIN" ]] || die "built binary not found at $BIN"
+# The path cargo reports for a built binary (or the usual place, if it reported none).
+built_binary() {
+    local path
+    path="$(grep -o "\"executable\":\"[^\"]*/$1\"" <<<"$build_json" | tail -n1 | sed 's/^"executable":"//;s/"$//')" || true
+    if [[ -z "$path" ]]; then
+        case "$PROFILE" in dev | debug) sub=debug ;; *) sub="$PROFILE" ;; esac
+        path="${CARGO_TARGET_DIR:-$CONVOY_ROOT/target}/$sub/$1"
+    fi
+    [[ -x "$path" ]] || die "built binary not found at $path"
+    printf '%s\n' "$path"
+}
+BIN="$(built_binary conversation)"
+CTL_BIN="$(built_binary convoyctl)"
 
 SERVICE_PID=""
+ETCD_PID=""
 COMMITTED=0
 # shellcheck disable=SC2317 # called by the EXIT trap
 on_exit() {
@@ -228,13 +271,37 @@ for ((i = 0; i < SHARDS; i++)); do
     dsn_args+=(--shard-dsn "postgres://postgres@127.0.0.1:$port/convoy")
 done
 
+log "starting etcd on $ETCD_URL (log: $ETCD_LOG)"
+mkdir -p "$ETCD_DATA"
+# ETCD_* variables would override the flags below.
+unset_etcd_env=()
+while IFS= read -r name; do unset_etcd_env+=(-u "$name"); done < <(env | grep -o '^ETCD_[A-Z_]*' || true)
+env "${unset_etcd_env[@]}" \
+    setsid etcd --name convoy-local --data-dir "$ETCD_DATA" \
+    --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "convoy-local=http://127.0.0.1:$ETCD_PEER_PORT" \
+    </dev/null >>"$ETCD_LOG" 2>&1 &
+ETCD_PID=$!
+for ((i = 0; i < 60; i++)); do
+    pid_alive "$ETCD_PID" || break
+    tcp_open 127.0.0.1 "$ETCD_PORT" && break
+    sleep 0.5
+done
+if ! tcp_open 127.0.0.1 "$ETCD_PORT"; then
+    log "etcd did not start; last lines of $ETCD_LOG:"
+    tail -n 30 "$ETCD_LOG" >&2 || true
+    exit 1
+fi
+
 log "starting conversation on $LISTEN (log: $SERVICE_LOG)"
 printf '\n==== %s: %s %s --listen %s\n' "$(date -u +%FT%TZ)" "$BIN" "${dsn_args[*]}" "$LISTEN" >>"$SERVICE_LOG"
 # Its own session: Ctrl-C reaches only this script, which then stops the service before
 # the shards; a detached service survives the terminal.
 # NO_COLOR: plain text in the log file.
 env -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS -u CONVOY_MIGRATE_ONLY NO_COLOR=1 \
-    setsid "$BIN" "${dsn_args[@]}" --listen "$LISTEN" </dev/null >>"$SERVICE_LOG" 2>&1 &
+    setsid "$BIN" "${dsn_args[@]}" --listen "$LISTEN" --etcd-endpoint "$ETCD_URL" </dev/null >>"$SERVICE_LOG" 2>&1 &
 SERVICE_PID=$!
 
 ready=0
@@ -268,6 +335,7 @@ print_howto
 
 if [[ "$mode" == detach ]]; then
     printf '%s\n' "$SERVICE_PID" >"$SERVICE_PID_FILE"
+    printf '%s\n' "$ETCD_PID" >"$ETCD_PID_FILE"
     for ((i = 0; i < SHARDS; i++)); do
         pg_pid "$(shard_data "$i")" >"$RUN_DIR/pg-shard-$i.pid" || true
     done
@@ -278,7 +346,7 @@ if [[ "$mode" == detach ]]; then
     exit 0
 fi
 
-echo "Running in the foreground. Press Ctrl-C to stop the service and the shards."
+echo "Running in the foreground. Press Ctrl-C to stop the service, etcd and the shards."
 set +e
 wait "$SERVICE_PID"
 rc=$?
