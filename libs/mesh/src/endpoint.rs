@@ -122,6 +122,18 @@ impl EndpointService {
     }
 }
 
+/// Whether a channel error is tonic's own deadline timer rather than a transport failure.
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
 async fn connect_loop(
     addr: String,
     endpoint: tonic::transport::Endpoint,
@@ -209,6 +221,9 @@ impl Service<Request<Body>> for EndpointService {
         Box::pin(async move {
             match channel.call(request).await {
                 Ok(response) => Ok(response),
+                // tonic's channel enforces the grpc-timeout header too: its timer firing is
+                // the caller's deadline, not a broken connection.
+                Err(e) if is_timeout(&e) => Ok(crate::deadline::expired().into_http()),
                 Err(e) => {
                     // A transport error: this connection is gone, and the endpoint is not
                     // ready until it reconnects. The caller gets UNAVAILABLE, which the

@@ -38,6 +38,11 @@ pub struct Config {
     #[arg(long, env = "CONVOY_MIGRATE_ONLY")]
     pub migrate_only: bool,
 
+    /// Apply the schema migrations at start-up. Turn off where a separate job migrates
+    /// (`--migrate-only`) and instances run without DDL rights.
+    #[arg(long, env = "CONVOY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+
     /// Most connections per shard. 16: enough for two cores' worth of backends plus I/O
     /// waits; raise with the shard's core count.
     #[arg(long, env = "CONVOY_POOL_MAX_CONNECTIONS", default_value_t = 16)]

@@ -40,11 +40,14 @@ const REGISTRATION_WAIT: Duration = Duration::from_secs(3);
 /// How often old idempotency records are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
-/// Builds the store from configuration and applies migrations to every shard.
+/// Builds the store from configuration and, unless `--migrate=false`, applies migrations to
+/// every shard.
 pub async fn connect(config: &Config) -> anyhow::Result<ConversationStore> {
     let settings = config.pool_settings();
     let pools = ShardPools::connect_lazy(config.shard_map()?, &settings)?;
-    pools.migrate().await?;
+    if config.migrate || config.migrate_only {
+        pools.migrate().await?;
+    }
     // One operation may wait for a connection, then run a few statements.
     let op_timeout = settings.acquire_timeout + settings.statement_timeout * 2;
     Ok(ConversationStore::new(pools, op_timeout))

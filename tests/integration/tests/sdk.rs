@@ -235,3 +235,104 @@ async fn an_instance_answering_unavailable_is_ejected_and_readmitted_when_it_rec
     assert!(ok >= 45, "B serves again once recovered ({ok} of 50 reads)");
     drop(b);
 }
+
+/// A PostgreSQL address that accepts connections and never answers: a silent network
+/// partition, which a real server cannot be made to produce.
+async fn silent_database() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_stalled_instance_costs_callers_their_deadline_at_most_and_p2c_moves_away() {
+    let etcd = Etcd::start().await.unwrap();
+    let flags = etcd_flags(&etcd);
+    let flags = as_strs(&flags);
+    let fleet = Fleet::start_with(1, &flags).await;
+    let _second = fleet.spawn_instance(&flags).await;
+    // The stalled instance: its shard never answers, so its calls hang until the caller
+    // gives up.
+    let (silent, _silent_task) = silent_database().await;
+    let silent_dsn = format!("postgres://postgres@{silent}/convoy");
+    let mut stalled_flags = flags.clone();
+    stalled_flags.extend(["--shard-dsn", &silent_dsn, "--migrate", "false"]);
+    let _stalled = fleet.spawn_instance_with_own_shards(&stalled_flags).await;
+
+    let deadline = Duration::from_millis(300);
+    let client = ConvoyClient::connect(
+        Discovery::Etcd(EtcdConfig {
+            endpoints: vec![etcd.endpoint()],
+            ..EtcdConfig::default()
+        }),
+        ClientConfig {
+            per_call_timeout: deadline,
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap();
+    let conversations = client.conversations();
+    // Created through the healthy instances (retried past the stalled one if needed).
+    let mut name = None;
+    for _ in 0..10 {
+        if let Ok(created) = conversations
+            .create_conversation(new_conversation("stall", "t", ""))
+            .await
+        {
+            name = Some(created.into_inner().name);
+            break;
+        }
+    }
+    let name = name.expect("a create succeeds through a healthy instance");
+
+    // Every call, stalled or not, returns within the deadline (with generous slack for a
+    // loaded two-core machine: without the deadline a stalled call would take the stalled
+    // instance's 2 s pool timeout).
+    let slowest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let (conversations, name) = (conversations.clone(), name.clone());
+            let (slowest, failures) = (slowest.clone(), failures.clone());
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let result = conversations
+                    .get_conversation(pb::GetConversationRequest { name })
+                    .await;
+                let took = started.elapsed();
+                let mut slowest = slowest.lock().unwrap();
+                *slowest = (*slowest).max(took);
+                if let Err(status) = result {
+                    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+    let slowest = *slowest.lock().unwrap();
+    assert!(
+        slowest < deadline * 2,
+        "a call took {slowest:?} with a {deadline:?} deadline"
+    );
+
+    let during = failures.load(Ordering::Relaxed);
+    assert!(during > 0, "the burst reached the stalled instance");
+
+    // Its load estimate (a 300 ms peak) now keeps p2c away from it. Not absolutely: just
+    // after the burst the healthy instances' own peaks, times their pending calls, can
+    // briefly exceed it, and p2c then tries the stalled one (seen: 1 read in 200).
+    let after = read_n(&conversations, &name, 200).await;
+    assert!(
+        after <= 4,
+        "{after} of 200 reads still went to the stalled instance (during the burst: {during} of 64)"
+    );
+}
