@@ -1,6 +1,7 @@
 //! The client's balanced channel: endpoints from discovery, each behind a connection-aware
-//! readiness gate and a circuit breaker, chosen by power of two choices over peak-EWMA load,
-//! behind a bounded queue that fails fast when nothing is ready.
+//! readiness gate and a circuit breaker, chosen by power of two choices over peak-EWMA load
+//! (with shedding endpoints ranked last), behind a bounded queue that fails fast when
+//! nothing is ready.
 //!
 //! Discovery is consumed eagerly by a task of its own, which also builds each endpoint's
 //! stack as soon as it appears, so connections are made before the first request needs them
@@ -13,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use convoy_discovery::Changes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use http::{Request, Response};
 use tokio::time::Sleep;
 use tonic::body::Body;
@@ -26,6 +27,7 @@ use tower::{BoxError, Layer, Service};
 
 use crate::breaker::{BreakerConfig, BreakerLayer, EjectionBudget};
 use crate::endpoint::{EndpointConfig, EndpointService};
+use crate::shed_load::ShedAware;
 
 /// The balanced channel's type: clone it freely, every clone shares the balancer.
 pub type BalancedChannel = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
@@ -103,6 +105,11 @@ pub fn balanced_channel(mut changes: Changes, config: BalanceConfig) -> Balanced
         config.decay,
         CompleteOnResponse::default(),
     );
+    // Shedding endpoints rank last, whatever their latency (see `shed_load`).
+    let discover = discover.map_ok(|change| match change {
+        Change::Insert(key, service) => Change::Insert(key, ShedAware::new(service)),
+        Change::Remove(key) => Change::Remove(key),
+    });
     let balance = Balance::new(discover);
     let failfast = FailFast::new(balance, config.failfast_timeout);
     let buffer = Buffer::new(failfast, config.queue_capacity);

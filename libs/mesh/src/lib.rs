@@ -17,6 +17,7 @@ pub mod panic;
 pub mod propagation;
 pub mod retry;
 pub mod server;
+pub mod shed_load;
 
 pub use balance::{BalanceConfig, BalancedChannel, balanced_channel};
 pub use breaker::{BreakerConfig, BreakerLayer, EjectionBudget};
