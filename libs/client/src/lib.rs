@@ -133,10 +133,20 @@ impl Stack {
         }
     }
 
-    /// The deadline of a call: the per-call timeout, shortened to the caller's own deadline
-    /// (from the request, or the inbound call this task serves) minus the margin.
+    /// The deadline of a call: the per-call timeout, shortened to a timeout set on the
+    /// request and to the caller's own deadline (from the request, or the inbound call this
+    /// task serves) minus the margin.
     pub(crate) fn deadline_for<M>(&self, request: &tonic::Request<M>) -> Deadline {
-        let own = Deadline::after(self.config.per_call_timeout);
+        let mut own = Deadline::after(self.config.per_call_timeout);
+        // A timeout the caller set on the request itself (`Request::set_timeout`).
+        if let Some(set) = request
+            .metadata()
+            .get(convoy_mesh::deadline::GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| convoy_mesh::deadline::parse_grpc_timeout(v).ok())
+        {
+            own = own.min(Deadline::after(set));
+        }
         let inherited = request
             .extensions()
             .get::<Deadline>()

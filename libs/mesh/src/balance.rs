@@ -8,6 +8,7 @@
 //! and the watch never stalls. Not tonic's `balance_channel`: it balances on a constant load
 //! (random choice) and its reconnecting channels make dead endpoints look ready.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,6 +17,7 @@ use std::time::Duration;
 use convoy_discovery::Changes;
 use futures::{StreamExt, TryStreamExt};
 use http::{Request, Response};
+use tokio::task::AbortHandle;
 use tokio::time::Sleep;
 use tonic::body::Body;
 use tower::balance::p2c::Balance;
@@ -73,32 +75,57 @@ pub fn balanced_channel(mut changes: Changes, config: BalanceConfig) -> Balanced
     let budget = EjectionBudget::new(config.max_ejection_share);
     let breaker = BreakerLayer::new(config.breaker.clone(), budget);
     let endpoint_config = config.endpoint.clone();
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // Unbounded: the task must never wait on an idle balancer (which reads changes only
+    // when a request comes), and membership changes are few and small.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Some(change) = changes.next().await {
-            let change = change.map(|change| match change {
-                Change::Insert(key, endpoint) => {
+        // Each endpoint's connection task, stopped as soon as the endpoint leaves the set
+        // (the balancer drops its service only when it next applies changes).
+        let mut connecting: HashMap<String, AbortHandle> = HashMap::new();
+        loop {
+            let change = tokio::select! {
+                () = tx.closed() => break, // the balancer is gone
+                change = changes.next() => match change {
+                    Some(change) => change,
+                    // The set stays as it is; its endpoints live as long as the balancer.
+                    None => return,
+                },
+            };
+            let change = match change {
+                Ok(Change::Insert(key, endpoint)) => {
                     match EndpointService::new(endpoint.addr.clone(), endpoint_config.clone()) {
-                        Ok(service) => Some(Change::Insert(key, breaker.layer(service))),
+                        Ok(service) => {
+                            if let Some(old) =
+                                connecting.insert(key.clone(), service.abort_handle())
+                            {
+                                old.abort();
+                            }
+                            Ok(Change::Insert(key, breaker.layer(service)))
+                        }
                         Err(e) => {
                             tracing::warn!(addr = %endpoint.addr, error = %e, "unusable endpoint address");
-                            None
+                            continue;
                         }
                     }
                 }
-                Change::Remove(key) => Some(Change::Remove(key)),
-            });
-            let change = match change {
-                Ok(Some(change)) => Ok(change),
-                Ok(None) => continue,
+                Ok(Change::Remove(key)) => {
+                    if let Some(old) = connecting.remove(&key) {
+                        old.abort();
+                    }
+                    Ok(Change::Remove(key))
+                }
                 Err(e) => Err(BoxError::from(e)),
             };
-            if tx.send(change).await.is_err() {
-                return; // the balancer is gone
+            if tx.send(change).is_err() {
+                break;
             }
         }
+        // The balancer is gone: stop every connection task it left.
+        for (_, task) in connecting {
+            task.abort();
+        }
     });
-    let discover = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let discover = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
     let discover = PeakEwmaDiscover::new::<Request<Body>>(
         discover,
         config.default_rtt,

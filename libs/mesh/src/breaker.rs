@@ -208,9 +208,12 @@ impl BreakerState {
         }
     }
 
-    /// Records an outcome; returns the transition it caused, if any.
-    pub fn record(&mut self, success: bool, now: Instant) -> Option<Transition> {
+    /// Records the outcome of a call (`probe`: the half-open probe); returns the
+    /// transition it caused, if any. While the breaker is not closed, only the probe's
+    /// outcome counts: answers to calls admitted before it opened change nothing.
+    pub fn record(&mut self, success: bool, probe: bool, now: Instant) -> Option<Transition> {
         match self.phase {
+            Phase::HalfOpen { .. } if !probe => None,
             Phase::HalfOpen { .. } => {
                 if success {
                     self.phase = Phase::Closed;
@@ -245,6 +248,8 @@ impl BreakerState {
                     None
                 }?;
                 if !self.budget.try_eject() {
+                    // Keep counting: the next failure asks again.
+                    self.consecutive = 0;
                     return Some(Transition::EjectionRefused);
                 }
                 self.phase = Phase::Open {
@@ -281,10 +286,16 @@ impl Drop for BreakerState {
     }
 }
 
+/// Marks a response the client made up because the endpoint did not answer in time (see
+/// [`crate::endpoint`]): a failure of the endpoint, unlike a DEADLINE_EXCEEDED it sent.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalTimeout;
+
 /// Whether a response (or a transport error) counts against the endpoint.
 pub fn is_failure<B>(result: &Result<Response<B>, impl Sized>) -> bool {
     match result {
         Err(_) => true,
+        Ok(response) if response.extensions().get::<LocalTimeout>().is_some() => true,
         Ok(response) => {
             let code = response
                 .headers()
@@ -410,22 +421,54 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        if std::mem::take(&mut self.probe) {
+        let probe = std::mem::take(&mut self.probe);
+        if probe {
             self.shared.state().probe_sent();
         }
         BreakerFuture {
             inner: self.inner.call(request),
             shared: self.shared.clone(),
+            probe,
+            recorded: false,
+        }
+    }
+}
+
+impl Shared {
+    fn record(&self, success: bool, probe: bool) {
+        let transition = self.state().record(success, probe, Instant::now());
+        if let Some(transition) = transition {
+            if matches!(transition, Transition::Closed | Transition::ProbeFailed) {
+                self.probe_answered.notify_waiters();
+            }
+            if matches!(transition, Transition::EjectionRefused) {
+                tracing::debug!(?transition, "circuit breaker");
+            } else {
+                tracing::info!(?transition, "circuit breaker");
+            }
         }
     }
 }
 
 pin_project! {
-    /// Response future of [`Breaker`]: classifies the outcome.
+    /// Response future of [`Breaker`]: classifies the outcome. A probe dropped before it
+    /// answers (its caller gave up) counts as a failed probe, so the breaker never waits
+    /// for an answer that cannot come.
     pub struct BreakerFuture<F> {
         #[pin]
         inner: F,
         shared: Arc<Shared>,
+        probe: bool,
+        recorded: bool,
+    }
+
+    impl<F> PinnedDrop for BreakerFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.probe && !*this.recorded {
+                this.shared.record(false, true);
+            }
+        }
     }
 }
 
@@ -438,14 +481,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        let failed = is_failure(&result);
-        let transition = this.shared.state().record(!failed, Instant::now());
-        if let Some(transition) = transition {
-            if matches!(transition, Transition::Closed | Transition::ProbeFailed) {
-                this.shared.probe_answered.notify_waiters();
-            }
-            tracing::info!(?transition, "circuit breaker");
-        }
+        *this.recorded = true;
+        this.shared.record(!is_failure(&result), *this.probe);
         Poll::Ready(result)
     }
 }
@@ -613,6 +650,66 @@ mod tests {
         assert_eq!((budget.endpoints(), budget.ejected()), (0, 0));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_whose_caller_gives_up_counts_as_failed_and_the_next_one_is_admitted() {
+        let endpoint = Endpoint::default();
+        let (mut service, _other) = breaker(&endpoint, config());
+        for _ in 0..7 {
+            call(&mut service).await;
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(ready(&mut service));
+        drop(service.call(())); // the probe's caller went away
+        // Reopened for 2 s, then probed again: never shut out for good.
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(!ready(&mut service));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        endpoint.healthy.store(true, Ordering::SeqCst);
+        assert!(ready(&mut service));
+        service.call(()).await.unwrap();
+        assert!(!service.is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_probe_decides_a_half_open_breaker() {
+        let endpoint = Endpoint::default();
+        let (mut service, _other) = breaker(&endpoint, config());
+        for _ in 0..6 {
+            call(&mut service).await;
+        }
+        // A slow call admitted while closed, answered after the breaker opened and its open
+        // period passed.
+        endpoint.healthy.store(true, Ordering::SeqCst);
+        assert!(ready(&mut service));
+        let late = service.call(());
+        endpoint.healthy.store(false, Ordering::SeqCst);
+        call(&mut service).await; // the 7th failure opens it
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(ready(&mut service));
+        let probe = service.call(());
+        late.await.unwrap(); // a success, but not the probe's
+        assert!(!ready(&mut service), "still waiting for the probe");
+        probe.await.unwrap(); // the probe fails: reopened
+        assert!(service.is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_the_client_made_up_on_timeout_is_a_failure() {
+        let mut timed_out = Response::new(());
+        timed_out.extensions_mut().insert(LocalTimeout);
+        timed_out
+            .headers_mut()
+            .insert("grpc-status", "4".parse().unwrap());
+        assert!(is_failure(&Ok::<_, ()>(timed_out)));
+        let mut sent = Response::new(());
+        sent.headers_mut()
+            .insert("grpc-status", "4".parse().unwrap());
+        assert!(
+            !is_failure(&Ok::<_, ()>(sent)),
+            "a server's own DEADLINE_EXCEEDED is neutral"
+        );
+    }
+
     proptest! {
         /// No sequence of outcomes and clock steps ejects more than the share allows.
         #[test]
@@ -631,11 +728,13 @@ mod tests {
             for (index, success, advance_ms) in steps {
                 now += Duration::from_millis(advance_ms);
                 let state = &mut states[index % endpoints];
-                if matches!(state.gate(now), Gate::Open | Gate::Probe) {
-                    if matches!(state.gate(now), Gate::Probe) {
+                let gate = state.gate(now);
+                if matches!(gate, Gate::Open | Gate::Probe) {
+                    let probe = gate == Gate::Probe;
+                    if probe {
                         state.probe_sent();
                     }
-                    state.record(success, now);
+                    state.record(success, probe, now);
                 }
                 let ejected = states.iter().filter(|s| s.is_ejected()).count();
                 prop_assert!(ejected <= max, "{ejected} ejected of {endpoints} (max {max})");

@@ -104,8 +104,8 @@ pub fn format_grpc_timeout(timeout: Duration) -> String {
     ];
     let nanos = timeout.as_nanos();
     for (per, unit) in units {
-        // Round up so the receiver never sees a longer deadline than ours... never shorter
-        // than zero either.
+        // Round up to the unit: at most one unit longer than ours, and never zero for a
+        // positive timeout.
         let n = nanos.div_ceil(per);
         if n <= MAX {
             return format!("{n}{unit}");

@@ -49,24 +49,34 @@ impl Default for EndpointConfig {
 
 #[derive(Debug)]
 struct Shared {
-    /// The live channel, if any.
-    channel: Mutex<Option<Channel>>,
+    /// The live connection, if any, with its generation (one per successful connect).
+    channel: Mutex<Option<(u64, Channel)>>,
     /// Woken when the endpoint connects.
     connected: Arc<Notify>,
-    /// Woken when a call finds the connection broken.
+    /// Woken when a call finds the current connection broken.
     broken: Notify,
 }
 
 impl Shared {
-    fn channel(&self) -> Option<Channel> {
+    fn channel(&self) -> Option<(u64, Channel)> {
         self.channel
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    fn set(&self, channel: Option<Channel>) {
-        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
+    fn connect(&self, generation: u64, channel: Channel) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, channel));
+    }
+
+    /// Marks connection `generation` broken, unless it was already replaced: many calls
+    /// fail together when a connection dies, and only the first may trigger a reconnect.
+    fn mark_broken(&self, generation: u64) {
+        let mut current = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *current = None;
+            self.broken.notify_one();
+        }
     }
 }
 
@@ -75,7 +85,7 @@ pub struct EndpointService {
     addr: String,
     shared: Arc<Shared>,
     /// The channel the current call will use, taken at readiness.
-    ready: Option<Channel>,
+    ready: Option<(u64, Channel)>,
     waiting: Option<std::pin::Pin<Box<OwnedNotified>>>,
     task: Arc<AbortOnDrop>,
 }
@@ -120,6 +130,11 @@ impl EndpointService {
     pub fn is_connected(&self) -> bool {
         self.shared.channel().is_some()
     }
+
+    /// Stops the background connection task (the endpoint left the set).
+    pub fn abort_handle(&self) -> tokio::task::AbortHandle {
+        self.task.0.abort_handle()
+    }
 }
 
 /// Whether a channel error is tonic's own deadline timer rather than a transport failure.
@@ -141,15 +156,17 @@ async fn connect_loop(
     shared: Arc<Shared>,
 ) {
     let mut backoff = config.min_backoff;
+    let mut generation = 0;
     loop {
         match endpoint.connect().await {
             Ok(channel) => {
                 tracing::debug!(%addr, "endpoint connected");
                 backoff = config.min_backoff;
+                generation += 1;
                 let broken = shared.broken.notified();
                 tokio::pin!(broken);
                 broken.as_mut().enable();
-                shared.set(Some(channel));
+                shared.connect(generation, channel);
                 shared.connected.notify_waiters();
                 broken.await;
                 tracing::info!(%addr, "endpoint connection failed; reconnecting");
@@ -190,16 +207,15 @@ impl Service<Request<Body>> for EndpointService {
                 .waiting
                 .get_or_insert_with(|| Box::pin(self.shared.connected.clone().notified_owned()));
             waiting.as_mut().enable();
-            if let Some(mut channel) = self.shared.channel() {
+            if let Some((generation, mut channel)) = self.shared.channel() {
                 self.waiting = None;
                 return match channel.poll_ready(cx) {
                     Poll::Ready(Ok(())) => {
-                        self.ready = Some(channel);
+                        self.ready = Some((generation, channel));
                         Poll::Ready(Ok(()))
                     }
                     Poll::Ready(Err(e)) => {
-                        self.shared.set(None);
-                        self.shared.broken.notify_one();
+                        self.shared.mark_broken(generation);
                         tracing::debug!(addr = %self.addr, error = %e, "endpoint not ready");
                         continue;
                     }
@@ -212,7 +228,7 @@ impl Service<Request<Body>> for EndpointService {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let mut channel = self
+        let (generation, mut channel) = self
             .ready
             .take()
             .expect("poll_ready must return Ready before call");
@@ -222,15 +238,21 @@ impl Service<Request<Body>> for EndpointService {
             match channel.call(request).await {
                 Ok(response) => Ok(response),
                 // tonic's channel enforces the grpc-timeout header too: its timer firing is
-                // the caller's deadline, not a broken connection.
-                Err(e) if is_timeout(&e) => Ok(crate::deadline::expired().into_http()),
+                // the caller's deadline, not a broken connection. Marked, so the breaker
+                // counts an endpoint that does not answer in time against it.
+                Err(e) if is_timeout(&e) => {
+                    let mut response = crate::deadline::expired().into_http::<Body>();
+                    response
+                        .extensions_mut()
+                        .insert(crate::breaker::LocalTimeout);
+                    Ok(response)
+                }
                 Err(e) => {
                     // A transport error: this connection is gone, and the endpoint is not
                     // ready until it reconnects. The caller gets UNAVAILABLE, which the
                     // retry policy understands (the call may not have reached the server,
                     // so only idempotent methods are retried).
-                    shared.set(None);
-                    shared.broken.notify_one();
+                    shared.mark_broken(generation);
                     Ok(
                         tonic::Status::unavailable(format!("connection to {addr} failed: {e}"))
                             .into_http(),

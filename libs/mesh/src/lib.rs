@@ -20,7 +20,7 @@ pub mod server;
 pub mod shed_load;
 
 pub use balance::{BalanceConfig, BalancedChannel, balanced_channel};
-pub use breaker::{BreakerConfig, BreakerLayer, EjectionBudget};
+pub use breaker::{BreakerConfig, BreakerLayer, EjectionBudget, LocalTimeout};
 pub use bulkhead::BulkheadLayer;
 pub use deadline::{Deadline, DeadlineLayer};
 pub use propagation::DeadlinePropagationLayer;

@@ -18,7 +18,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::{Layer, Service};
 
-use crate::deadline::{Deadline, GRPC_TIMEOUT, expired, format_grpc_timeout};
+use crate::deadline::{Deadline, GRPC_TIMEOUT, expired, format_grpc_timeout, parse_grpc_timeout};
 
 /// Adds deadline propagation; see the module docs.
 #[derive(Clone, Copy, Debug)]
@@ -92,7 +92,16 @@ where
             .get::<Deadline>()
             .copied()
             .or_else(Deadline::current);
-        let budget = self.budget(inherited);
+        let mut budget = self.budget(inherited);
+        // A shorter grpc-timeout already on the request (set by the caller) stands.
+        if let Some(existing) = request
+            .headers()
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_grpc_timeout(v).ok())
+        {
+            budget = budget.min(existing);
+        }
         if budget.is_zero() {
             return PropagationFuture {
                 inner: None,
@@ -147,7 +156,6 @@ where
 mod tests {
     use super::*;
     use crate::DeadlineLayer;
-    use crate::deadline::parse_grpc_timeout;
     use std::convert::Infallible;
     use std::sync::{Arc, Mutex};
     use tower::ServiceExt;
@@ -218,6 +226,19 @@ mod tests {
         assert_eq!(status(&response), Some("4"));
         assert_eq!(started.elapsed(), Duration::from_millis(300));
         assert_eq!(*seen.lock().unwrap(), vec![Duration::from_millis(300)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_timeout_set_by_the_caller_stands() {
+        let seen = Seen::default();
+        let client =
+            DeadlinePropagationLayer::default().layer(downstream(seen.clone(), Duration::ZERO));
+        let request = Request::builder()
+            .header(GRPC_TIMEOUT, "100m")
+            .body(())
+            .unwrap();
+        client.oneshot(request).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![Duration::from_millis(100)]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,6 +20,18 @@ fn etcd_flags(etcd: &Etcd) -> Vec<String> {
     ]
 }
 
+/// An SDK client that finds instances in `etcd`.
+fn sdk(etcd: &Etcd, config: ClientConfig) -> ConvoyClient {
+    ConvoyClient::connect(
+        Discovery::Etcd(EtcdConfig {
+            endpoints: vec![etcd.endpoint()],
+            ..EtcdConfig::default()
+        }),
+        config,
+    )
+    .unwrap()
+}
+
 fn as_strs(flags: &[String]) -> Vec<&str> {
     flags.iter().map(String::as_str).collect()
 }
@@ -35,14 +47,7 @@ async fn a_rolling_restart_of_three_instances_fails_no_idempotent_read() {
         fleet.spawn_instance(&flags).await,
     ];
 
-    let client = ConvoyClient::connect(
-        Discovery::Etcd(EtcdConfig {
-            endpoints: vec![etcd.endpoint()],
-            ..EtcdConfig::default()
-        }),
-        ClientConfig::default(),
-    )
-    .unwrap();
+    let client = sdk(&etcd, ClientConfig::default());
     let conversations = client.conversations();
     let created = conversations
         .create_conversation(new_conversation("rolling", "survives restarts", ""))
@@ -176,14 +181,7 @@ async fn an_instance_answering_unavailable_is_ejected_and_readmitted_when_it_rec
         .spawn_instance_with_own_shards(&as_strs(&b_flags))
         .await;
 
-    let client = ConvoyClient::connect(
-        Discovery::Etcd(EtcdConfig {
-            endpoints: vec![etcd.endpoint()],
-            ..EtcdConfig::default()
-        }),
-        ClientConfig::default(),
-    )
-    .unwrap();
+    let client = sdk(&etcd, ClientConfig::default());
     let conversations = client.conversations();
     let name = conversations
         .create_conversation(new_conversation("breaker", "t", ""))
@@ -266,17 +264,13 @@ async fn a_stalled_instance_costs_callers_their_deadline_at_most_and_p2c_moves_a
     let _stalled = fleet.spawn_instance_with_own_shards(&stalled_flags).await;
 
     let deadline = Duration::from_millis(300);
-    let client = ConvoyClient::connect(
-        Discovery::Etcd(EtcdConfig {
-            endpoints: vec![etcd.endpoint()],
-            ..EtcdConfig::default()
-        }),
+    let client = sdk(
+        &etcd,
         ClientConfig {
             per_call_timeout: deadline,
             ..ClientConfig::default()
         },
-    )
-    .unwrap();
+    );
     let conversations = client.conversations();
     // Created through the healthy instances (retried past the stalled one if needed).
     let mut name = None;
