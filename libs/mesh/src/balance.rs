@@ -28,6 +28,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service};
 
 use crate::breaker::{BreakerConfig, BreakerLayer, EjectionBudget};
+use crate::bulkhead::RETRY_PUSHBACK;
 use crate::endpoint::{EndpointConfig, EndpointService};
 use crate::shed_load::ShedAware;
 
@@ -93,6 +94,8 @@ pub fn balanced_channel(mut changes: Changes, config: BalanceConfig) -> Balanced
             };
             let change = match change {
                 Ok(Change::Insert(key, endpoint)) => {
+                    metrics::counter!("convoy_client_endpoint_updates_total", "change" => "insert")
+                        .increment(1);
                     match EndpointService::new(endpoint.addr.clone(), endpoint_config.clone()) {
                         Ok(service) => {
                             if let Some(old) =
@@ -109,6 +112,8 @@ pub fn balanced_channel(mut changes: Changes, config: BalanceConfig) -> Balanced
                     }
                 }
                 Ok(Change::Remove(key)) => {
+                    metrics::counter!("convoy_client_endpoint_updates_total", "change" => "remove")
+                        .increment(1);
                     if let Some(old) = connecting.remove(&key) {
                         old.abort();
                     }
@@ -144,7 +149,7 @@ pub fn balanced_channel(mut changes: Changes, config: BalanceConfig) -> Balanced
 }
 
 /// Fails calls fast while the inner service has been unready for too long; see
-/// [`BalanceConfig::failfast_timeout`].
+/// [`BalanceConfig::failfast_timeout`]. The answer says not to retry.
 pub struct FailFast<S> {
     inner: S,
     timeout: Duration,
@@ -202,10 +207,15 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         if self.failing {
-            return Box::pin(std::future::ready(Ok(tonic::Status::unavailable(
-                "no endpoint of the service is ready",
-            )
-            .into_http())));
+            metrics::counter!("convoy_client_failfast_total").increment(1);
+            let mut response = tonic::Status::unavailable("no endpoint of the service is ready")
+                .into_http::<Body>();
+            // Negative pushback means "do not retry" (gRFC A6): with nothing ready, another
+            // attempt would only spend the retry budget.
+            response
+                .headers_mut()
+                .insert(RETRY_PUSHBACK, http::HeaderValue::from_static("-1"));
+            return Box::pin(std::future::ready(Ok(response)));
         }
         let future = self.inner.call(request);
         Box::pin(async move { future.await.map_err(Into::into) })
@@ -218,5 +228,29 @@ impl<S> std::fmt::Debug for FailFast<S> {
             .field("timeout", &self.timeout)
             .field("failing", &self.failing)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn with_nothing_ready_calls_fail_fast_and_say_not_to_retry() {
+        // A balancer whose discovery never yields an endpoint.
+        let channel = balanced_channel(
+            convoy_discovery::static_endpoints(Vec::new()),
+            BalanceConfig::default(),
+        );
+        let started = tokio::time::Instant::now();
+        let response = channel.oneshot(Request::new(Body::empty())).await.unwrap();
+        assert_eq!(response.headers().get("grpc-status").unwrap(), "14");
+        assert_eq!(response.headers().get(RETRY_PUSHBACK).unwrap(), "-1");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(1),
+            "after the fail-fast timeout"
+        );
     }
 }

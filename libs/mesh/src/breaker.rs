@@ -153,6 +153,19 @@ pub enum Transition {
     EjectionRefused,
 }
 
+impl Transition {
+    /// The transition as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenedConsecutive => "opened_consecutive",
+            Self::OpenedSuccessRate => "opened_success_rate",
+            Self::ProbeFailed => "probe_failed",
+            Self::Closed => "closed",
+            Self::EjectionRefused => "ejection_refused",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Closed,
@@ -438,6 +451,8 @@ impl Shared {
     fn record(&self, success: bool, probe: bool) {
         let transition = self.state().record(success, probe, Instant::now());
         if let Some(transition) = transition {
+            metrics::counter!("convoy_breaker_transitions_total", "transition" => transition.as_str())
+                .increment(1);
             if matches!(transition, Transition::Closed | Transition::ProbeFailed) {
                 self.probe_answered.notify_waiters();
             }

@@ -58,6 +58,7 @@ impl<S: Clone> Layer<S> for BulkheadLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Bulkhead {
             exempt: inner.clone(),
+            semaphore: self.semaphore.clone(),
             inner: LoadShed::new(ConcurrencyLimit::with_semaphore(
                 inner,
                 self.semaphore.clone(),
@@ -80,6 +81,7 @@ pub struct Bulkhead<S> {
     inner: LoadShed<ConcurrencyLimit<S>>,
     /// The same service without the limit, for exempt calls.
     exempt: S,
+    semaphore: Arc<Semaphore>,
     limit: usize,
     pushback: Duration,
 }
@@ -110,6 +112,8 @@ where
                 inner: self.exempt.clone().oneshot(request),
             };
         }
+        metrics::gauge!("convoy_server_in_flight")
+            .set((self.limit - self.semaphore.available_permits()) as f64);
         BulkheadFuture::Limited {
             inner: self.inner.call(request),
             limit: self.limit,
@@ -157,6 +161,7 @@ where
                 pushback,
             } => match inner.poll(cx) {
                 Poll::Ready(Err(e)) if e.is::<Overloaded>() => {
+                    metrics::counter!("convoy_server_shed_total").increment(1);
                     let status = tonic::Status::resource_exhausted(format!(
                         "server is at its limit of {limit} concurrent calls; retry after {} ms",
                         pushback.as_millis()

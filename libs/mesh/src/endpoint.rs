@@ -170,6 +170,7 @@ async fn connect_loop(
                 shared.connected.notify_waiters();
                 broken.await;
                 tracing::info!(%addr, "endpoint connection failed; reconnecting");
+                metrics::counter!("convoy_client_reconnects_total").increment(1);
             }
             Err(e) => {
                 tracing::debug!(%addr, error = %e, ?backoff, "endpoint connect failed");

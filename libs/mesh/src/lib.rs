@@ -1,10 +1,17 @@
-//! The gRPC plumbing every convoy service shares.
+//! The gRPC plumbing every convoy service shares, so tonic stays behind this one seam.
 //!
-//! Today: the server builder ([`server`]) that gives every service health checking, server
-//! reflection, deadline enforcement, a shedding bulkhead ([`bulkhead`]), panic recovery
-//! ([`panic`]) and an ordered graceful shutdown; and the deadline ([`deadline`]) that
-//! travels as `grpc-timeout`. The client stack (retry budgets,
-//! balancing, breakers) joins it here, so tonic stays behind this one seam.
+//! Server side: the server builder ([`server`]) gives every service health checking,
+//! reflection, deadline enforcement ([`deadline`]), a shedding bulkhead ([`bulkhead`]),
+//! panic recovery ([`panic`]) and an ordered graceful shutdown. Client side, outermost
+//! first: deadline propagation ([`propagation`]), retries paid from a budget ([`retry`]),
+//! p2c balancing over discovered endpoints ([`balance`], [`shed_load`]), a circuit breaker
+//! ([`breaker`]) and a connection-aware endpoint ([`endpoint`]).
+//!
+//! Every layer reports its state through the `metrics` facade (the exporter is the
+//! service's choice): `convoy_client_requests_total`, `convoy_client_retries_total{budget}`,
+//! `convoy_breaker_transitions_total{transition}`, `convoy_server_shed_total`,
+//! `convoy_server_in_flight`, `convoy_client_endpoint_updates_total{change}`,
+//! `convoy_client_failfast_total`, `convoy_client_reconnects_total`.
 
 #![forbid(unsafe_code)]
 

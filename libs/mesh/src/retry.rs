@@ -93,18 +93,20 @@ impl RetryBudget {
     /// Records a request (earning a share of a retry).
     pub fn deposit(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("convoy_client_requests_total").increment(1);
         self.budget.deposit();
     }
 
     /// Takes a retry token; false when the budget is spent.
     pub fn withdraw(&self) -> bool {
         let granted = self.budget.withdraw();
-        let counter = if granted {
-            &self.retries
+        let (counter, outcome) = if granted {
+            (&self.retries, "spent")
         } else {
-            &self.refused
+            (&self.refused, "refused")
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("convoy_client_retries_total", "budget" => outcome).increment(1);
         granted
     }
 
