@@ -17,7 +17,6 @@ use std::time::Duration;
 use convoy_discovery::Changes;
 use futures::{StreamExt, TryStreamExt};
 use http::{Request, Response};
-use tokio::task::AbortHandle;
 use tokio::time::Sleep;
 use tonic::body::Body;
 use tower::balance::p2c::Balance;
@@ -29,7 +28,7 @@ use tower::{BoxError, Layer, Service};
 
 use crate::breaker::{BreakerConfig, BreakerLayer, EjectionBudget};
 use crate::bulkhead::RETRY_PUSHBACK;
-use crate::endpoint::{EndpointConfig, EndpointService};
+use crate::endpoint::{EndpointAbort, EndpointConfig, EndpointService};
 use crate::shed_load::ShedAware;
 
 /// The balanced channel's type: clone it freely, every clone shares the balancer.
@@ -82,7 +81,7 @@ pub fn balanced_channel(mut changes: Changes, config: BalanceConfig) -> Balanced
     tokio::spawn(async move {
         // Each endpoint's connection task, stopped as soon as the endpoint leaves the set
         // (the balancer drops its service only when it next applies changes).
-        let mut connecting: HashMap<String, AbortHandle> = HashMap::new();
+        let mut connecting: HashMap<String, EndpointAbort> = HashMap::new();
         loop {
             let change = tokio::select! {
                 () = tx.closed() => break, // the balancer is gone

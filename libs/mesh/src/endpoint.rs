@@ -1,14 +1,19 @@
 //! One endpoint's connection, as a service that is ready only while it is connected.
 //!
 //! tonic's own `Channel` reconnects lazily and always looks ready, so a balancer over plain
-//! channels keeps picking a dead endpoint. Here a background task connects (and reconnects,
-//! with backoff) and the service is ready only while the task holds a live channel; the first
-//! transport error of a call marks the endpoint down, answers that call UNAVAILABLE, and
-//! wakes the task. The balancer
-//! therefore sees a dead endpoint as not ready, at once, and a recovered one as ready again.
+//! channels keeps picking a dead endpoint. Here background tasks connect (and reconnect,
+//! with backoff) and the service is ready only while it holds a live connection; the first
+//! transport error of a call marks that connection down, answers the call UNAVAILABLE, and
+//! wakes its task. The balancer therefore sees a dead endpoint as not ready, at once, and a
+//! recovered one as ready again.
+//!
+//! An endpoint keeps [`EndpointConfig::connections`] HTTP/2 connections and spreads calls
+//! over the live ones in turn: one HTTP/2 connection tops out near 85-100k calls/s (one
+//! socket, one lock on the connection's state), so a hot endpoint needs several.
 //!
 //! Not here: choosing between endpoints (the balancer) or judging answers (the breaker).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,6 +21,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
+use tokio::task::AbortHandle;
 use tonic::body::Body;
 use tonic::transport::Channel;
 use tower::{BoxError, Service};
@@ -33,6 +39,9 @@ pub struct EndpointConfig {
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered. 5 s.
     pub keepalive_timeout: Duration,
+    /// HTTP/2 connections per endpoint. 2: twice one connection's ceiling for little cost;
+    /// raise it for endpoints that take tens of thousands of calls a second.
+    pub connections: usize,
 }
 
 impl Default for EndpointConfig {
@@ -43,21 +52,21 @@ impl Default for EndpointConfig {
             max_backoff: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
+            connections: 2,
         }
     }
 }
 
+/// One of an endpoint's connections.
 #[derive(Debug)]
-struct Shared {
+struct Slot {
     /// The live connection, if any, with its generation (one per successful connect).
     channel: Mutex<Option<(u64, Channel)>>,
-    /// Woken when the endpoint connects.
-    connected: Arc<Notify>,
-    /// Woken when a call finds the current connection broken.
+    /// Woken when a call finds this connection broken.
     broken: Notify,
 }
 
-impl Shared {
+impl Slot {
     fn channel(&self) -> Option<(u64, Channel)> {
         self.channel
             .lock()
@@ -80,21 +89,54 @@ impl Shared {
     }
 }
 
+#[derive(Debug)]
+struct Shared {
+    slots: Vec<Slot>,
+    /// Woken when any connection is made.
+    connected: Arc<Notify>,
+    /// Where the next call starts looking for a live connection.
+    next: AtomicUsize,
+}
+
+impl Shared {
+    /// The next live connection in turn: (slot, generation, channel).
+    fn pick(&self) -> Option<(usize, u64, Channel)> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..self.slots.len()).find_map(|i| {
+            let slot = (start + i) % self.slots.len();
+            self.slots[slot]
+                .channel()
+                .map(|(generation, channel)| (slot, generation, channel))
+        })
+    }
+}
+
 /// A connection-aware endpoint service; see the module docs.
 pub struct EndpointService {
     addr: String,
     shared: Arc<Shared>,
-    /// The channel the current call will use, taken at readiness.
-    ready: Option<(u64, Channel)>,
+    /// The connection the current call will use, taken at readiness.
+    ready: Option<(usize, u64, Channel)>,
     waiting: Option<std::pin::Pin<Box<OwnedNotified>>>,
-    task: Arc<AbortOnDrop>,
+    tasks: Arc<AbortOnDrop>,
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Stops an endpoint's connection tasks.
+#[derive(Clone, Debug)]
+pub struct EndpointAbort(Vec<AbortHandle>);
+
+impl EndpointAbort {
+    /// Stops every connection task.
+    pub fn abort(&self) {
+        self.0.iter().for_each(AbortHandle::abort);
+    }
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        self.0.iter().for_each(tokio::task::JoinHandle::abort);
     }
 }
 
@@ -107,17 +149,32 @@ impl EndpointService {
             .http2_keep_alive_interval(config.keepalive_interval)
             .keep_alive_timeout(config.keepalive_timeout);
         let shared = Arc::new(Shared {
-            channel: Mutex::new(None),
+            slots: (0..config.connections.max(1))
+                .map(|_| Slot {
+                    channel: Mutex::new(None),
+                    broken: Notify::new(),
+                })
+                .collect(),
             connected: Arc::new(Notify::new()),
-            broken: Notify::new(),
+            next: AtomicUsize::new(0),
         });
-        let task = tokio::spawn(connect_loop(addr.clone(), endpoint, config, shared.clone()));
+        let tasks = (0..shared.slots.len())
+            .map(|slot| {
+                tokio::spawn(connect_loop(
+                    addr.clone(),
+                    endpoint.clone(),
+                    config.clone(),
+                    shared.clone(),
+                    slot,
+                ))
+            })
+            .collect();
         Ok(Self {
             addr,
             shared,
             ready: None,
             waiting: None,
-            task: Arc::new(AbortOnDrop(task)),
+            tasks: Arc::new(AbortOnDrop(tasks)),
         })
     }
 
@@ -126,14 +183,18 @@ impl EndpointService {
         &self.addr
     }
 
-    /// Whether a live connection is held now.
-    pub fn is_connected(&self) -> bool {
-        self.shared.channel().is_some()
+    /// How many of its connections are live now.
+    pub fn live_connections(&self) -> usize {
+        self.shared
+            .slots
+            .iter()
+            .filter(|s| s.channel().is_some())
+            .count()
     }
 
-    /// Stops the background connection task (the endpoint left the set).
-    pub fn abort_handle(&self) -> tokio::task::AbortHandle {
-        self.task.0.abort_handle()
+    /// Stops the background connection tasks (the endpoint left the set).
+    pub fn abort_handle(&self) -> EndpointAbort {
+        EndpointAbort(self.tasks.0.iter().map(|t| t.abort_handle()).collect())
     }
 }
 
@@ -154,7 +215,9 @@ async fn connect_loop(
     endpoint: tonic::transport::Endpoint,
     config: EndpointConfig,
     shared: Arc<Shared>,
+    slot: usize,
 ) {
+    let slot_state = &shared.slots[slot];
     let mut backoff = config.min_backoff;
     let mut generation = 0;
     loop {
@@ -163,13 +226,13 @@ async fn connect_loop(
                 tracing::debug!(%addr, "endpoint connected");
                 backoff = config.min_backoff;
                 generation += 1;
-                let broken = shared.broken.notified();
+                let broken = slot_state.broken.notified();
                 tokio::pin!(broken);
                 broken.as_mut().enable();
-                shared.connect(generation, channel);
+                slot_state.connect(generation, channel);
                 shared.connected.notify_waiters();
                 broken.await;
-                tracing::info!(%addr, "endpoint connection failed; reconnecting");
+                tracing::info!(%addr, slot, "endpoint connection failed; reconnecting");
                 metrics::counter!("convoy_client_reconnects_total").increment(1);
             }
             Err(e) => {
@@ -188,7 +251,7 @@ impl Clone for EndpointService {
             shared: self.shared.clone(),
             ready: None,
             waiting: None,
-            task: self.task.clone(),
+            tasks: self.tasks.clone(),
         }
     }
 }
@@ -208,15 +271,15 @@ impl Service<Request<Body>> for EndpointService {
                 .waiting
                 .get_or_insert_with(|| Box::pin(self.shared.connected.clone().notified_owned()));
             waiting.as_mut().enable();
-            if let Some((generation, mut channel)) = self.shared.channel() {
+            if let Some((slot, generation, mut channel)) = self.shared.pick() {
                 self.waiting = None;
                 return match channel.poll_ready(cx) {
                     Poll::Ready(Ok(())) => {
-                        self.ready = Some((generation, channel));
+                        self.ready = Some((slot, generation, channel));
                         Poll::Ready(Ok(()))
                     }
                     Poll::Ready(Err(e)) => {
-                        self.shared.mark_broken(generation);
+                        self.shared.slots[slot].mark_broken(generation);
                         tracing::debug!(addr = %self.addr, error = %e, "endpoint not ready");
                         continue;
                     }
@@ -229,7 +292,7 @@ impl Service<Request<Body>> for EndpointService {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let (generation, mut channel) = self
+        let (slot, generation, mut channel) = self
             .ready
             .take()
             .expect("poll_ready must return Ready before call");
@@ -253,7 +316,7 @@ impl Service<Request<Body>> for EndpointService {
                     // ready until it reconnects. The caller gets UNAVAILABLE, which the
                     // retry policy understands (the call may not have reached the server,
                     // so only idempotent methods are retried).
-                    shared.mark_broken(generation);
+                    shared.slots[slot].mark_broken(generation);
                     Ok(
                         tonic::Status::unavailable(format!("connection to {addr} failed: {e}"))
                             .into_http(),
