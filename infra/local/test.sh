@@ -8,8 +8,8 @@
 #      start their own private PostgreSQL servers);
 #   2. the fleet smoke: infra/local/up.sh --detach (dev build) in a temporary state folder on
 #      ports of its own, so it never touches your own fleet; infra/local/smoke.py against it,
-#      and `convoyctl status` must show the instance SERVING in etcd; then up.sh --stop,
-#      always.
+#      and `convoyctl status` must show the instance SERVING in etcd; after a SIGKILL the
+#      instance must leave etcd within its lease TTL; then up.sh --stop, always.
 #
 # Environment:
 #   CONVOY_SKIP_CARGO_TESTS=1   skip step 1 (run only the fleet smoke)
@@ -79,5 +79,21 @@ status_table="$("${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$
 printf '%s\n' "$status_table"
 grep -q "^conversation .*SERVING$" <<<"$status_table" ||
     die "convoyctl status does not show the conversation instance as SERVING"
+
+# A SIGKILLed instance cannot deregister: it must leave etcd when its lease expires (10 s).
+service_pid="$(cat "$smoke_state/run/conversation.pid")"
+log "fleet smoke: kill -9 the conversation service (pid $service_pid); waiting for its lease to expire"
+kill -9 "$service_pid"
+gone=0
+for ((i = 0; i < 40; i++)); do
+    sleep 0.5
+    if ! "${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$etcd_url" status |
+        grep -q "^conversation "; then
+        gone=1
+        log "fleet smoke: the killed instance left etcd after about $(((i + 1) / 2)) s"
+        break
+    fi
+done
+((gone == 1)) || die "the killed instance was still registered 20 s after SIGKILL"
 smoke_ok=1
 log "all tests passed"
