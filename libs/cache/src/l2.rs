@@ -1,0 +1,589 @@
+//! Redis as L2: the versioned, tagged cache that every convoy process shares, reached
+//! through a deadpool-redis pool.
+//!
+//! For: reading (one key or a batch in one round trip), version-checked sets, per-key
+//! invalidation with a version floor, tag invalidation, and an admin flush, on one standalone
+//! Redis. Not for: the in-process L1 ([`crate::l1`]), the invalidation bus, leases, deciding
+//! what to cache, or Redis Cluster (the tag script reaches keys it is not handed). L2 is a
+//! cache: when it errs, callers go to the source ([`L2Error::is_unavailable`]).
+//!
+//! # Versions
+//! A set is refused ([`SetOutcome::Stale`]) when its version is older than the stored entry's
+//! or older than the key's *floor*. A set at the same version is stored (an idempotent
+//! refill). `invalidate(key, V)` means "the row is now at V": it raises the floor to
+//! `max(floor, V)`, remembered for [`L2Config::floor_ttl`], and deletes the entry. So a slow
+//! filler that read an older row cannot put it back, while a filler that read V can.
+//! Limits: a filler slower than `floor_ttl` can land stale data; the stored entry's version
+//! fences only while the entry lives; tag invalidation and [`L2::flush`] raise no floor; a
+//! Redis restart forgets every floor (the bus's restart rule flushes L1s for the same reason).
+//! Versions compare as Lua numbers (doubles), so they must lie within ±2^53.
+//!
+//! # Layout (under [`L2Config::key_prefix`], `convoy:` by default)
+//! - `{prefix}e:{key}`: the entry, a hash `v` (version), `d` (value bytes), `t` (tags joined
+//!   by U+001F, which tags may not contain), with `PEXPIRE` = the entry's TTL.
+//! - `{prefix}f:{key}`: the floor, an integer, with `PEXPIRE` = `floor_ttl`.
+//! - `{prefix}t:{tag}`: the tag index, a set of keys, whose expiry is raised on each add to at
+//!   least the new member's TTL: it lives as long as its longest-lived member, and no longer.
+//!   Members whose entry has expired or was re-set without the tag are skipped (and the whole
+//!   set deleted) when the tag is invalidated, so invalidation reads only that set; one script
+//!   does it all, so a tag with very many live entries holds Redis for that long.
+//!
+//! # Pool
+//! deadpool-redis 0.23 has no `RecyclingMethod`: its `Manager::recycle` always sends
+//! `UNWATCH` + `PING` (one pipelined round trip) on every checkout, and the pool's hooks can only
+//! add work or discard the connection. Skipping the ping would mean a `Manager` of our own
+//! (a direct `deadpool` dependency) or holding connections outside the pool. We keep it, at one
+//! extra round trip per operation, until a measurement says otherwise: it is also what finds a
+//! connection left broken by a Redis restart before a command is sent on it. Every step is
+//! bounded: slot wait, connect, recycle and each response have their own timeouts, and
+//! [`L2Config::op_timeout`] bounds each operation as a whole, because against a hung Redis
+//! deadpool recycles the idle connections one after another, each up to `recycle_timeout`,
+//! before it creates a new one.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_redis::redis::{self, AsyncConnectionConfig, RedisError, Script, Value};
+use deadpool_redis::{Connection, Manager, Pool, PoolConfig, PoolError, Runtime, Timeouts};
+
+use crate::entry::{Entry, SetOutcome, Version};
+
+// === defaults and limits ===
+
+/// Connections in the pool. Each is multiplexed, but a checkout holds one for an operation.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// Prefix of every key L2 writes; [`L2::flush`] deletes everything under it.
+pub const DEFAULT_KEY_PREFIX: &str = "convoy:";
+/// How long an invalidation's floor is remembered: far longer than any fill takes.
+pub const DEFAULT_FLOOR_TTL: Duration = Duration::from_secs(10 * 60);
+/// Bound on one operation as a whole: an L2 answer later than this is worth less than the
+/// source's.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(1);
+/// Wait for a free pool slot; longer means the pool is saturated and the source is better.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_millis(250);
+/// Connect and handshake a new connection (a healthy Redis nearby takes about a millisecond).
+pub const DEFAULT_CREATE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The recycle check (one `UNWATCH` + `PING` round trip).
+pub const DEFAULT_RECYCLE_TIMEOUT: Duration = Duration::from_millis(250);
+/// Wait for one command's (or pipeline's) answer; redis-rs's own default.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest tag, in bytes.
+pub const MAX_TAG_LEN: usize = 128;
+/// Most tags one entry may carry (each is a key the set script touches).
+pub const MAX_TAGS: usize = 64;
+/// Longest entry TTL or floor TTL: far beyond any cache lifetime, and well inside what
+/// Redis accepts for `PEXPIRE` (a rejected expiry would abort a script halfway).
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// Joins an entry's tags in its hash; a control character, which tags may not contain.
+const TAG_SEPARATOR: char = '\u{1f}';
+/// Largest version magnitude that Lua's doubles compare exactly.
+const MAX_EXACT_VERSION: i64 = 1 << 53;
+/// Keys asked of each `SCAN` (and so deleted per `UNLINK`) by [`L2::flush`].
+const FLUSH_BATCH: usize = 500;
+
+// === Lua ===
+
+/// Stores an entry unless its version is older than the floor or the stored entry's.
+/// KEYS: entry, floor, tag sets. ARGV: version, value, joined tags, ttl ms, key.
+const SET_LUA: &str = r"
+local version = tonumber(ARGV[1])
+local floor = tonumber(redis.call('GET', KEYS[2]))
+if floor and version < floor then return 0 end
+local stored = tonumber(redis.call('HGET', KEYS[1], 'v'))
+if stored and version < stored then return 0 end
+local ttl = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2], 't', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[5])
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+end
+return 1
+";
+
+/// Raises the floor to max(floor, version) for the floor TTL and deletes the entry (even one
+/// at a newer version: a miss is always safe). KEYS: entry, floor. ARGV: version, floor ttl ms.
+const INVALIDATE_LUA: &str = r"
+local floor = redis.call('GET', KEYS[2])
+local version = ARGV[1]
+if floor and tonumber(floor) > tonumber(version) then version = floor end
+redis.call('SET', KEYS[2], version, 'PX', ARGV[2])
+redis.call('DEL', KEYS[1])
+return 1
+";
+
+/// For each tag set, deletes the member entries that still carry the tag, then the set.
+/// Returns the entries deleted. KEYS: tag sets. ARGV: entry key prefix, separator, then the
+/// tag of each KEYS[i].
+const INVALIDATE_TAGS_LUA: &str = r"
+local prefix, sep = ARGV[1], ARGV[2]
+local dropped = 0
+for i, set in ipairs(KEYS) do
+  local needle = sep .. ARGV[i + 2] .. sep
+  for _, key in ipairs(redis.call('SMEMBERS', set)) do
+    local entry = prefix .. key
+    local tags = redis.call('HGET', entry, 't')
+    if tags and string.find(sep .. tags .. sep, needle, 1, true) then
+      dropped = dropped + redis.call('DEL', entry)
+    end
+  end
+  redis.call('DEL', set)
+end
+return dropped
+";
+
+// === L2Error ===
+
+/// What went wrong in an L2 operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum L2Error {
+    /// The configuration cannot work (bad URL, zero pool size, empty prefix...).
+    #[error("invalid L2 config: {0}")]
+    Config(String),
+    /// An argument L2 cannot store: a bad tag, too many tags, a TTL or version out of range.
+    #[error("invalid L2 argument: {0}")]
+    InvalidArgument(String),
+    /// No connection within the pool's timeouts: Redis is down, unreachable or saturated.
+    #[error("redis unavailable (no pooled connection within the timeouts): {0}")]
+    Unavailable(#[source] PoolError),
+    /// A command failed: Redis answered with an error, or the connection failed or timed out.
+    #[error("redis command failed: {0}")]
+    Redis(#[from] RedisError),
+    /// The operation as a whole ran past [`L2Config::op_timeout`]. A script may still have
+    /// run on the server; retrying is safe, as every operation is idempotent.
+    #[error("redis {op} did not finish within {after:?}")]
+    Timeout {
+        /// The operation, e.g. `set`.
+        op: &'static str,
+        /// The bound it ran past.
+        after: Duration,
+    },
+    /// An entry under our prefix is not shaped as L2 writes it.
+    #[error("corrupt L2 entry for key {key:?}: {what}")]
+    Corrupt {
+        /// The caller's key.
+        key: String,
+        /// What is wrong with it.
+        what: String,
+    },
+}
+
+impl L2Error {
+    /// Whether Redis could not be reached or did not answer in time (rather than refusing
+    /// what was asked): the caller should treat L2 as absent and go to the source.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            L2Error::Unavailable(_) | L2Error::Timeout { .. } => true,
+            L2Error::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+            }
+            L2Error::Config(_) | L2Error::InvalidArgument(_) | L2Error::Corrupt { .. } => false,
+        }
+    }
+}
+
+// === L2Config ===
+
+/// How to reach Redis and how long to wait for it.
+#[derive(Clone)]
+pub struct L2Config {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+    /// Connections in the pool ([`DEFAULT_POOL_SIZE`]).
+    pub pool_size: usize,
+    /// Bound on each operation as a whole ([`DEFAULT_OP_TIMEOUT`]).
+    pub op_timeout: Duration,
+    /// Wait for a free pool slot ([`DEFAULT_WAIT_TIMEOUT`]).
+    pub wait_timeout: Duration,
+    /// Connect a new connection, handshake included ([`DEFAULT_CREATE_TIMEOUT`]).
+    pub create_timeout: Duration,
+    /// The recycle ping on checkout ([`DEFAULT_RECYCLE_TIMEOUT`]).
+    pub recycle_timeout: Duration,
+    /// Wait for one command's answer ([`DEFAULT_RESPONSE_TIMEOUT`]).
+    pub response_timeout: Duration,
+    /// Prefix of every key written ([`DEFAULT_KEY_PREFIX`]); must not be empty.
+    pub key_prefix: String,
+    /// How long an invalidation's floor is remembered ([`DEFAULT_FLOOR_TTL`]).
+    pub floor_ttl: Duration,
+}
+
+impl L2Config {
+    /// The defaults, for the Redis at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        L2Config {
+            url: url.into(),
+            pool_size: DEFAULT_POOL_SIZE,
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            create_timeout: DEFAULT_CREATE_TIMEOUT,
+            recycle_timeout: DEFAULT_RECYCLE_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            floor_ttl: DEFAULT_FLOOR_TTL,
+        }
+    }
+}
+
+// The URL may carry a password; keep it out of logs.
+impl fmt::Debug for L2Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = if self.url.contains('@') {
+            "<redacted>"
+        } else {
+            &self.url
+        };
+        f.debug_struct("L2Config")
+            .field("url", &url)
+            .field("pool_size", &self.pool_size)
+            .field("op_timeout", &self.op_timeout)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("create_timeout", &self.create_timeout)
+            .field("recycle_timeout", &self.recycle_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("key_prefix", &self.key_prefix)
+            .field("floor_ttl", &self.floor_ttl)
+            .finish()
+    }
+}
+
+// === L2 ===
+
+/// The Redis L2. Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct L2 {
+    pool: Pool,
+    config: L2Config,
+    set_script: Script,
+    invalidate_script: Script,
+    invalidate_tags_script: Script,
+}
+
+impl fmt::Debug for L2 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("L2")
+            .field("config", &self.config)
+            .field("pool", &self.pool.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl L2 {
+    /// Builds the pool; connects lazily, on first use.
+    pub fn new(config: L2Config) -> Result<Self, L2Error> {
+        if config.pool_size == 0 {
+            return Err(L2Error::Config("pool_size must be at least 1".into()));
+        }
+        if config.key_prefix.is_empty() {
+            return Err(L2Error::Config(
+                "key_prefix must not be empty: flush deletes every key under it".into(),
+            ));
+        }
+        ttl_millis(config.floor_ttl).map_err(|e| L2Error::Config(format!("floor_ttl: {e}")))?;
+        let connection = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.create_timeout))
+            .set_response_timeout(Some(config.response_timeout));
+        let manager = Manager::new_with_config(config.url.as_str(), connection)
+            .map_err(|e| L2Error::Config(format!("url: {e}")))?;
+        let mut pool_config = PoolConfig::new(config.pool_size);
+        pool_config.timeouts = Timeouts {
+            wait: Some(config.wait_timeout),
+            create: Some(config.create_timeout),
+            recycle: Some(config.recycle_timeout),
+        };
+        let pool = Pool::builder(manager)
+            .config(pool_config)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| L2Error::Config(format!("pool: {e}")))?;
+        Ok(L2 {
+            pool,
+            config,
+            set_script: Script::new(SET_LUA),
+            invalidate_script: Script::new(INVALIDATE_LUA),
+            invalidate_tags_script: Script::new(INVALIDATE_TAGS_LUA),
+        })
+    }
+
+    /// The entry for `key`, with `ttl` set to its remaining time to live; `None` on a miss.
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, L2Error> {
+        let keys = [key.to_owned()];
+        let mut found = self.get_many(&keys).await?;
+        Ok(found.pop().flatten())
+    }
+
+    /// The entries for `keys`, in order (`None` for a miss), in one round trip: one
+    /// `MULTI`/`EXEC` pipeline, so each entry's value and TTL are read together.
+    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Entry>>, L2Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for key in keys {
+            let entry_key = self.entry_key(key);
+            pipe.cmd("HMGET").arg(&entry_key).arg("v").arg("d").arg("t");
+            pipe.cmd("PTTL").arg(&entry_key);
+        }
+        let replies: Vec<Value> = self
+            .bounded("get", async {
+                let mut conn = self.conn().await?;
+                Ok(pipe.query_async(&mut conn).await?)
+            })
+            .await?;
+        if replies.len() != keys.len() * 2 {
+            return Err(L2Error::Corrupt {
+                key: keys[0].clone(),
+                what: format!(
+                    "expected {} replies to the read pipeline, got {}",
+                    keys.len() * 2,
+                    replies.len()
+                ),
+            });
+        }
+        // Two replies per key, as the length check above ensures.
+        let mut replies = replies.into_iter();
+        keys.iter()
+            .map(|key| {
+                let fields = replies.next().unwrap_or_default();
+                let pttl = replies.next().unwrap_or_default();
+                decode(key, fields, pttl)
+            })
+            .collect()
+    }
+
+    /// Stores `entry` under `key` for `entry.ttl` unless its version is older than the stored
+    /// entry's or than the key's floor ([`SetOutcome::Stale`]); indexes it under its tags.
+    pub async fn set(&self, key: &str, entry: &Entry) -> Result<SetOutcome, L2Error> {
+        check_version(entry.version)?;
+        let ttl = ttl_millis(entry.ttl).map_err(L2Error::InvalidArgument)?;
+        if entry.tags.len() > MAX_TAGS {
+            return Err(L2Error::InvalidArgument(format!(
+                "an entry may carry at most {MAX_TAGS} tags, got {}",
+                entry.tags.len()
+            )));
+        }
+        entry.tags.iter().try_for_each(|tag| check_tag(tag))?;
+        let joined = entry.tags.join(&TAG_SEPARATOR.to_string());
+
+        let mut call = self.set_script.key(self.entry_key(key));
+        call.key(self.floor_key(key));
+        for tag in &entry.tags {
+            call.key(self.tag_key(tag));
+        }
+        call.arg(entry.version.0)
+            .arg(entry.value.as_ref())
+            .arg(joined)
+            .arg(ttl)
+            .arg(key);
+        let stored: i64 = self
+            .bounded("set", async {
+                let mut conn = self.conn().await?;
+                Ok(call.invoke_async(&mut conn).await?)
+            })
+            .await?;
+        Ok(if stored == 1 {
+            SetOutcome::Stored
+        } else {
+            SetOutcome::Stale
+        })
+    }
+
+    /// Records that `key`'s row is now at `version` (raising its floor, remembered for
+    /// `floor_ttl`) and deletes the entry, so no fill from an older row is stored after this.
+    pub async fn invalidate(&self, key: &str, version: Version) -> Result<(), L2Error> {
+        check_version(version)?;
+        let floor_ttl = ttl_millis(self.config.floor_ttl).map_err(L2Error::Config)?;
+        let mut call = self.invalidate_script.key(self.entry_key(key));
+        call.key(self.floor_key(key)).arg(version.0).arg(floor_ttl);
+        self.bounded("invalidate", async {
+            let mut conn = self.conn().await?;
+            let _: i64 = call.invoke_async(&mut conn).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes every entry that carries any of `tags`, atomically, reading only those tags'
+    /// index sets; returns how many entries were deleted. Raises no floor.
+    pub async fn invalidate_tags(&self, tags: &[String]) -> Result<u64, L2Error> {
+        if tags.is_empty() {
+            return Ok(0);
+        }
+        tags.iter().try_for_each(|tag| check_tag(tag))?;
+        let mut call = self.invalidate_tags_script.prepare_invoke();
+        for tag in tags {
+            call.key(self.tag_key(tag));
+        }
+        call.arg(self.entry_key("")).arg(TAG_SEPARATOR.to_string());
+        for tag in tags {
+            call.arg(tag);
+        }
+        let dropped: u64 = self
+            .bounded("invalidate_tags", async {
+                let mut conn = self.conn().await?;
+                Ok(call.invoke_async(&mut conn).await?)
+            })
+            .await?;
+        Ok(dropped)
+    }
+
+    /// Deletes every key under the prefix (entries, floors, tag sets) with `SCAN` and
+    /// `UNLINK` in batches; each step is bounded by `op_timeout`. Admin only: it forgets
+    /// floors, so a slow filler may land stale data afterwards.
+    pub async fn flush(&self) -> Result<(), L2Error> {
+        let pattern = format!("{}*", escape_glob(&self.config.key_prefix));
+        let mut conn = self.bounded("flush", self.conn()).await?;
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(FLUSH_BATCH);
+            let (next, keys): (u64, Vec<Vec<u8>>) = self
+                .bounded("flush", async { Ok(scan.query_async(&mut conn).await?) })
+                .await?;
+            if !keys.is_empty() {
+                let mut unlink = redis::cmd("UNLINK");
+                unlink.arg(&keys);
+                let _: i64 = self
+                    .bounded("flush", async { Ok(unlink.query_async(&mut conn).await?) })
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> Result<(), L2Error> {
+        self.bounded("ping", async {
+            let mut conn = self.conn().await?;
+            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A pooled connection (recycled with a ping, or newly connected).
+    async fn conn(&self) -> Result<Connection, L2Error> {
+        self.pool.get().await.map_err(L2Error::Unavailable)
+    }
+
+    /// Runs `op`, giving up after `op_timeout`.
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, L2Error>>,
+    ) -> Result<T, L2Error> {
+        let after = self.config.op_timeout;
+        tokio::time::timeout(after, fut)
+            .await
+            .map_err(|_| L2Error::Timeout { op, after })?
+    }
+
+    fn entry_key(&self, key: &str) -> String {
+        format!("{}e:{key}", self.config.key_prefix)
+    }
+
+    fn floor_key(&self, key: &str) -> String {
+        format!("{}f:{key}", self.config.key_prefix)
+    }
+
+    fn tag_key(&self, tag: &str) -> String {
+        format!("{}t:{tag}", self.config.key_prefix)
+    }
+}
+
+// === decoding and checks ===
+
+/// One entry from its `HMGET v d t` and `PTTL` replies.
+fn decode(key: &str, fields: Value, pttl: Value) -> Result<Option<Entry>, L2Error> {
+    let corrupt = |what: String| L2Error::Corrupt {
+        key: key.to_owned(),
+        what,
+    };
+    let (version, value, tags): (Option<String>, Option<Bytes>, Option<String>) =
+        redis::from_redis_value(fields).map_err(|e| corrupt(e.to_string()))?;
+    let pttl: i64 = redis::from_redis_value(pttl).map_err(|e| corrupt(e.to_string()))?;
+    let (version, value, tags) = match (version, value, tags) {
+        (None, None, None) => return Ok(None),
+        (Some(version), Some(value), Some(tags)) => (version, value, tags),
+        _ => return Err(corrupt("the hash lacks some of its fields v, d, t".into())),
+    };
+    let ttl = match pttl {
+        // -2: gone; 0: expiring now.
+        -2 | 0 => return Ok(None),
+        -1 => return Err(corrupt("the entry has no expiry".into())),
+        ms => Duration::from_millis(ms.unsigned_abs()),
+    };
+    let version = version
+        .parse()
+        .map_err(|_| corrupt(format!("version {version:?} is not an integer")))?;
+    let tags = if tags.is_empty() {
+        Vec::new()
+    } else {
+        tags.split(TAG_SEPARATOR).map(str::to_owned).collect()
+    };
+    Ok(Some(Entry {
+        value,
+        version: Version(version),
+        tags,
+        ttl,
+    }))
+}
+
+fn check_tag(tag: &str) -> Result<(), L2Error> {
+    let wrong = if tag.is_empty() {
+        "must not be empty".to_owned()
+    } else if tag.len() > MAX_TAG_LEN {
+        format!("must be at most {MAX_TAG_LEN} bytes, not {}", tag.len())
+    } else if tag.chars().any(char::is_control) {
+        "must not contain control characters".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(L2Error::InvalidArgument(format!("tag {tag:?} {wrong}")))
+}
+
+fn check_version(version: Version) -> Result<(), L2Error> {
+    if version.0.unsigned_abs() > MAX_EXACT_VERSION.unsigned_abs() {
+        return Err(L2Error::InvalidArgument(format!(
+            "version {} is outside ±2^53, where Redis's Lua compares versions exactly",
+            version.0
+        )));
+    }
+    Ok(())
+}
+
+/// A TTL in whole milliseconds, between 1 ms and [`MAX_TTL`].
+fn ttl_millis(ttl: Duration) -> Result<u64, String> {
+    if ttl < Duration::from_millis(1) || ttl > MAX_TTL {
+        return Err(format!(
+            "ttl {ttl:?} must be between 1 ms and {} days",
+            MAX_TTL.as_secs() / 86_400
+        ));
+    }
+    Ok(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `prefix` with glob metacharacters escaped, for `SCAN MATCH`.
+fn escape_glob(prefix: &str) -> String {
+    let mut escaped = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
