@@ -438,7 +438,9 @@ impl ConversationStore {
         expected: Option<Version>,
     ) -> Result<Conversation, ApiError> {
         self.on_shard(&name.team, |pool| async move {
-            let mut qb = QueryBuilder::<Postgres>::new("UPDATE conversations SET ");
+            // The update, wrapped as `with_outbox` does (QueryBuilder needs it inline).
+            let mut qb =
+                QueryBuilder::<Postgres>::new("WITH changed AS (UPDATE conversations SET ");
             {
                 let mut set = qb.separated(", ");
                 if let Some(title) = &patch.title {
@@ -472,7 +474,10 @@ impl ConversationStore {
             if let Some(Version(v)) = expected {
                 qb.push(" AND version = ").push_bind(v);
             }
-            qb.push(" RETURNING ").push(COLUMNS);
+            qb.push(" RETURNING ")
+                .push(COLUMNS)
+                .push(")")
+                .push(outbox_suffix(Change::Updated));
             let row: Option<ConversationRow> = qb.build_query_as().fetch_optional(pool).await?;
             match row {
                 Some(row) => Ok(row.into_model()?),
@@ -490,9 +495,14 @@ impl ConversationStore {
         expected: Option<Version>,
     ) -> Result<Version, ApiError> {
         self.on_shard(&name.team, |pool| async move {
+            // The deletion's outbox row carries the version after the last one the row had.
             let version: Option<i64> = sqlx::query_scalar(
-                "DELETE FROM conversations WHERE team_id = $1 AND id = $2 \
-                 AND ($3::bigint IS NULL OR version = $3) RETURNING version",
+                "WITH deleted AS (DELETE FROM conversations WHERE team_id = $1 AND id = $2 \
+                   AND ($3::bigint IS NULL OR version = $3) RETURNING team_id, id, version), \
+                 outboxed AS (INSERT INTO outbox (team_id, conversation_id, version, kind, tags) \
+                   SELECT team_id, id, version + 1, 'deleted', ARRAY['team:' || team_id] \
+                   FROM deleted) \
+                 SELECT version FROM deleted",
             )
             .bind(name.team.as_str())
             .bind(name.id)
@@ -582,7 +592,7 @@ impl ConversationStore {
             let sum = |f: fn(&TokenUsage) -> i64| stored.iter().map(|e| f(&e.event.usage)).sum::<i64>();
             let first = stored.iter().map(|e| e.event.occurred_at).min();
             let last = stored.iter().map(|e| e.event.occurred_at).max();
-            let row: ConversationRow = sqlx::query_as(&format!(
+            let row: ConversationRow = sqlx::query_as(&with_outbox(&format!(
                 "UPDATE conversations SET \
                    event_count = event_count + $3, \
                    message_count = message_count + $4, \
@@ -597,7 +607,7 @@ impl ConversationStore {
                    version = version + 1, \
                    updated_at = now() \
                  WHERE team_id = $1 AND id = $2 RETURNING {COLUMNS}"
-            ))
+            ), Change::EventsAppended))
             .bind(name.team.as_str())
             .bind(name.id)
             .bind(stored.len() as i64)
@@ -708,15 +718,53 @@ async fn missing_or_stale(pool: &PgPool, name: &ConversationName) -> Result<ApiE
     })
 }
 
+/// What a write did, as the outbox records it.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    Created,
+    Updated,
+    EventsAppended,
+}
+
+impl Change {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::EventsAppended => "events_appended",
+        }
+    }
+}
+
+/// Wraps a statement that changes one conversation and returns its [`COLUMNS`] so that the
+/// same statement (hence the same transaction) also writes the change's outbox row: a write
+/// without its invalidation cannot commit. The result is the statement's own rows.
+fn with_outbox(statement: &str, change: Change) -> String {
+    format!("WITH changed AS ({statement}){}", outbox_suffix(change))
+}
+
+/// What follows `WITH changed AS (...)` in [`with_outbox`].
+fn outbox_suffix(change: Change) -> String {
+    format!(
+        ", outboxed AS (INSERT INTO outbox (team_id, conversation_id, version, kind, tags) \
+           SELECT team_id, id, version, '{}', ARRAY['team:' || team_id] FROM changed) \
+         SELECT {COLUMNS} FROM changed",
+        change.as_str()
+    )
+}
+
 /// Inserts a new conversation; ALREADY_EXISTS if its id is taken.
 async fn insert_conversation<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     new: &NewConversation,
 ) -> Result<ConversationRow, OpError> {
-    let row: Option<ConversationRow> = sqlx::query_as(&format!(
-        "INSERT INTO conversations (team_id, id, title, intent, status, content, metadata, \
-         effectiveness_score) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (team_id, id) DO NOTHING RETURNING {COLUMNS}"
+    let row: Option<ConversationRow> = sqlx::query_as(&with_outbox(
+        &format!(
+            "INSERT INTO conversations (team_id, id, title, intent, status, content, metadata, \
+             effectiveness_score) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (team_id, id) DO NOTHING RETURNING {COLUMNS}"
+        ),
+        Change::Created,
     ))
     .bind(new.name.team.as_str())
     .bind(new.name.id)

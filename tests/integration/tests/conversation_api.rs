@@ -1131,3 +1131,105 @@ async fn past_the_bulkhead_calls_are_shed_at_once_with_pushback() {
             .expect("calls within the limit complete");
     }
 }
+
+/// The outbox rows of `team` on its shard, as (kind, version), in order.
+async fn outbox(fleet: &Fleet, team: &str) -> Vec<(String, i64)> {
+    let pool = fleet.shard_pool(fleet.map.owner_of_team(team)).await;
+    sqlx::query_as("SELECT kind, version FROM outbox WHERE team_id = $1 ORDER BY id")
+        .bind(team)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_committed_write_leaves_exactly_one_outbox_row_and_refused_ones_none() {
+    let fleet = Fleet::start(2).await;
+    let mut client = fleet.client().await;
+    let team = "outboxed";
+    let created = create(&fleet, team, "t", "").await;
+    let mut with_request = new_conversation(team, "idempotent", "");
+    with_request.request_id = uuid::Uuid::now_v7().to_string();
+    client
+        .create_conversation(with_request.clone())
+        .await
+        .unwrap();
+    client.create_conversation(with_request).await.unwrap(); // a replay writes nothing
+
+    let updated = client
+        .update_conversation(pb::UpdateConversationRequest {
+            conversation: Some(pb::Conversation {
+                name: created.name.clone(),
+                title: "t2".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Refused writes: a stale etag, an invalid event batch.
+    client
+        .update_conversation(pb::UpdateConversationRequest {
+            conversation: Some(pb::Conversation {
+                name: created.name.clone(),
+                title: "t3".into(),
+                etag: created.etag.clone(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap_err();
+    client
+        .append_events(pb::AppendEventsRequest {
+            parent: created.name.clone(),
+            events: vec![pb::ConversationEvent::default()],
+        })
+        .await
+        .unwrap_err();
+    let mut event = message(1_000, "hi");
+    event.event_id = "e1".into();
+    client
+        .append_events(pb::AppendEventsRequest {
+            parent: created.name.clone(),
+            events: vec![event.clone()],
+        })
+        .await
+        .unwrap();
+    // All duplicates: no change, so no row.
+    client
+        .append_events(pb::AppendEventsRequest {
+            parent: created.name.clone(),
+            events: vec![event],
+        })
+        .await
+        .unwrap();
+    client
+        .delete_conversation(pb::DeleteConversationRequest {
+            name: created.name.clone(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+
+    let rows = outbox(&fleet, team).await;
+    assert_eq!(
+        rows,
+        vec![
+            ("created".to_owned(), 1),
+            ("created".to_owned(), 1),
+            ("updated".to_owned(), updated.version),
+            ("events_appended".to_owned(), updated.version + 1),
+            ("deleted".to_owned(), updated.version + 2),
+        ]
+    );
+    let pool = fleet.shard_pool(fleet.map.owner_of_team(team)).await;
+    let tags: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT unnest(tags) FROM outbox WHERE team_id = $1")
+            .bind(team)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(tags, vec![format!("team:{team}")]);
+}
