@@ -8,7 +8,8 @@
 #      start their own private PostgreSQL servers);
 #   2. the fleet smoke: infra/local/up.sh --detach (dev build) in a temporary state folder on
 #      ports of its own, so it never touches your own fleet; infra/local/smoke.py against it,
-#      and `convoyctl status` must show the instance SERVING in etcd; after a SIGKILL the
+#      `convoyctl status` must show the instance SERVING in etcd, the writes must reach the
+#      invalidation bus in Redis; after a SIGKILL the
 #      instance must leave etcd within its lease TTL; then up.sh --stop, always.
 #
 # Environment:
@@ -16,6 +17,7 @@
 #   CONVOY_TEST_PG_PORT_BASE    the smoke fleet's first PostgreSQL port (default 56432)
 #   CONVOY_TEST_LISTEN          the smoke fleet's gRPC address (default 127.0.0.1:56051)
 #   CONVOY_TEST_ETCD_PORT       the smoke fleet's etcd client port (default 56379)
+#   CONVOY_TEST_REDIS_PORT      the smoke fleet's Redis port (default 56479)
 # Installs missing system packages (apt) and the smoke client's Python packages (pip).
 set -euo pipefail
 
@@ -45,6 +47,7 @@ smoke_env=(
     CONVOY_PG_PORT_BASE="${CONVOY_TEST_PG_PORT_BASE:-56432}"
     CONVOY_LISTEN="${CONVOY_TEST_LISTEN:-127.0.0.1:56051}"
     CONVOY_ETCD_PORT="${CONVOY_TEST_ETCD_PORT:-56379}"
+    CONVOY_REDIS_PORT="${CONVOY_TEST_REDIS_PORT:-56479}"
 )
 smoke_ok=0
 cleanup_smoke() {
@@ -79,6 +82,17 @@ status_table="$("${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$
 printf '%s\n' "$status_table"
 grep -q "^conversation .*SERVING$" <<<"$status_table" ||
     die "convoyctl status does not show the conversation instance as SERVING"
+
+# The smoke's writes reached the invalidation bus through the outbox relay.
+redis_port="${CONVOY_TEST_REDIS_PORT:-56479}"
+bus_len=0
+for ((i = 0; i < 40; i++)); do
+    bus_len="$(redis-cli -p "$redis_port" XLEN convoy:bus)"
+    ((bus_len >= 2)) && break
+    sleep 0.25
+done
+((bus_len >= 2)) || die "the smoke's writes did not reach the invalidation bus (XLEN convoy:bus = $bus_len)"
+log "fleet smoke: $bus_len changes on the invalidation bus"
 
 # A SIGKILLed instance cannot deregister: it must leave etcd when its lease expires (10 s).
 service_pid="$(cat "$smoke_state/run/conversation.pid")"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Starts the convoy fleet on this machine, for real: etcd (discovery), two PostgreSQL
-# shards and the conversation service (registered in etcd), with persistent data under
-# .convoy/.
+# Starts the convoy fleet on this machine, for real: etcd (discovery), Redis (the cache
+# tier's store and invalidation bus), two PostgreSQL shards and the conversation service
+# (registered in etcd, relaying its outbox to Redis), with persistent data under .convoy/.
 #
 #   infra/local/up.sh             build, start, stay in the foreground; Ctrl-C stops it all
 #   infra/local/up.sh --detach    (or -d) start in the background and return
@@ -14,13 +14,14 @@
 #   CONVOY_PG_PORT_BASE   shard-0's port; shard-1 gets the next one (default 55432)
 #   CONVOY_LISTEN         the service's gRPC address (default 127.0.0.1:50051)
 #   CONVOY_ETCD_PORT      etcd's client port; its peer port is the next one (default 52379)
+#   CONVOY_REDIS_PORT     Redis's port (default 53379)
 #   CONVOY_STATE_DIR      where data, logs and PID files live (default .convoy at the repo root)
 #   CONVOY_PG_BIN         folder with initdb/pg_ctl (default: newest /usr/lib/postgresql/*/bin)
 #   Other CONVOY_* variables (CONVOY_LOG_FORMAT, CONVOY_POOL_MAX_CONNECTIONS, ...) reach the
 #   conversation binary, which reads them itself (see `conversation --help`).
 #
 # State: $CONVOY_STATE_DIR/pg/shard-{0,1} (PostgreSQL data, kept between runs),
-# $CONVOY_STATE_DIR/etcd (etcd data),
+# $CONVOY_STATE_DIR/etcd (etcd data), $CONVOY_STATE_DIR/redis (Redis's append-only file),
 # $CONVOY_STATE_DIR/logs (postgres and service logs), $CONVOY_STATE_DIR/run (PID files of a
 # detached fleet).
 set -euo pipefail
@@ -68,6 +69,12 @@ ETCD_URL="http://127.0.0.1:$ETCD_PORT"
 ETCD_DATA="$STATE_DIR/etcd"
 ETCD_PID_FILE="$RUN_DIR/etcd.pid"
 ETCD_LOG="$LOG_DIR/etcd.log"
+REDIS_PORT="${CONVOY_REDIS_PORT:-53379}"
+[[ "$REDIS_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_REDIS_PORT must be a port number, got '$REDIS_PORT'"
+REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+REDIS_DATA="$STATE_DIR/redis"
+REDIS_PID_FILE="$RUN_DIR/redis.pid"
+REDIS_LOG="$LOG_DIR/redis.log"
 [[ "$PORT_BASE" =~ ^[0-9]+$ ]] || die "CONVOY_PG_PORT_BASE must be a port number, got '$PORT_BASE'"
 read -r PROBE_HOST PROBE_PORT < <(host_port_of "$LISTEN")
 [[ "$PROBE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_LISTEN must be HOST:PORT, got '$LISTEN'"
@@ -95,8 +102,18 @@ detached_etcd_pid() {
     printf '%s\n' "$pid"
 }
 
+# The PID of a running detached Redis, or nothing.
+detached_redis_pid() {
+    local pid
+    [[ -f "$REDIS_PID_FILE" ]] || return 1
+    pid="$(cat "$REDIS_PID_FILE")"
+    pid_is "$pid" redis-server || return 1
+    printf '%s\n' "$pid"
+}
+
 # Stops the service (SERVICE_PID, or the detached one; it deregisters from etcd on the
-# way out), then etcd, then every shard of this state folder, and removes the PID files.
+# way out), then Redis and etcd, then every shard of this state folder, and removes the PID
+# files.
 stop_fleet() {
     local pid
     pid="${SERVICE_PID:-}"
@@ -106,6 +123,12 @@ stop_fleet() {
         stop_pid "$pid" "conversation service" 30
     fi
     SERVICE_PID=""
+    pid="${REDIS_PID:-}"
+    [[ -n "$pid" ]] || pid="$(detached_redis_pid)" || true
+    if [[ -n "$pid" ]]; then
+        stop_pid "$pid" "redis" 10
+    fi
+    REDIS_PID=""
     pid="${ETCD_PID:-}"
     [[ -n "$pid" ]] || pid="$(detached_etcd_pid)" || true
     if [[ -n "$pid" ]]; then
@@ -126,6 +149,12 @@ print_status() {
         any=0
     else
         echo "conversation: not running (detached)"
+    fi
+    if pid="$(detached_redis_pid)"; then
+        echo "redis: running, pid $pid, $REDIS_URL, data $REDIS_DATA"
+        any=0
+    else
+        echo "redis: not running (detached), data $REDIS_DATA"
     fi
     if pid="$(detached_etcd_pid)"; then
         echo "etcd: running, pid $pid, $ETCD_URL, data $ETCD_DATA"
@@ -151,6 +180,7 @@ print_howto() {
 convoy is up: conversation service on $LISTEN
   shards: postgres://postgres@127.0.0.1:$(shard_port 0)/convoy, postgres://postgres@127.0.0.1:$(shard_port 1)/convoy
   etcd:   $ETCD_URL (the fleet as etcd sees it: $CTL_BIN --etcd-endpoint $ETCD_URL status)
+  redis:  $REDIS_URL (invalidation bus: redis-cli -p $REDIS_PORT XLEN convoy:bus)
   logs:   $LOG_DIR
 
 Call it with the Python smoke client (stock gRPC + server reflection; deps in infra/local/requirements.txt):
@@ -184,7 +214,7 @@ stop)
 reset)
     PG_ROOT="$(readlink -f "$STATE_DIR/pg")"
     stop_fleet
-    rm -rf "$PG_ROOT" "$STATE_DIR/pg" "$ETCD_DATA" "$LOG_DIR" "$RUN_DIR"
+    rm -rf "$PG_ROOT" "$STATE_DIR/pg" "$ETCD_DATA" "$REDIS_DATA" "$LOG_DIR" "$RUN_DIR"
     log "deleted the fleet's data and logs in $STATE_DIR"
     exit 0
     ;;
@@ -199,6 +229,9 @@ if pid="$(detached_service_pid)"; then
 fi
 if tcp_open "$PROBE_HOST" "$PROBE_PORT"; then
     die "$CALL_ADDR already accepts connections (another fleet?); stop it or set CONVOY_LISTEN"
+fi
+if tcp_open 127.0.0.1 "$REDIS_PORT"; then
+    die "127.0.0.1:$REDIS_PORT already accepts connections (another Redis?); stop it or set CONVOY_REDIS_PORT"
 fi
 if tcp_open 127.0.0.1 "$ETCD_PORT"; then
     die "127.0.0.1:$ETCD_PORT already accepts connections (another etcd?); stop it or set CONVOY_ETCD_PORT"
@@ -229,6 +262,7 @@ CTL_BIN="$(built_binary convoyctl)"
 
 SERVICE_PID=""
 ETCD_PID=""
+REDIS_PID=""
 COMMITTED=0
 # shellcheck disable=SC2317 # called by the EXIT trap
 on_exit() {
@@ -295,13 +329,29 @@ if ! tcp_open 127.0.0.1 "$ETCD_PORT"; then
     exit 1
 fi
 
+log "starting redis on $REDIS_URL (log: $REDIS_LOG)"
+mkdir -p "$REDIS_DATA"
+setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$REDIS_DATA" \
+    --appendonly yes --save "" </dev/null >>"$REDIS_LOG" 2>&1 &
+REDIS_PID=$!
+for ((i = 0; i < 60; i++)); do
+    pid_alive "$REDIS_PID" || break
+    tcp_open 127.0.0.1 "$REDIS_PORT" && break
+    sleep 0.5
+done
+if ! tcp_open 127.0.0.1 "$REDIS_PORT"; then
+    log "redis did not start; last lines of $REDIS_LOG:"
+    tail -n 30 "$REDIS_LOG" >&2 || true
+    exit 1
+fi
+
 log "starting conversation on $LISTEN (log: $SERVICE_LOG)"
 printf '\n==== %s: %s %s --listen %s\n' "$(date -u +%FT%TZ)" "$BIN" "${dsn_args[*]}" "$LISTEN" >>"$SERVICE_LOG"
 # Its own session: Ctrl-C reaches only this script, which then stops the service before
 # the shards; a detached service survives the terminal.
 # NO_COLOR: plain text in the log file.
 env -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS -u CONVOY_MIGRATE_ONLY NO_COLOR=1 \
-    setsid "$BIN" "${dsn_args[@]}" --listen "$LISTEN" --etcd-endpoint "$ETCD_URL" </dev/null >>"$SERVICE_LOG" 2>&1 &
+    setsid "$BIN" "${dsn_args[@]}" --listen "$LISTEN" --etcd-endpoint "$ETCD_URL" --redis-url "$REDIS_URL" </dev/null >>"$SERVICE_LOG" 2>&1 &
 SERVICE_PID=$!
 
 ready=0
@@ -336,6 +386,7 @@ print_howto
 if [[ "$mode" == detach ]]; then
     printf '%s\n' "$SERVICE_PID" >"$SERVICE_PID_FILE"
     printf '%s\n' "$ETCD_PID" >"$ETCD_PID_FILE"
+    printf '%s\n' "$REDIS_PID" >"$REDIS_PID_FILE"
     for ((i = 0; i < SHARDS; i++)); do
         pg_pid "$(shard_data "$i")" >"$RUN_DIR/pg-shard-$i.pid" || true
     done
@@ -346,7 +397,7 @@ if [[ "$mode" == detach ]]; then
     exit 0
 fi
 
-echo "Running in the foreground. Press Ctrl-C to stop the service, etcd and the shards."
+echo "Running in the foreground. Press Ctrl-C to stop the service, Redis, etcd and the shards."
 set +e
 wait "$SERVICE_PID"
 rc=$?

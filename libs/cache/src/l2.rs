@@ -258,7 +258,7 @@ impl fmt::Debug for L2Config {
 /// The Redis L2. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct L2 {
     pool: Pool,
-    config: L2Config,
+    pub(crate) config: L2Config,
     set_script: Script,
     invalidate_script: Script,
     invalidate_tags_script: Script,
@@ -475,12 +475,12 @@ impl L2 {
     }
 
     /// A pooled connection (recycled with a ping, or newly connected).
-    async fn conn(&self) -> Result<Connection, L2Error> {
+    pub(crate) async fn conn(&self) -> Result<Connection, L2Error> {
         self.pool.get().await.map_err(L2Error::Unavailable)
     }
 
     /// Runs `op`, giving up after `op_timeout`.
-    async fn bounded<T>(
+    pub(crate) async fn bounded<T>(
         &self,
         op: &'static str,
         fut: impl Future<Output = Result<T, L2Error>>,

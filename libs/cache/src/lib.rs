@@ -5,12 +5,15 @@
 //! from, and each layer remembers, per key, the least version a later fill may store (raised
 //! by newer sets and by invalidations). So a slow filler that read version 1 before a write
 //! made version 2 cannot put version 1 back after the invalidation: its set is refused as
-//! [`SetOutcome::Stale`]. Not here: leases, the invalidation bus, or the gRPC service.
+//! [`SetOutcome::Stale`]. The invalidation bus ([`bus`]) is a Redis stream next to L2. Not
+//! here: leases, or the gRPC service.
 
 #![forbid(unsafe_code)]
 
+pub mod bus;
 pub mod entry;
 pub mod l1;
 pub mod l2;
 
+pub use bus::BusMessage;
 pub use entry::{Entry, SetOutcome, Version};

@@ -67,6 +67,12 @@ pub struct Config {
     #[arg(long, env = "CONVOY_MAX_CONCURRENT_CALLS", default_value_t = 256)]
     pub max_concurrent_calls: usize,
 
+    /// Redis of the cache tier (`redis://host:port`): the outbox relay publishes committed
+    /// changes on its invalidation bus. None: no relay (writes still record their outbox
+    /// rows, and any instance with Redis publishes them).
+    #[arg(long, env = "CONVOY_REDIS_URL")]
+    pub redis_url: Option<String>,
+
     /// etcd endpoints to register this instance with (repeat, or comma-separate in the
     /// environment variable). None: no registration (static set-ups and tests).
     #[arg(
@@ -190,7 +196,7 @@ impl Config {
             "listen={} shard_map={:?} shard_dsns={:?} pool_max_connections={} \
              pool_acquire_timeout_ms={} statement_timeout_ms={} drain_timeout_secs={} \
              max_concurrent_calls={} reflection={} etcd_endpoints={:?} advertise_addr={:?} \
-             zone={} registration_ttl_secs={}",
+             zone={} registration_ttl_secs={} redis={}",
             self.listen,
             self.shard_map,
             dsns,
@@ -203,7 +209,8 @@ impl Config {
             self.etcd_endpoints,
             self.advertise_addr,
             self.zone,
-            self.registration_ttl_secs
+            self.registration_ttl_secs,
+            self.redis_url.as_deref().map_or("none", |_| "set")
         )
     }
 }

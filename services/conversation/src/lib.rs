@@ -14,6 +14,7 @@ pub mod limits;
 pub mod model;
 pub mod names;
 pub mod page_token;
+pub mod relay;
 pub mod service;
 pub mod store;
 pub mod validate;
@@ -96,11 +97,24 @@ pub async fn serve(
         }
     };
     let purger = tokio::spawn(purge_old_requests(store.clone()));
+    let relay = match &config.redis_url {
+        Some(url) => {
+            let bus = convoy_cache::l2::L2::new(convoy_cache::l2::L2Config::new(url.clone()))?;
+            Some(tokio::spawn(relay::run(store.clone(), bus)))
+        }
+        None => {
+            tracing::warn!("no --redis-url: the outbox is not relayed to the invalidation bus");
+            None
+        }
+    };
     let result = ServerBuilder::new(config.server_config())
         .add_service(grpc_service(store.clone()))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
     purger.abort();
+    if let Some(relay) = relay {
+        relay.abort();
+    }
     store.pools().close().await;
     Ok(result?)
 }

@@ -1,0 +1,94 @@
+//! The outbox relay: publishes committed changes on the invalidation bus, at least once.
+//!
+//! Each shard's unpublished outbox rows are taken in id order with `FOR UPDATE SKIP LOCKED`
+//! (so several instances share the work without publishing a row twice at the same time),
+//! appended to the bus, and marked published in the same transaction. A crash between the
+//! publish and the commit publishes those rows again later; duplicates are harmless
+//! (invalidations only raise version floors). A write whose instance dies right after its
+//! commit is published by whichever relay runs next.
+//!
+//! Not here: writing the outbox rows (the store does, with each change) or consuming the bus.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_cache::l2::L2;
+use convoy_cache::{BusMessage, Version};
+use uuid::Uuid;
+
+use crate::store::ConversationStore;
+
+/// Rows published per shard per round.
+const BATCH: i64 = 256;
+/// Pause between rounds that found nothing to publish. 50 ms: invalidations reach the bus
+/// within a few tens of milliseconds of their commit without polling Postgres hard.
+const IDLE_PAUSE: Duration = Duration::from_millis(50);
+/// Pause after a round that failed (Redis or the shard unreachable).
+const ERROR_PAUSE: Duration = Duration::from_millis(500);
+
+/// The cache key of a conversation, as the cache tier and the bus name it.
+pub fn cache_key(team: &str, id: Uuid) -> String {
+    format!("conv:{team}:{id}")
+}
+
+/// Relays every shard's outbox to the bus until the task is dropped.
+pub async fn run(store: Arc<ConversationStore>, bus: L2) {
+    loop {
+        let mut published = 0;
+        let mut failed = false;
+        for index in 0..store.pools().map().shards().len() {
+            match relay_once(&store, index, &bus).await {
+                Ok(n) => published += n,
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(shard = index, error = %e, "outbox relay round failed; retrying");
+                }
+            }
+        }
+        if failed {
+            tokio::time::sleep(ERROR_PAUSE).await;
+        } else if published == 0 {
+            tokio::time::sleep(IDLE_PAUSE).await;
+        }
+    }
+}
+
+/// Publishes one batch of shard `index`'s outbox; returns how many rows.
+pub async fn relay_once(
+    store: &ConversationStore,
+    index: usize,
+    bus: &L2,
+) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+    let shard = store.pools().map().shards()[index].id.to_string();
+    let pool = store.pools().pool(index);
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(i64, String, Uuid, i64, Vec<String>)> = sqlx::query_as(
+        "SELECT id, team_id, conversation_id, version, tags FROM outbox \
+         WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(BATCH)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        tx.commit().await?;
+        return Ok(0);
+    }
+    let messages: Vec<BusMessage> = rows
+        .iter()
+        .map(|(id, team, conversation, version, tags)| BusMessage {
+            shard: shard.clone(),
+            outbox_id: *id,
+            key: cache_key(team, *conversation),
+            version: Version(*version),
+            tags: tags.clone(),
+        })
+        .collect();
+    bus.publish(&messages).await?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(rows.len())
+}

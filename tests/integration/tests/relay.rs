@@ -1,0 +1,108 @@
+//! Committed writes reach the invalidation bus through the outbox relay, even when the
+//! instance that wrote them never relays.
+
+use std::time::Duration;
+
+use convoy_cache::BusMessage;
+use convoy_cache::l2::{L2, L2Config};
+use convoy_integration_tests::{Fleet, new_conversation};
+use convoy_proto::v1 as pb;
+use convoy_testkit::Redis;
+
+/// Reads the bus until `done` holds (bounded); returns every message read.
+async fn bus_until(bus: &L2, done: impl Fn(&[BusMessage]) -> bool) -> Vec<BusMessage> {
+    let mut seen = Vec::new();
+    let mut last = "0".to_owned();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !done(&seen) {
+            for (id, message) in bus.read_bus(&last, 1000).await.unwrap() {
+                last = id;
+                seen.push(message);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the bus did not get there within 10 s: {seen:?}"));
+    seen
+}
+
+#[tokio::test]
+async fn committed_writes_reach_the_bus_with_their_versions() {
+    let redis = Redis::start().await.unwrap();
+    let fleet = Fleet::start_with(2, &["--redis-url", &redis.url()]).await;
+    let mut client = fleet.client().await;
+    let created = client
+        .create_conversation(new_conversation("relayed", "t", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let updated = client
+        .update_conversation(pb::UpdateConversationRequest {
+            conversation: Some(pb::Conversation {
+                name: created.name.clone(),
+                title: "t2".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let bus = L2::new(L2Config::new(redis.url())).unwrap();
+    let seen = bus_until(&bus, |s| s.len() >= 2).await;
+    let id = created.name.rsplit('/').next().unwrap();
+    let key = format!("conv:relayed:{id}");
+    let versions: Vec<i64> = seen
+        .iter()
+        .filter(|m| m.key == key)
+        .map(|m| m.version.0)
+        .collect();
+    assert_eq!(versions, vec![created.version, updated.version]);
+    assert!(
+        seen.iter()
+            .all(|m| m.tags == vec!["team:relayed".to_owned()])
+    );
+
+    let shard = fleet.map.owner_of_team("relayed");
+    let pool = fleet.shard_pool(shard).await;
+    let unpublished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(unpublished, 0, "published rows are marked");
+}
+
+#[tokio::test]
+async fn writes_of_an_instance_that_never_relayed_are_published_by_another() {
+    let redis = Redis::start().await.unwrap();
+    // This instance has no Redis: like one killed between commit and publish, it leaves
+    // its outbox rows unpublished.
+    let fleet = Fleet::start(1).await;
+    let mut client = fleet.client().await;
+    let mut names = Vec::new();
+    for i in 0..5 {
+        names.push(
+            client
+                .create_conversation(new_conversation("orphaned", &format!("t{i}"), ""))
+                .await
+                .unwrap()
+                .into_inner()
+                .name,
+        );
+    }
+    let bus = L2::new(L2Config::new(redis.url())).unwrap();
+    assert!(bus.read_bus("0", 10).await.unwrap().is_empty());
+
+    let _relaying = fleet.spawn_instance(&["--redis-url", &redis.url()]).await;
+    let seen = bus_until(&bus, |s| s.len() >= 5).await;
+    for name in &names {
+        let id = name.rsplit('/').next().unwrap();
+        assert!(
+            seen.iter().any(|m| m.key == format!("conv:orphaned:{id}")),
+            "{name} was never published"
+        );
+    }
+}
