@@ -127,3 +127,88 @@ impl L2 {
             .collect())
     }
 }
+
+/// A stream id (`<ms>-<seq>`), ordered as Redis orders them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StreamId(pub u64, pub u64);
+
+impl StreamId {
+    /// Parses `<ms>-<seq>`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (ms, seq) = text.split_once('-')?;
+        Some(Self(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// Where the bus stands: its oldest retained message and the last id it ever issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BusExtent {
+    /// The oldest message still kept, if any.
+    pub first: Option<StreamId>,
+    /// The last id Redis generated for the stream (survives trimming, not a restart
+    /// without persistence).
+    pub last_generated: StreamId,
+}
+
+impl L2 {
+    /// The bus's extent; `None` when the stream does not exist (never written, or lost
+    /// with a Redis restart).
+    pub async fn bus_extent(&self) -> Result<Option<BusExtent>, L2Error> {
+        let key = self.bus_key();
+        let reply: Value = self
+            .bounded("bus_extent", async {
+                let mut conn = self.conn().await?;
+                let exists: bool = redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await?;
+                if !exists {
+                    return Ok(Value::Nil);
+                }
+                let last: Value = redis::cmd("XINFO")
+                    .arg("STREAM")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await?;
+                let first: Value = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(Value::Array(vec![last, first]))
+            })
+            .await?;
+        let Value::Array(parts) = reply else {
+            return Ok(None);
+        };
+        let corrupt = |what: &str| L2Error::Corrupt {
+            key: key.clone(),
+            what: what.to_owned(),
+        };
+        let mut parts = parts.into_iter();
+        let info = parts.next().ok_or_else(|| corrupt("no XINFO reply"))?;
+        let first = parts.next().ok_or_else(|| corrupt("no XRANGE reply"))?;
+        let info: std::collections::HashMap<String, Value> =
+            redis::from_redis_value(info).map_err(|e| corrupt(&format!("XINFO: {e}")))?;
+        let last_generated = info
+            .get("last-generated-id")
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+            .and_then(|v| StreamId::parse(&v))
+            .ok_or_else(|| corrupt("XINFO has no last-generated-id"))?;
+        let first: Vec<(String, Vec<(String, String)>)> =
+            redis::from_redis_value(first).map_err(|e| corrupt(&format!("XRANGE: {e}")))?;
+        Ok(Some(BusExtent {
+            first: first.first().and_then(|(id, _)| StreamId::parse(id)),
+            last_generated,
+        }))
+    }
+}

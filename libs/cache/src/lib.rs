@@ -14,6 +14,7 @@ pub mod bus;
 pub mod entry;
 pub mod l1;
 pub mod l2;
+pub mod subscriber;
 
 pub use bus::BusMessage;
 pub use entry::{Entry, SetOutcome, Version};

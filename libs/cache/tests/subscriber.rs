@@ -1,0 +1,133 @@
+//! The bus reaches the L1, and the L1 is flushed whenever invalidations may have been
+//! missed: gaps, resets, reconnects. Against a real Redis.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use convoy_cache::l1::{L1, L1Config};
+use convoy_cache::l2::{L2, L2Config};
+use convoy_cache::subscriber::Subscriber;
+use convoy_cache::{BusMessage, Entry, SetOutcome, Version};
+use convoy_testkit::Redis;
+use deadpool_redis::redis;
+
+fn entry(version: i64) -> Entry {
+    Entry {
+        value: Bytes::from_static(b"v"),
+        version: Version(version),
+        tags: vec!["team:acme".into()],
+        ttl: Duration::from_secs(60),
+    }
+}
+
+fn message(key: &str, version: i64) -> BusMessage {
+    BusMessage {
+        shard: "shard-0".into(),
+        outbox_id: version,
+        key: key.into(),
+        version: Version(version),
+        tags: Vec::new(),
+    }
+}
+
+async fn setup() -> (Redis, L2, L1, Subscriber) {
+    let redis = Redis::start().await.unwrap();
+    let l2 = L2::new(L2Config::new(redis.url())).unwrap();
+    let l1 = L1::new(L1Config::default());
+    let subscriber = Subscriber::new(L2::new(L2Config::new(redis.url())).unwrap(), l1.clone());
+    (redis, l2, l1, subscriber)
+}
+
+#[tokio::test]
+async fn an_invalidation_on_the_bus_reaches_the_l1_and_fences_stale_fills() {
+    let (_redis, bus, l1, mut subscriber) = setup().await;
+    subscriber.step().await.unwrap(); // subscribe at the tip
+    l1.set("conv:acme:1", entry(1)).await;
+    l1.set("other", entry(1)).await;
+    bus.publish(&[message("conv:acme:1", 2)]).await.unwrap();
+    assert_eq!(subscriber.step().await.unwrap(), 1);
+    assert!(l1.get("conv:acme:1", None).await.is_none());
+    assert_eq!(l1.set("conv:acme:1", entry(1)).await, SetOutcome::Stale);
+    assert!(
+        l1.get("other", None).await.is_some(),
+        "only the named key is dropped"
+    );
+    assert_eq!(subscriber.handle().flushes(), 1, "only the initial flush");
+    assert!(subscriber.handle().is_current());
+}
+
+#[tokio::test]
+async fn tags_on_the_bus_drop_their_entries() {
+    let (_redis, bus, l1, mut subscriber) = setup().await;
+    subscriber.step().await.unwrap();
+    l1.set("analytics:acme:summary", entry(1)).await;
+    let mut m = message("conv:acme:9", 3);
+    m.tags = vec!["team:acme".into()];
+    bus.publish(&[m]).await.unwrap();
+    subscriber.step().await.unwrap();
+    assert!(l1.get("analytics:acme:summary", None).await.is_none());
+}
+
+#[tokio::test]
+async fn messages_trimmed_before_they_were_applied_flush_the_l1() {
+    let (redis, bus, l1, mut subscriber) = setup().await;
+    bus.publish(&[message("a", 1)]).await.unwrap();
+    subscriber.step().await.unwrap();
+    bus.publish(&[message("b", 2), message("c", 3)])
+        .await
+        .unwrap();
+    subscriber.step().await.unwrap();
+    // While the subscriber is away, more is published and the stream is trimmed past it.
+    bus.publish(&[message("d", 4), message("e", 5)])
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("XTRIM")
+        .arg("convoy:bus")
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    bus.publish(&[message("f", 6)]).await.unwrap();
+    l1.set("unrelated", entry(1)).await;
+    subscriber.step().await.unwrap();
+    assert!(
+        l1.get("unrelated", None).await.is_none(),
+        "flushed after the gap"
+    );
+    assert_eq!(subscriber.handle().flushes(), 2);
+}
+
+#[tokio::test]
+async fn a_redis_restart_flushes_the_l1_and_it_is_not_current_while_down() {
+    let (mut redis, bus, l1, mut subscriber) = setup().await;
+    bus.publish(&[message("a", 1)]).await.unwrap();
+    subscriber.step().await.unwrap();
+    subscriber.step().await.unwrap();
+    l1.set("kept-while-up", entry(1)).await;
+
+    redis.stop().await.unwrap();
+    assert!(subscriber.step().await.is_err());
+    assert!(
+        !subscriber.handle().is_current(),
+        "the L1 must not serve now"
+    );
+
+    redis.restart().await.unwrap(); // comes back empty: the stream is gone
+    l1.set("filled-while-down", entry(1)).await;
+    let mut recovered = false;
+    for _ in 0..50 {
+        if subscriber.step().await.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the subscriber reconnects");
+    assert!(subscriber.handle().is_current());
+    assert!(l1.get("kept-while-up", None).await.is_none());
+    assert!(l1.get("filled-while-down", None).await.is_none());
+    assert_eq!(subscriber.handle().flushes(), 2);
+}
