@@ -40,4 +40,6 @@ pub enum SetOutcome {
     Stored,
     /// Refused: a newer version, or an invalidation of this one, was already seen.
     Stale,
+    /// Refused: the key is leased to another filler (or the caller's lease expired).
+    LeaseMismatch,
 }

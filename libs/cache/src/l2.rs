@@ -86,9 +86,14 @@ const FLUSH_BATCH: usize = 500;
 
 // === Lua ===
 
-/// Stores an entry unless its version is older than the floor or the stored entry's.
-/// KEYS: entry, floor, tag sets. ARGV: version, value, joined tags, ttl ms, key.
+/// Stores an entry unless the key is leased to someone else (-1), or its version is older
+/// than the floor or the stored entry's (0). A caller with the lease's token releases it.
+/// KEYS: entry, floor, lease, tag sets. ARGV: version, value, joined tags, ttl ms, key,
+/// lease token ('' for none).
 const SET_LUA: &str = r"
+local lease = redis.call('GET', KEYS[3])
+if lease and lease ~= ARGV[6] then return -1 end
+if ARGV[6] ~= '' then redis.call('DEL', KEYS[3]) end
 local version = tonumber(ARGV[1])
 local floor = tonumber(redis.call('GET', KEYS[2]))
 if floor and version < floor then return 0 end
@@ -97,7 +102,7 @@ if stored and version < stored then return 0 end
 local ttl = tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2], 't', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   redis.call('SADD', KEYS[i], ARGV[5])
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
 end
@@ -360,6 +365,19 @@ impl L2 {
     /// Stores `entry` under `key` for `entry.ttl` unless its version is older than the stored
     /// entry's or than the key's floor ([`SetOutcome::Stale`]); indexes it under its tags.
     pub async fn set(&self, key: &str, entry: &Entry) -> Result<SetOutcome, L2Error> {
+        self.set_leased(key, entry, "").await
+    }
+
+    /// Like [`L2::set`], as the holder of `key`'s lease `token` (from [`L2::lease`]): refused
+    /// with [`SetOutcome::LeaseMismatch`] unless the lease is still this one. The lease is
+    /// released whether the entry is stored or found stale. An empty token is a plain set,
+    /// which a lease held by another filler refuses too.
+    pub async fn set_leased(
+        &self,
+        key: &str,
+        entry: &Entry,
+        token: &str,
+    ) -> Result<SetOutcome, L2Error> {
         check_version(entry.version)?;
         let ttl = ttl_millis(entry.ttl).map_err(L2Error::InvalidArgument)?;
         if entry.tags.len() > MAX_TAGS {
@@ -373,6 +391,7 @@ impl L2 {
 
         let mut call = self.set_script.key(self.entry_key(key));
         call.key(self.floor_key(key));
+        call.key(self.lease_key(key));
         for tag in &entry.tags {
             call.key(self.tag_key(tag));
         }
@@ -380,17 +399,18 @@ impl L2 {
             .arg(entry.value.as_ref())
             .arg(joined)
             .arg(ttl)
-            .arg(key);
+            .arg(key)
+            .arg(token);
         let stored: i64 = self
             .bounded("set", async {
                 let mut conn = self.conn().await?;
                 Ok(call.invoke_async(&mut conn).await?)
             })
             .await?;
-        Ok(if stored == 1 {
-            SetOutcome::Stored
-        } else {
-            SetOutcome::Stale
+        Ok(match stored {
+            1 => SetOutcome::Stored,
+            -1 => SetOutcome::LeaseMismatch,
+            _ => SetOutcome::Stale,
         })
     }
 
@@ -491,12 +511,16 @@ impl L2 {
             .map_err(|_| L2Error::Timeout { op, after })?
     }
 
-    fn entry_key(&self, key: &str) -> String {
+    pub(crate) fn entry_key(&self, key: &str) -> String {
         format!("{}e:{key}", self.config.key_prefix)
     }
 
     fn floor_key(&self, key: &str) -> String {
         format!("{}f:{key}", self.config.key_prefix)
+    }
+
+    pub(crate) fn lease_key(&self, key: &str) -> String {
+        format!("{}l:{key}", self.config.key_prefix)
     }
 
     fn tag_key(&self, tag: &str) -> String {
@@ -529,11 +553,7 @@ fn decode(key: &str, fields: Value, pttl: Value) -> Result<Option<Entry>, L2Erro
     let version = version
         .parse()
         .map_err(|_| corrupt(format!("version {version:?} is not an integer")))?;
-    let tags = if tags.is_empty() {
-        Vec::new()
-    } else {
-        tags.split(TAG_SEPARATOR).map(str::to_owned).collect()
-    };
+    let tags = split_tags(&tags);
     Ok(Some(Entry {
         value,
         version: Version(version),
@@ -586,4 +606,13 @@ fn escape_glob(prefix: &str) -> String {
         escaped.push(c);
     }
     escaped
+}
+
+/// Tags as stored (joined by the separator), back into a list.
+pub(crate) fn split_tags(joined: &str) -> Vec<String> {
+    if joined.is_empty() {
+        Vec::new()
+    } else {
+        joined.split(TAG_SEPARATOR).map(str::to_owned).collect()
+    }
 }

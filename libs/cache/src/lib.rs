@@ -5,8 +5,9 @@
 //! from, and each layer remembers, per key, the least version a later fill may store (raised
 //! by newer sets and by invalidations). So a slow filler that read version 1 before a write
 //! made version 2 cannot put version 1 back after the invalidation: its set is refused as
-//! [`SetOutcome::Stale`]. The invalidation bus ([`bus`]) is a Redis stream next to L2. Not
-//! here: leases, or the gRPC service.
+//! [`SetOutcome::Stale`]. Leases ([`lease`]) stop thundering herds; the invalidation bus
+//! ([`bus`]) is a Redis stream next to L2, applied to L1s by [`subscriber`]. Not here: the
+//! gRPC service.
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod bus;
 pub mod entry;
 pub mod l1;
 pub mod l2;
+pub mod lease;
 pub mod subscriber;
 
 pub use bus::BusMessage;
