@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod args;
 mod backoff;
 pub mod config;
 mod connection;
@@ -33,6 +34,7 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use tower::discover::Change;
 
+pub use args::RegistrationArgs;
 pub use config::{Backoff, EtcdConfig, RegistrationConfig};
 pub use endpoint::{Endpoint, Metadata};
 pub use list::list_services;

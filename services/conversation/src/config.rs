@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use convoy_discovery::{Endpoint, EtcdConfig, Metadata, RegistrationConfig};
+use convoy_discovery::RegistrationArgs;
 use convoy_mesh::ServerConfig;
 use convoy_store::shard_map::redact_dsn;
 use convoy_store::{PoolSettings, ShardMap, StoreError};
@@ -73,32 +73,9 @@ pub struct Config {
     #[arg(long, env = "CONVOY_REDIS_URL")]
     pub redis_url: Option<String>,
 
-    /// etcd endpoints to register this instance with (repeat, or comma-separate in the
-    /// environment variable). None: no registration (static set-ups and tests).
-    #[arg(
-        long = "etcd-endpoint",
-        env = "CONVOY_ETCD_ENDPOINTS",
-        value_delimiter = ','
-    )]
-    pub etcd_endpoints: Vec<String>,
-
-    /// Address peers dial to reach this instance (host:port). Default: the listening
-    /// address, which must then be a specific one (in Kubernetes, pass the pod IP).
-    #[arg(long, env = "CONVOY_ADVERTISE_ADDR")]
-    pub advertise_addr: Option<String>,
-
-    /// This instance's id in discovery. Default: a fresh UUIDv7 per process.
-    #[arg(long, env = "CONVOY_INSTANCE_ID")]
-    pub instance_id: Option<String>,
-
-    /// Zone label published with the registration, for zone-aware clients.
-    #[arg(long, env = "CONVOY_ZONE", default_value = "local")]
-    pub zone: String,
-
-    /// Lease TTL of the registration, in seconds. 10: a crashed instance leaves the
-    /// endpoint set within 10 s; the lease is kept alive every third of it.
-    #[arg(long, env = "CONVOY_REGISTRATION_TTL_SECS", default_value_t = 10)]
-    pub registration_ttl_secs: u64,
+    /// Registration in etcd.
+    #[command(flatten)]
+    pub registration: RegistrationArgs,
 
     /// Serve gRPC reflection (for grpcurl and other stock clients).
     #[arg(long, env = "CONVOY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -146,49 +123,6 @@ impl Config {
         }
     }
 
-    /// What to register in etcd, if registration is configured. `listening` is the bound
-    /// address, advertised when `--advertise-addr` is not given.
-    pub fn registration(
-        &self,
-        listening: SocketAddr,
-    ) -> anyhow::Result<Option<(EtcdConfig, Endpoint, RegistrationConfig)>> {
-        if self.etcd_endpoints.is_empty() {
-            return Ok(None);
-        }
-        let addr = match &self.advertise_addr {
-            Some(addr) => addr.clone(),
-            None if listening.ip().is_unspecified() => anyhow::bail!(
-                "listening on {listening} with etcd registration: pass --advertise-addr with \
-                 the address peers should dial"
-            ),
-            None => listening.to_string(),
-        };
-        let endpoint = Endpoint {
-            addr,
-            metadata: Metadata {
-                service: SERVICE_NAME.into(),
-                instance: self
-                    .instance_id
-                    .clone()
-                    .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-                version: env!("CARGO_PKG_VERSION").into(),
-                zone: self.zone.clone(),
-                extra: Default::default(),
-            },
-        };
-        let ttl = Duration::from_secs(self.registration_ttl_secs.max(2));
-        let etcd = EtcdConfig {
-            endpoints: self.etcd_endpoints.clone(),
-            ..EtcdConfig::default()
-        };
-        let registration = RegistrationConfig {
-            ttl,
-            keepalive_interval: ttl / 3,
-            ..RegistrationConfig::default()
-        };
-        Ok(Some((etcd, endpoint, registration)))
-    }
-
     /// The effective configuration as one log-friendly line, without secrets.
     pub fn summary(&self) -> String {
         let dsns: Vec<String> = self.shard_dsn.iter().map(|d| redact_dsn(d)).collect();
@@ -206,10 +140,10 @@ impl Config {
             self.drain_timeout_secs,
             self.max_concurrent_calls,
             self.reflection,
-            self.etcd_endpoints,
-            self.advertise_addr,
-            self.zone,
-            self.registration_ttl_secs,
+            self.registration.etcd_endpoints,
+            self.registration.advertise_addr,
+            self.registration.zone,
+            self.registration.registration_ttl_secs,
             self.redis_url.as_deref().map_or("none", |_| "set")
         )
     }

@@ -24,7 +24,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_discovery::{Registrar, RegistrationStatus};
 use convoy_mesh::ServerBuilder;
 use convoy_proto::v1::conversation_service_server::ConversationServiceServer;
 use convoy_store::ShardPools;
@@ -36,8 +35,6 @@ pub use store::ConversationStore;
 
 /// How long idempotency records are kept (the contract promises 24 h).
 const REQUEST_ID_RETENTION: Duration = Duration::from_secs(24 * 3600);
-/// How long start-up waits for the etcd registration before serving without it.
-const REGISTRATION_WAIT: Duration = Duration::from_secs(3);
 /// How often old idempotency records are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -68,25 +65,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let store = Arc::new(store);
-    let registration = match config.registration(listener.local_addr()?)? {
-        Some((etcd, endpoint, settings)) => {
-            tracing::info!(addr = %endpoint.addr, instance = %endpoint.metadata.instance, "registering in etcd");
-            let registration = Registrar::register(&etcd, endpoint, settings).await?;
-            // Serve either way: registration keeps retrying in the background while etcd
-            // is away. Waiting briefly means a healthy start is visible to peers at once.
-            let mut status = registration.status();
-            let registered = tokio::time::timeout(
-                REGISTRATION_WAIT,
-                status.wait_for(|s| *s == RegistrationStatus::Registered),
-            )
-            .await;
-            if !matches!(registered, Ok(Ok(_))) {
-                tracing::warn!(wait = ?REGISTRATION_WAIT, "not registered yet; serving anyway, registration retries in the background");
-            }
-            Some(registration)
-        }
-        None => None,
-    };
+    let registration = config
+        .registration
+        .register(
+            config::SERVICE_NAME,
+            env!("CARGO_PKG_VERSION"),
+            listener.local_addr()?,
+        )
+        .await?;
     // Shutdown order: health NOT_SERVING, then deregister (peers drop us at once), then
     // stop accepting and drain.
     let deregister = async move {

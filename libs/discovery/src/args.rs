@@ -1,0 +1,127 @@
+//! The registration flags every convoy service takes, and registering with them.
+//!
+//! One definition (a clap `Args` group that services flatten into their own configuration)
+//! so `--etcd-endpoint`, `--advertise-addr`, `--instance-id`, `--zone` and
+//! `--registration-ttl-secs` mean the same everywhere.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::{
+    Endpoint, Error, EtcdConfig, Metadata, Registrar, Registration, RegistrationConfig,
+    RegistrationStatus, Result,
+};
+
+/// How long start-up waits for the registration before serving without it (it keeps
+/// retrying in the background).
+const REGISTRATION_WAIT: Duration = Duration::from_secs(3);
+
+/// Registration flags, with `CONVOY_*` environment fallbacks.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RegistrationArgs {
+    /// etcd endpoints to register this instance with (repeat, or comma-separate in the
+    /// environment variable). None: no registration (static set-ups and tests).
+    #[arg(
+        long = "etcd-endpoint",
+        env = "CONVOY_ETCD_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Address peers dial to reach this instance (host:port). Default: the listening
+    /// address, which must then be a specific one (in Kubernetes, pass the pod IP).
+    #[arg(long, env = "CONVOY_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// This instance's id in discovery. Default: a fresh random id per process.
+    #[arg(long, env = "CONVOY_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Zone label published with the registration, for zone-aware clients.
+    #[arg(long, env = "CONVOY_ZONE", default_value = "local")]
+    pub zone: String,
+
+    /// Lease TTL of the registration, in seconds. 10: a crashed instance leaves the
+    /// endpoint set within 10 s; the lease is kept alive every third of it.
+    #[arg(long, env = "CONVOY_REGISTRATION_TTL_SECS", default_value_t = 10)]
+    pub registration_ttl_secs: u64,
+}
+
+impl RegistrationArgs {
+    /// What to register for `service` (at `version`), if registration is configured;
+    /// `listening` is advertised when `--advertise-addr` is not given.
+    pub fn plan(
+        &self,
+        service: &str,
+        version: &str,
+        listening: SocketAddr,
+    ) -> Result<Option<(EtcdConfig, Endpoint, RegistrationConfig)>> {
+        if self.etcd_endpoints.is_empty() {
+            return Ok(None);
+        }
+        let addr = match &self.advertise_addr {
+            Some(addr) => addr.clone(),
+            None if listening.ip().is_unspecified() => {
+                return Err(Error::InvalidConfig(format!(
+                    "listening on {listening} with etcd registration: pass --advertise-addr \
+                     with the address peers should dial"
+                )));
+            }
+            None => listening.to_string(),
+        };
+        let instance = self.instance_id.clone().unwrap_or_else(random_instance_id);
+        let endpoint = Endpoint {
+            addr,
+            metadata: Metadata {
+                service: service.into(),
+                instance,
+                version: version.into(),
+                zone: self.zone.clone(),
+                extra: Default::default(),
+            },
+        };
+        let ttl = Duration::from_secs(self.registration_ttl_secs.max(2));
+        let etcd = EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            ..EtcdConfig::default()
+        };
+        let registration = RegistrationConfig {
+            ttl,
+            keepalive_interval: ttl / 3,
+            ..RegistrationConfig::default()
+        };
+        Ok(Some((etcd, endpoint, registration)))
+    }
+
+    /// Registers `service` if configured, waiting briefly until etcd confirms it (a healthy
+    /// start is then visible to peers at once); serves either way.
+    pub async fn register(
+        &self,
+        service: &str,
+        version: &str,
+        listening: SocketAddr,
+    ) -> Result<Option<Registration>> {
+        let Some((etcd, endpoint, settings)) = self.plan(service, version, listening)? else {
+            return Ok(None);
+        };
+        tracing::info!(addr = %endpoint.addr, instance = %endpoint.metadata.instance, "registering in etcd");
+        let registration = Registrar::register(&etcd, endpoint, settings).await?;
+        let mut status = registration.status();
+        let registered = tokio::time::timeout(
+            REGISTRATION_WAIT,
+            status.wait_for(|s| *s == RegistrationStatus::Registered),
+        )
+        .await;
+        if !matches!(registered, Ok(Ok(_))) {
+            tracing::warn!(wait = ?REGISTRATION_WAIT, "not registered yet; serving anyway, registration retries in the background");
+        }
+        Ok(Some(registration))
+    }
+}
+
+/// A random instance id: 128 bits from the process's randomness, in hex.
+fn random_instance_id() -> String {
+    use rand::Rng;
+    let id: u128 = rand::rng().random();
+    format!("{id:032x}")
+}
