@@ -16,27 +16,11 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let listener = TcpListener::bind(config.listen).await?;
-    conversation::serve(&config, store, listener, shutdown_signal()).await
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
-    }
+    conversation::serve(
+        &config,
+        store,
+        listener,
+        convoy_mesh::server::shutdown_signal(),
+    )
+    .await
 }

@@ -2,7 +2,9 @@
 //!
 //! Each shard's unpublished outbox rows are taken in id order with `FOR UPDATE SKIP LOCKED`
 //! (so several instances share the work without publishing a row twice at the same time),
-//! appended to the bus, and marked published in the same transaction. A crash between the
+//! applied to Redis (the key's L2 entry dropped and its floor raised, the row's tags
+//! dropped), appended to the bus for every L1, and marked published in the same
+//! transaction. A crash between the
 //! publish and the commit publishes those rows again later; duplicates are harmless
 //! (invalidations only raise version floors). A write whose instance dies right after its
 //! commit is published by whichever relay runs next.
@@ -83,6 +85,13 @@ pub async fn relay_once(
             tags: tags.clone(),
         })
         .collect();
+    // Redis's own copy first (raising each key's floor there), then every L1 via the bus.
+    for message in &messages {
+        bus.invalidate(&message.key, message.version).await?;
+        if !message.tags.is_empty() {
+            bus.invalidate_tags(&message.tags).await?;
+        }
+    }
     bus.publish(&messages).await?;
     let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
     sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")

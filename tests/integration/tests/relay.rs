@@ -9,6 +9,10 @@ use convoy_integration_tests::{Fleet, new_conversation};
 use convoy_proto::v1 as pb;
 use convoy_testkit::Redis;
 
+fn bytes_of(text: &str) -> bytes::Bytes {
+    bytes::Bytes::from(text.to_owned())
+}
+
 /// Reads the bus until `done` holds (bounded); returns every message read.
 async fn bus_until(bus: &L2, done: impl Fn(&[BusMessage]) -> bool) -> Vec<BusMessage> {
     let mut seen = Vec::new();
@@ -63,6 +67,19 @@ async fn committed_writes_reach_the_bus_with_their_versions() {
     assert!(
         seen.iter()
             .all(|m| m.tags == vec!["team:relayed".to_owned()])
+    );
+
+    // The relay also raised the key's floor in Redis: a fill from the first version is
+    // refused there.
+    let stale = convoy_cache::Entry {
+        value: bytes_of("old"),
+        version: convoy_cache::Version(created.version),
+        tags: Vec::new(),
+        ttl: Duration::from_secs(60),
+    };
+    assert_eq!(
+        bus.set(&key, &stale).await.unwrap(),
+        convoy_cache::SetOutcome::Stale
     );
 
     let shard = fleet.map.owner_of_team("relayed");

@@ -1,0 +1,65 @@
+//! The cache binary's configuration: flags with `CONVOY_*` environment fallbacks.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use convoy_discovery::RegistrationArgs;
+use convoy_mesh::ServerConfig;
+use convoy_telemetry::LogFormat;
+
+/// The name this service registers under in discovery.
+pub const SERVICE_NAME: &str = "cache";
+
+/// The cache service: an in-process L1 in front of Redis, kept coherent by the bus.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "cache", version, about)]
+pub struct Config {
+    /// Address for gRPC.
+    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:50061")]
+    pub listen: SocketAddr,
+
+    /// Redis (`redis://host:port`): L2, leases and the invalidation bus.
+    #[arg(long, env = "CONVOY_REDIS_URL")]
+    pub redis_url: String,
+
+    /// L1 capacity in MiB. 64: the hot set of a team's conversations, per instance.
+    #[arg(long, env = "CONVOY_L1_CAPACITY_MIB", default_value_t = 64)]
+    pub l1_capacity_mib: u64,
+
+    /// Longest TTL, in seconds, for any entry in either layer. 300.
+    #[arg(long, env = "CONVOY_MAX_TTL_SECS", default_value_t = 300)]
+    pub max_ttl_secs: u64,
+
+    /// How often an idle bus subscriber polls, in milliseconds. 10: invalidations reach
+    /// L1 within about that of their publication.
+    #[arg(long, env = "CONVOY_BUS_POLL_MS", default_value_t = 10)]
+    pub bus_poll_ms: u64,
+
+    /// Registration in etcd.
+    #[command(flatten)]
+    pub registration: RegistrationArgs,
+
+    /// Calls in flight before new ones are shed. 1024: cache calls are short.
+    #[arg(long, env = "CONVOY_MAX_CONCURRENT_CALLS", default_value_t = 1024)]
+    pub max_concurrent_calls: usize,
+
+    /// Log format.
+    #[arg(long, env = "CONVOY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Server settings.
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            max_concurrent_calls: self.max_concurrent_calls,
+            ..ServerConfig::default()
+        }
+    }
+
+    /// The longest TTL.
+    pub fn max_ttl(&self) -> Duration {
+        Duration::from_secs(self.max_ttl_secs.max(1))
+    }
+}

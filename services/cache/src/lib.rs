@@ -1,0 +1,68 @@
+//! The cache service: convoy's shared read-through cache tier.
+//!
+//! [`service`] answers the `convoy.v1.CacheService` API over the layers of `libs/cache`: an
+//! in-process L1 kept coherent by a bus subscriber, in front of Redis (L2, leases, bus).
+//! [`serve`] wires config, layers, registration and server together.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_cache::l1::{L1, L1Config};
+use convoy_cache::l2::{L2, L2Config};
+use convoy_cache::subscriber::{self, Subscriber};
+use convoy_mesh::ServerBuilder;
+use convoy_proto::v1::cache_service_server::CacheServiceServer;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use service::CacheApi;
+
+/// Serves the cache API on `listener` until `shutdown` completes.
+pub async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let capacity = config.l1_capacity_mib << 20;
+    let l1 = L1::new(L1Config {
+        capacity_bytes: capacity,
+        max_ttl: config.max_ttl(),
+        ..L1Config::default()
+    });
+    let l2 = Arc::new(L2::new(L2Config::new(config.redis_url.clone()))?);
+    let (bus, subscription) = subscriber::spawn(
+        Subscriber::new(
+            L2::new(L2Config::new(config.redis_url.clone()))?,
+            l1.clone(),
+        ),
+        Duration::from_millis(config.bus_poll_ms.max(1)),
+    );
+    let registration = config
+        .registration
+        .register(
+            config::SERVICE_NAME,
+            env!("CARGO_PKG_VERSION"),
+            listener.local_addr()?,
+        )
+        .await?;
+    let deregister = async move {
+        if let Some(registration) = registration
+            && let Err(e) = registration.deregister().await
+        {
+            tracing::warn!(error = %e, "deregistering failed; the lease will expire instead");
+        }
+    };
+    let api = CacheApi::new(l1, l2, bus, config.max_ttl(), capacity);
+    let result = ServerBuilder::new(config.server_config())
+        .add_service(CacheServiceServer::new(api))
+        .serve_with_drain_hook(listener, shutdown, deregister)
+        .await;
+    subscription.abort();
+    Ok(result?)
+}

@@ -1,0 +1,339 @@
+//! The gRPC face of the cache tier: L1 (only while the bus subscriber is current) in front of
+//! Redis, with versioned sets and leases.
+//!
+//! A read is served by L1 only while this instance's bus subscriber is current: when the bus
+//! cannot be read, an L1 entry might have missed an invalidation, so the read goes to Redis,
+//! and when Redis is down too it is a miss. Redis errors never fail a read (a cache that
+//! cannot answer misses); they fail writes with UNAVAILABLE, since the caller should know
+//! its fill did not land.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use convoy_cache::l1::L1;
+use convoy_cache::l2::{L2, L2Error};
+use convoy_cache::lease::LeaseOutcome;
+use convoy_cache::subscriber::SubscriberHandle;
+use convoy_cache::{Entry, SetOutcome, Version};
+use convoy_proto::v1 as pb;
+use convoy_proto::v1::cache_service_server::CacheService;
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Longest key, in bytes (the contract's limit).
+const MAX_KEY_BYTES: usize = 512;
+/// Most keys per BatchGet.
+const MAX_BATCH_KEYS: usize = 256;
+/// Most tags per entry.
+const MAX_ENTRY_TAGS: usize = 8;
+/// Most tags per InvalidateTags.
+const MAX_INVALIDATE_TAGS: usize = 64;
+/// Largest value, in bytes (1 MiB).
+const MAX_VALUE_BYTES: usize = 1 << 20;
+/// What a caller that must wait for another's fill is told.
+const LEASE_RETRY_AFTER: Duration = Duration::from_millis(10);
+/// Default lease time when the request names none.
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
+
+fn invalid(field: &str, description: impl Into<String>) -> Status {
+    let description = description.into();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{field}: {description}"),
+        ErrorDetails::with_bad_request_violation(field, description),
+    )
+}
+
+fn check_key(field: &str, key: &str) -> Result<(), Status> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(invalid(
+            field,
+            format!("must have 1 to {MAX_KEY_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn unavailable(e: L2Error) -> Status {
+    Status::unavailable(format!("cache store unavailable: {e}"))
+}
+
+/// Counters of the layers that answered.
+#[derive(Debug, Default)]
+struct Counters {
+    l1_hits: AtomicU64,
+    l2_hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// The CacheService implementation.
+#[derive(Clone)]
+pub struct CacheApi {
+    l1: L1,
+    l2: Arc<L2>,
+    bus: SubscriberHandle,
+    max_ttl: Duration,
+    l1_capacity_bytes: u64,
+    counters: Arc<Counters>,
+}
+
+impl CacheApi {
+    /// A service over `l1` (kept coherent by the subscriber behind `bus`) and `l2`.
+    pub fn new(
+        l1: L1,
+        l2: Arc<L2>,
+        bus: SubscriberHandle,
+        max_ttl: Duration,
+        l1_capacity_bytes: u64,
+    ) -> Self {
+        Self {
+            l1,
+            l2,
+            bus,
+            max_ttl,
+            l1_capacity_bytes,
+            counters: Arc::default(),
+        }
+    }
+
+    fn wire(key: &str, entry: &Entry) -> pb::CacheEntry {
+        pb::CacheEntry {
+            key: key.to_owned(),
+            value: entry.value.to_vec(),
+            version: entry.version.0,
+            tags: entry.tags.clone(),
+            ttl: Some(prost_types::Duration {
+                seconds: entry.ttl.as_secs() as i64,
+                nanos: entry.ttl.subsec_nanos() as i32,
+            }),
+        }
+    }
+
+    /// L1 (when current), then L2 (promoting into L1), else a miss.
+    async fn lookup(&self, key: &str, min: Option<Version>) -> (Option<Entry>, pb::CacheLayer) {
+        let current = self.bus.is_current();
+        if current && let Some(entry) = self.l1.get(key, min).await {
+            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            return (Some((*entry).clone()), pb::CacheLayer::L1);
+        }
+        match self.l2.get(key).await {
+            Ok(Some(entry)) if min.is_none_or(|m| entry.version >= m) => {
+                if current {
+                    self.l1.set(key, entry.clone()).await;
+                }
+                self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
+                (Some(entry), pb::CacheLayer::L2)
+            }
+            Ok(_) => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                (None, pb::CacheLayer::Unspecified)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "L2 unavailable; answering a miss");
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                (None, pb::CacheLayer::Unspecified)
+            }
+        }
+    }
+
+    fn entry_from(&self, e: &pb::CacheEntry) -> Result<(String, Entry), Status> {
+        check_key("entry.key", &e.key)?;
+        if e.value.len() > MAX_VALUE_BYTES {
+            return Err(invalid(
+                "entry.value",
+                format!("is over {MAX_VALUE_BYTES} bytes"),
+            ));
+        }
+        if e.version < 0 {
+            return Err(invalid("entry.version", "is negative"));
+        }
+        if e.tags.len() > MAX_ENTRY_TAGS {
+            return Err(invalid(
+                "entry.tags",
+                format!("has over {MAX_ENTRY_TAGS} tags"),
+            ));
+        }
+        let ttl = match &e.ttl {
+            None => self.max_ttl,
+            Some(d) if d.seconds < 0 || d.nanos < 0 => {
+                return Err(invalid("entry.ttl", "is negative"));
+            }
+            Some(d) if d.seconds == 0 && d.nanos == 0 => self.max_ttl,
+            Some(d) => Duration::new(d.seconds as u64, d.nanos as u32).min(self.max_ttl),
+        };
+        Ok((
+            e.key.clone(),
+            Entry {
+                value: Bytes::copy_from_slice(&e.value),
+                version: Version(e.version),
+                tags: e.tags.clone(),
+                ttl,
+            },
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl CacheService for CacheApi {
+    async fn get(
+        &self,
+        request: Request<pb::CacheGetRequest>,
+    ) -> Result<Response<pb::CacheGetResponse>, Status> {
+        let r = request.into_inner();
+        check_key("key", &r.key)?;
+        let min = (r.min_version > 0).then_some(Version(r.min_version));
+        let (entry, layer) = self.lookup(&r.key, min).await;
+        Ok(Response::new(pb::CacheGetResponse {
+            entry: entry.map(|e| Self::wire(&r.key, &e)),
+            layer: layer as i32,
+        }))
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<pb::CacheBatchGetRequest>,
+    ) -> Result<Response<pb::CacheBatchGetResponse>, Status> {
+        let keys = request.into_inner().keys;
+        if keys.len() > MAX_BATCH_KEYS {
+            return Err(invalid("keys", format!("has over {MAX_BATCH_KEYS} keys")));
+        }
+        for (i, key) in keys.iter().enumerate() {
+            check_key(&format!("keys[{i}]"), key)?;
+        }
+        let mut entries = Vec::new();
+        for key in &keys {
+            if let (Some(entry), _) = self.lookup(key, None).await {
+                entries.push(Self::wire(key, &entry));
+            }
+        }
+        Ok(Response::new(pb::CacheBatchGetResponse { entries }))
+    }
+
+    async fn set(
+        &self,
+        request: Request<pb::CacheSetRequest>,
+    ) -> Result<Response<pb::CacheSetResponse>, Status> {
+        let r = request.into_inner();
+        let entry = r
+            .entry
+            .as_ref()
+            .ok_or_else(|| invalid("entry", "is required"))?;
+        let (key, entry) = self.entry_from(entry)?;
+        let outcome = self
+            .l2
+            .set_leased(&key, &entry, &r.lease_token)
+            .await
+            .map_err(unavailable)?;
+        if outcome == SetOutcome::Stored && self.bus.is_current() {
+            self.l1.set(&key, entry).await;
+        }
+        let outcome = match outcome {
+            SetOutcome::Stored => pb::SetOutcome::Stored,
+            SetOutcome::Stale => pb::SetOutcome::Stale,
+            SetOutcome::LeaseMismatch => pb::SetOutcome::LeaseMismatch,
+        };
+        Ok(Response::new(pb::CacheSetResponse {
+            outcome: outcome as i32,
+        }))
+    }
+
+    async fn invalidate(
+        &self,
+        request: Request<pb::CacheInvalidateRequest>,
+    ) -> Result<Response<pb::CacheInvalidateResponse>, Status> {
+        let r = request.into_inner();
+        check_key("key", &r.key)?;
+        self.l2
+            .invalidate(&r.key, Version(r.version))
+            .await
+            .map_err(unavailable)?;
+        self.l1.invalidate(&r.key, Version(r.version)).await;
+        Ok(Response::new(pb::CacheInvalidateResponse {}))
+    }
+
+    async fn invalidate_tags(
+        &self,
+        request: Request<pb::InvalidateTagsRequest>,
+    ) -> Result<Response<pb::InvalidateTagsResponse>, Status> {
+        let tags = request.into_inner().tags;
+        if tags.is_empty() || tags.len() > MAX_INVALIDATE_TAGS {
+            return Err(invalid(
+                "tags",
+                format!("must name 1 to {MAX_INVALIDATE_TAGS} tags"),
+            ));
+        }
+        let dropped = self.l2.invalidate_tags(&tags).await.map_err(unavailable)?;
+        let local = self.l1.invalidate_tags(&tags).await;
+        Ok(Response::new(pb::InvalidateTagsResponse {
+            dropped_count: (dropped + local) as i64,
+        }))
+    }
+
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let r = request.into_inner();
+        check_key("key", &r.key)?;
+        if self.bus.is_current()
+            && let Some(entry) = self.l1.get(&r.key, None).await
+        {
+            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Response::new(pb::LeaseResponse {
+                outcome: Some(pb::lease_response::Outcome::Entry(Self::wire(
+                    &r.key, &entry,
+                ))),
+            }));
+        }
+        let ttl = r
+            .lease_ttl
+            .filter(|d| d.seconds > 0 || d.nanos > 0)
+            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .unwrap_or(DEFAULT_LEASE_TTL);
+        let outcome = match self.l2.lease(&r.key, ttl).await.map_err(unavailable)? {
+            LeaseOutcome::Hit(entry) => {
+                self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
+                pb::lease_response::Outcome::Entry(Self::wire(&r.key, &entry))
+            }
+            LeaseOutcome::Granted(token) => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                pb::lease_response::Outcome::LeaseToken(token)
+            }
+            LeaseOutcome::Wait => pb::lease_response::Outcome::RetryAfter(prost_types::Duration {
+                seconds: 0,
+                nanos: LEASE_RETRY_AFTER.as_nanos() as i32,
+            }),
+        };
+        Ok(Response::new(pb::LeaseResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<pb::CacheStatsRequest>,
+    ) -> Result<Response<pb::CacheStatsResponse>, Status> {
+        let l1 = self.l1.stats().await;
+        Ok(Response::new(pb::CacheStatsResponse {
+            l1_hits: self.counters.l1_hits.load(Ordering::Relaxed) as i64,
+            l2_hits: self.counters.l2_hits.load(Ordering::Relaxed) as i64,
+            misses: self.counters.misses.load(Ordering::Relaxed) as i64,
+            l1_entries: l1.entries as i64,
+            l1_bytes: l1.bytes as i64,
+            l1_capacity_bytes: self.l1_capacity_bytes as i64,
+            l2_healthy: self.l2.ping().await.is_ok(),
+            bus_flushes: self.bus.flushes() as i64,
+        }))
+    }
+
+    async fn flush(
+        &self,
+        _request: Request<pb::CacheFlushRequest>,
+    ) -> Result<Response<pb::CacheFlushResponse>, Status> {
+        self.l2.flush().await.map_err(unavailable)?;
+        self.l1.flush().await;
+        Ok(Response::new(pb::CacheFlushResponse {}))
+    }
+}
