@@ -18,6 +18,7 @@
 #   CONVOY_TEST_LISTEN          the smoke fleet's gRPC address (default 127.0.0.1:56051)
 #   CONVOY_TEST_ETCD_PORT       the smoke fleet's etcd client port (default 56379)
 #   CONVOY_TEST_REDIS_PORT      the smoke fleet's Redis port (default 56479)
+#   CONVOY_TEST_CACHE_LISTEN    the smoke fleet's cache service address (default 127.0.0.1:56061)
 # Installs missing system packages (apt) and the smoke client's Python packages (pip).
 set -euo pipefail
 
@@ -48,6 +49,7 @@ smoke_env=(
     CONVOY_LISTEN="${CONVOY_TEST_LISTEN:-127.0.0.1:56051}"
     CONVOY_ETCD_PORT="${CONVOY_TEST_ETCD_PORT:-56379}"
     CONVOY_REDIS_PORT="${CONVOY_TEST_REDIS_PORT:-56479}"
+    CONVOY_CACHE_LISTEN="${CONVOY_TEST_CACHE_LISTEN:-127.0.0.1:56061}"
 )
 smoke_ok=0
 cleanup_smoke() {
@@ -82,6 +84,8 @@ status_table="$("${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$
 printf '%s\n' "$status_table"
 grep -q "^conversation .*SERVING$" <<<"$status_table" ||
     die "convoyctl status does not show the conversation instance as SERVING"
+grep -q "^cache .*SERVING$" <<<"$status_table" ||
+    die "convoyctl status does not show the cache instance as SERVING"
 
 # The smoke's writes reached the invalidation bus through the outbox relay.
 redis_port="${CONVOY_TEST_REDIS_PORT:-56479}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts the convoy fleet on this machine, for real: etcd (discovery), Redis (the cache
-# tier's store and invalidation bus), two PostgreSQL shards and the conversation service
-# (registered in etcd, relaying its outbox to Redis), with persistent data under .convoy/.
+# tier's store and invalidation bus), two PostgreSQL shards, the conversation service
+# (relaying its outbox to Redis) and the cache service, both registered in etcd, with
+# persistent data under .convoy/.
 #
 #   infra/local/up.sh             build, start, stay in the foreground; Ctrl-C stops it all
 #   infra/local/up.sh --detach    (or -d) start in the background and return
@@ -15,6 +16,7 @@
 #   CONVOY_LISTEN         the service's gRPC address (default 127.0.0.1:50051)
 #   CONVOY_ETCD_PORT      etcd's client port; its peer port is the next one (default 52379)
 #   CONVOY_REDIS_PORT     Redis's port (default 53379)
+#   CONVOY_CACHE_LISTEN   the cache service's gRPC address (default 127.0.0.1:50061)
 #   CONVOY_STATE_DIR      where data, logs and PID files live (default .convoy at the repo root)
 #   CONVOY_PG_BIN         folder with initdb/pg_ctl (default: newest /usr/lib/postgresql/*/bin)
 #   Other CONVOY_* variables (CONVOY_LOG_FORMAT, CONVOY_POOL_MAX_CONNECTIONS, ...) reach the
@@ -75,6 +77,11 @@ REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 REDIS_DATA="$STATE_DIR/redis"
 REDIS_PID_FILE="$RUN_DIR/redis.pid"
 REDIS_LOG="$LOG_DIR/redis.log"
+CACHE_LISTEN="${CONVOY_CACHE_LISTEN:-127.0.0.1:50061}"
+CACHE_PID_FILE="$RUN_DIR/cache.pid"
+CACHE_LOG="$LOG_DIR/cache.log"
+read -r CACHE_HOST CACHE_PORT < <(host_port_of "$CACHE_LISTEN")
+[[ "$CACHE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_CACHE_LISTEN must be HOST:PORT, got '$CACHE_LISTEN'"
 [[ "$PORT_BASE" =~ ^[0-9]+$ ]] || die "CONVOY_PG_PORT_BASE must be a port number, got '$PORT_BASE'"
 read -r PROBE_HOST PROBE_PORT < <(host_port_of "$LISTEN")
 [[ "$PROBE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_LISTEN must be HOST:PORT, got '$LISTEN'"
@@ -102,6 +109,15 @@ detached_etcd_pid() {
     printf '%s\n' "$pid"
 }
 
+# The PID of a running detached cache service, or nothing.
+detached_cache_pid() {
+    local pid
+    [[ -f "$CACHE_PID_FILE" ]] || return 1
+    pid="$(cat "$CACHE_PID_FILE")"
+    pid_is "$pid" "$CACHE_LISTEN" || return 1
+    printf '%s\n' "$pid"
+}
+
 # The PID of a running detached Redis, or nothing.
 detached_redis_pid() {
     local pid
@@ -123,6 +139,12 @@ stop_fleet() {
         stop_pid "$pid" "conversation service" 30
     fi
     SERVICE_PID=""
+    pid="${CACHE_PID:-}"
+    [[ -n "$pid" ]] || pid="$(detached_cache_pid)" || true
+    if [[ -n "$pid" ]]; then
+        stop_pid "$pid" "cache service" 30
+    fi
+    CACHE_PID=""
     pid="${REDIS_PID:-}"
     [[ -n "$pid" ]] || pid="$(detached_redis_pid)" || true
     if [[ -n "$pid" ]]; then
@@ -149,6 +171,12 @@ print_status() {
         any=0
     else
         echo "conversation: not running (detached)"
+    fi
+    if pid="$(detached_cache_pid)"; then
+        echo "cache: running, pid $pid, $CACHE_LISTEN, log $CACHE_LOG"
+        any=0
+    else
+        echo "cache: not running (detached)"
     fi
     if pid="$(detached_redis_pid)"; then
         echo "redis: running, pid $pid, $REDIS_URL, data $REDIS_DATA"
@@ -177,7 +205,7 @@ print_status() {
 print_howto() {
     cat <<EOF
 
-convoy is up: conversation service on $LISTEN
+convoy is up: conversation service on $LISTEN, cache service on $CACHE_LISTEN
   shards: postgres://postgres@127.0.0.1:$(shard_port 0)/convoy, postgres://postgres@127.0.0.1:$(shard_port 1)/convoy
   etcd:   $ETCD_URL (the fleet as etcd sees it: $CTL_BIN --etcd-endpoint $ETCD_URL status)
   redis:  $REDIS_URL (invalidation bus: redis-cli -p $REDIS_PORT XLEN convoy:bus)
@@ -230,6 +258,9 @@ fi
 if tcp_open "$PROBE_HOST" "$PROBE_PORT"; then
     die "$CALL_ADDR already accepts connections (another fleet?); stop it or set CONVOY_LISTEN"
 fi
+if tcp_open "$CACHE_HOST" "$CACHE_PORT"; then
+    die "$CACHE_LISTEN already accepts connections (another fleet?); stop it or set CONVOY_CACHE_LISTEN"
+fi
 if tcp_open 127.0.0.1 "$REDIS_PORT"; then
     die "127.0.0.1:$REDIS_PORT already accepts connections (another Redis?); stop it or set CONVOY_REDIS_PORT"
 fi
@@ -243,8 +274,8 @@ case "$PROFILE" in
 dev | debug) cargo_profile=(--profile dev) ;;
 *) cargo_profile=(--profile "$PROFILE") ;;
 esac
-log "building conversation and convoyctl (cargo build ${cargo_profile[*]} -p conversation -p convoyctl)"
-build_json="$(cargo build "${cargo_profile[@]}" -p conversation -p convoyctl --message-format=json-render-diagnostics)" ||
+log "building the services and convoyctl (cargo build ${cargo_profile[*]} -p conversation -p cache -p convoyctl)"
+build_json="$(cargo build "${cargo_profile[@]}" -p conversation -p cache -p convoyctl --message-format=json-render-diagnostics)" ||
     die "cargo build failed"
 # The path cargo reports for a built binary (or the usual place, if it reported none).
 built_binary() {
@@ -259,10 +290,12 @@ built_binary() {
 }
 BIN="$(built_binary conversation)"
 CTL_BIN="$(built_binary convoyctl)"
+CACHE_BIN="$(built_binary cache)"
 
 SERVICE_PID=""
 ETCD_PID=""
 REDIS_PID=""
+CACHE_PID=""
 COMMITTED=0
 # shellcheck disable=SC2317 # called by the EXIT trap
 on_exit() {
@@ -345,6 +378,22 @@ if ! tcp_open 127.0.0.1 "$REDIS_PORT"; then
     exit 1
 fi
 
+log "starting cache on $CACHE_LISTEN (log: $CACHE_LOG)"
+env -u CONVOY_LISTEN NO_COLOR=1 \
+    setsid "$CACHE_BIN" --listen "$CACHE_LISTEN" --redis-url "$REDIS_URL" --etcd-endpoint "$ETCD_URL" \
+    </dev/null >>"$CACHE_LOG" 2>&1 &
+CACHE_PID=$!
+for ((i = 0; i < 60; i++)); do
+    pid_alive "$CACHE_PID" || break
+    tcp_open "$CACHE_HOST" "$CACHE_PORT" && break
+    sleep 0.5
+done
+if ! tcp_open "$CACHE_HOST" "$CACHE_PORT"; then
+    log "the cache service did not start; last lines of $CACHE_LOG:"
+    tail -n 30 "$CACHE_LOG" >&2 || true
+    exit 1
+fi
+
 log "starting conversation on $LISTEN (log: $SERVICE_LOG)"
 printf '\n==== %s: %s %s --listen %s\n' "$(date -u +%FT%TZ)" "$BIN" "${dsn_args[*]}" "$LISTEN" >>"$SERVICE_LOG"
 # Its own session: Ctrl-C reaches only this script, which then stops the service before
@@ -387,6 +436,7 @@ if [[ "$mode" == detach ]]; then
     printf '%s\n' "$SERVICE_PID" >"$SERVICE_PID_FILE"
     printf '%s\n' "$ETCD_PID" >"$ETCD_PID_FILE"
     printf '%s\n' "$REDIS_PID" >"$REDIS_PID_FILE"
+    printf '%s\n' "$CACHE_PID" >"$CACHE_PID_FILE"
     for ((i = 0; i < SHARDS; i++)); do
         pg_pid "$(shard_data "$i")" >"$RUN_DIR/pg-shard-$i.pid" || true
     done
@@ -397,7 +447,7 @@ if [[ "$mode" == detach ]]; then
     exit 0
 fi
 
-echo "Running in the foreground. Press Ctrl-C to stop the service, Redis, etcd and the shards."
+echo "Running in the foreground. Press Ctrl-C to stop the services, Redis, etcd and the shards."
 set +e
 wait "$SERVICE_PID"
 rc=$?
