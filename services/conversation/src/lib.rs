@@ -35,7 +35,9 @@ pub use store::ConversationStore;
 
 /// How long idempotency records are kept (the contract promises 24 h).
 const REQUEST_ID_RETENTION: Duration = Duration::from_secs(24 * 3600);
-/// How often old idempotency records are purged.
+/// How long published outbox rows are kept (for inspection) before they are purged.
+const OUTBOX_RETENTION: Duration = Duration::from_secs(3600);
+/// How often old idempotency records and published outbox rows are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// Builds the store from configuration and, unless `--migrate=false`, applies migrations to
@@ -82,7 +84,7 @@ pub async fn serve(
             tracing::warn!(error = %e, "deregistering failed; the lease will expire instead");
         }
     };
-    let purger = tokio::spawn(purge_old_requests(store.clone()));
+    let purger = tokio::spawn(purge_old_rows(store.clone()));
     let relay = match &config.redis_url {
         Some(url) => {
             let bus = convoy_cache::l2::L2::new(convoy_cache::l2::L2Config::new(url.clone()))?;
@@ -105,7 +107,7 @@ pub async fn serve(
     Ok(result?)
 }
 
-async fn purge_old_requests(store: Arc<ConversationStore>) {
+async fn purge_old_rows(store: Arc<ConversationStore>) {
     let mut tick = tokio::time::interval(PURGE_INTERVAL);
     loop {
         tick.tick().await;
@@ -113,6 +115,11 @@ async fn purge_old_requests(store: Arc<ConversationStore>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "purged expired idempotency records"),
             Err(e) => tracing::warn!(error = %e, "purging idempotency records failed"),
+        }
+        match store.purge_published_outbox(OUTBOX_RETENTION).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "purged published outbox rows"),
+            Err(e) => tracing::warn!(error = %e, "purging the outbox failed"),
         }
     }
 }

@@ -653,15 +653,32 @@ impl ConversationStore {
 
     /// Deletes idempotency records older than `age` on every shard; returns how many.
     pub async fn purge_create_requests(&self, age: Duration) -> Result<u64, sqlx::Error> {
+        self.purge(
+            "DELETE FROM create_requests WHERE created_at < now() - make_interval(secs => $1)",
+            age,
+        )
+        .await
+    }
+
+    /// Deletes outbox rows published more than `age` ago on every shard; returns how many.
+    /// Unpublished rows are never deleted.
+    pub async fn purge_published_outbox(&self, age: Duration) -> Result<u64, sqlx::Error> {
+        self.purge(
+            "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)",
+            age,
+        )
+        .await
+    }
+
+    /// Runs a `DELETE ... $1 seconds` statement on every shard; returns the rows deleted.
+    async fn purge(&self, statement: &'static str, age: Duration) -> Result<u64, sqlx::Error> {
         let mut purged = 0;
         for index in 0..self.pools.map().shards().len() {
-            purged += sqlx::query(
-                "DELETE FROM create_requests WHERE created_at < now() - make_interval(secs => $1)",
-            )
-            .bind(age.as_secs_f64())
-            .execute(self.pools.pool(index))
-            .await?
-            .rows_affected();
+            purged += sqlx::query(statement)
+                .bind(age.as_secs_f64())
+                .execute(self.pools.pool(index))
+                .await?
+                .rows_affected();
         }
         Ok(purged)
     }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use clap::Parser;
 use convoy_cache::BusMessage;
 use convoy_cache::l2::{L2, L2Config};
 use convoy_integration_tests::{Fleet, new_conversation};
@@ -122,4 +123,44 @@ async fn writes_of_an_instance_that_never_relayed_are_published_by_another() {
             "{name} was never published"
         );
     }
+}
+
+#[tokio::test]
+async fn published_outbox_rows_are_purged_and_unpublished_ones_kept() {
+    let fleet = Fleet::start(1).await;
+    let mut client = fleet.client().await;
+    for i in 0..3 {
+        client
+            .create_conversation(new_conversation("purged", &format!("t{i}"), ""))
+            .await
+            .unwrap();
+    }
+    let pool = fleet.shard_pool(0).await;
+    // Two rows were published two hours ago; one is still waiting for a relay.
+    sqlx::query(
+        "UPDATE outbox SET published_at = now() - interval '2 hours' \
+         WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 2)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let config = conversation::Config::try_parse_from([
+        "conversation",
+        "--shard-dsn",
+        &fleet.shards[0].dsn(),
+    ])
+    .unwrap();
+    let store = conversation::connect(&config).await.unwrap();
+    assert_eq!(
+        store
+            .purge_published_outbox(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        2
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 1);
 }
