@@ -16,9 +16,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::server::NamedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::service::RoutesBuilder;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -198,7 +198,13 @@ impl ServerBuilder {
                 self.config.shed_pushback,
             ))
             .add_routes(self.routes.routes())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+            // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it on
+            // every accepted socket here, or Nagle's algorithm meets the client's delayed
+            // ACK and small responses wait ~40 ms (measured: 44 ms per cache Get).
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            );
 
         let drain_timeout = self.config.drain_timeout;
         tokio::select! {

@@ -1,0 +1,133 @@
+//! Get through the cache service, next to its ceilings in the same run: the same value read
+//! with the L2 library directly (no gRPC) and a raw Redis GET of a plain key.
+//!
+//! `cargo bench -p convoy-integration-tests --bench cache`
+
+use std::time::Duration;
+
+use clap::Parser;
+use convoy_cache::l2::{L2, L2Config};
+use convoy_proto::v1 as pb;
+use convoy_proto::v1::cache_service_client::CacheServiceClient;
+use convoy_testkit::Redis;
+use criterion::{Criterion, criterion_group, criterion_main};
+use deadpool_redis::redis;
+use tokio::net::TcpListener;
+
+async fn instance(redis: &Redis, extra: &[&str]) -> CacheServiceClient<tonic::transport::Channel> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut args = vec![
+        "cache".to_owned(),
+        "--listen".into(),
+        addr.to_string(),
+        "--redis-url".into(),
+        redis.url(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let config = cache_service::Config::try_parse_from(args).unwrap();
+    tokio::spawn(
+        async move { cache_service::serve(&config, listener, std::future::pending()).await },
+    );
+    let mut client = CacheServiceClient::new(convoy_integration_tests::channel_to(addr).await);
+    while client
+        .stats(pb::CacheStatsRequest {})
+        .await
+        .map(|s| s.into_inner().bus_flushes)
+        .unwrap_or(0)
+        < 1
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client
+}
+
+fn cache(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let value = vec![7u8; 1024];
+    let (redis, l1_instance, l2_instance, l2, raw) = runtime.block_on(async {
+        let redis = Redis::start().await.unwrap();
+        let mut l1_instance = instance(&redis, &[]).await;
+        // An L1 of zero bytes keeps nothing: every read goes to Redis.
+        let l2_instance = instance(&redis, &["--l1-capacity-mib", "0"]).await;
+        l1_instance
+            .set(pb::CacheSetRequest {
+                entry: Some(pb::CacheEntry {
+                    key: "conv:bench:1".into(),
+                    value: value.clone(),
+                    version: 1,
+                    tags: vec![],
+                    ttl: None,
+                }),
+                lease_token: String::new(),
+            })
+            .await
+            .unwrap();
+        let l2 = L2::new(L2Config::new(redis.url())).unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("raw:bench")
+            .arg(&value)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        (redis, l1_instance, l2_instance, l2, raw)
+    });
+
+    let mut group = c.benchmark_group("cache_get_1KiB");
+    group.bench_function("cache service Get, L1 hit", |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut client = l1_instance.clone();
+            async move {
+                let r = client
+                    .get(pb::CacheGetRequest {
+                        key: "conv:bench:1".into(),
+                        min_version: 0,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(r.layer, pb::CacheLayer::L1 as i32);
+            }
+        })
+    });
+    group.bench_function("cache service Get, L2 hit", |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut client = l2_instance.clone();
+            async move {
+                let r = client
+                    .get(pb::CacheGetRequest {
+                        key: "conv:bench:1".into(),
+                        min_version: 0,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(r.layer, pb::CacheLayer::L2 as i32);
+            }
+        })
+    });
+    group.bench_function("L2 library get (no gRPC)", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { l2.get("conv:bench:1").await.unwrap().unwrap() })
+    });
+    group.bench_function("raw Redis GET (multiplexed connection)", |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut raw = raw.clone();
+            async move {
+                let v: Vec<u8> = redis::cmd("GET")
+                    .arg("raw:bench")
+                    .query_async(&mut raw)
+                    .await
+                    .unwrap();
+                v
+            }
+        })
+    });
+    group.finish();
+    drop(redis);
+}
+
+criterion_group!(benches, cache);
+criterion_main!(benches);
