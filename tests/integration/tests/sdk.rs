@@ -163,7 +163,8 @@ async fn an_instance_answering_unavailable_is_ejected_and_readmitted_when_it_rec
     on_every_shard(
         &fleet,
         "CREATE ROLE convoy_b LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO convoy_b; \
-         GRANT CREATE ON SCHEMA public TO convoy_b",
+         GRANT CREATE ON SCHEMA public TO convoy_b; \
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO convoy_b",
     )
     .await;
     let mut b_flags: Vec<String> = flags.iter().map(|s| (*s).to_owned()).collect();
