@@ -91,43 +91,23 @@ if [[ "$PROBE_HOST" == *:* ]]; then CALL_ADDR="[$PROBE_HOST]:$PROBE_PORT"; else 
 shard_data() { printf '%s/shard-%s\n' "$PG_ROOT" "$1"; }
 shard_port() { printf '%s\n' "$((PORT_BASE + $1))"; }
 
-# The PID of a running detached service, or nothing.
-detached_service_pid() {
+# The PID recorded in PID file $1 if that process is alive and its command line contains
+# $2, or nothing (and status 1).
+detached_pid() {
     local pid
-    [[ -f "$SERVICE_PID_FILE" ]] || return 1
-    pid="$(cat "$SERVICE_PID_FILE")"
-    pid_is "$pid" conversation || return 1
+    [[ -f "$1" ]] || return 1
+    pid="$(cat "$1")"
+    pid_is "$pid" "$2" || return 1
     printf '%s\n' "$pid"
 }
 
-# The PID of a running detached etcd, or nothing.
-detached_etcd_pid() {
-    local pid
-    [[ -f "$ETCD_PID_FILE" ]] || return 1
-    pid="$(cat "$ETCD_PID_FILE")"
-    pid_is "$pid" etcd || return 1
-    printf '%s\n' "$pid"
-}
+# The PID of each detached process of the fleet, or nothing.
+detached_service_pid() { detached_pid "$SERVICE_PID_FILE" conversation; }
+detached_cache_pid() { detached_pid "$CACHE_PID_FILE" "$CACHE_LISTEN"; }
+detached_redis_pid() { detached_pid "$REDIS_PID_FILE" redis-server; }
+detached_etcd_pid() { detached_pid "$ETCD_PID_FILE" etcd; }
 
-# The PID of a running detached cache service, or nothing.
-detached_cache_pid() {
-    local pid
-    [[ -f "$CACHE_PID_FILE" ]] || return 1
-    pid="$(cat "$CACHE_PID_FILE")"
-    pid_is "$pid" "$CACHE_LISTEN" || return 1
-    printf '%s\n' "$pid"
-}
-
-# The PID of a running detached Redis, or nothing.
-detached_redis_pid() {
-    local pid
-    [[ -f "$REDIS_PID_FILE" ]] || return 1
-    pid="$(cat "$REDIS_PID_FILE")"
-    pid_is "$pid" redis-server || return 1
-    printf '%s\n' "$pid"
-}
-
-# Stops the service (SERVICE_PID, or the detached one; it deregisters from etcd on the
+# Stops the services (SERVICE_PID, or the detached one; they deregister from etcd on the
 # way out), then Redis and etcd, then every shard of this state folder, and removes the PID
 # files.
 stop_fleet() {

@@ -119,6 +119,16 @@ impl RegistrationArgs {
     }
 }
 
+/// Deregisters `registration`, if there is one, logging instead of failing: at shutdown a
+/// lease that cannot be revoked simply expires. The future services run as their drain hook.
+pub async fn deregister_if_any(registration: Option<Registration>) {
+    if let Some(registration) = registration
+        && let Err(e) = registration.deregister().await
+    {
+        tracing::warn!(error = %e, "deregistering failed; the lease will expire instead");
+    }
+}
+
 /// A random instance id: 128 bits from the process's randomness, in hex.
 fn random_instance_id() -> String {
     use rand::Rng;

@@ -51,13 +51,7 @@ pub async fn serve(
             listener.local_addr()?,
         )
         .await?;
-    let deregister = async move {
-        if let Some(registration) = registration
-            && let Err(e) = registration.deregister().await
-        {
-            tracing::warn!(error = %e, "deregistering failed; the lease will expire instead");
-        }
-    };
+    let deregister = convoy_discovery::deregister_if_any(registration);
     let api = CacheApi::new(l1, l2, bus, config.max_ttl(), capacity);
     let result = ServerBuilder::new(config.server_config())
         .add_service(CacheServiceServer::new(api))

@@ -77,13 +77,7 @@ pub async fn serve(
         .await?;
     // Shutdown order: health NOT_SERVING, then deregister (peers drop us at once), then
     // stop accepting and drain.
-    let deregister = async move {
-        if let Some(registration) = registration
-            && let Err(e) = registration.deregister().await
-        {
-            tracing::warn!(error = %e, "deregistering failed; the lease will expire instead");
-        }
-    };
+    let deregister = convoy_discovery::deregister_if_any(registration);
     let purger = tokio::spawn(purge_old_rows(store.clone()));
     let relay = match &config.redis_url {
         Some(url) => {
