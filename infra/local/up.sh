@@ -107,6 +107,20 @@ detached_cache_pid() { detached_pid "$CACHE_PID_FILE" "$CACHE_LISTEN"; }
 detached_redis_pid() { detached_pid "$REDIS_PID_FILE" redis-server; }
 detached_etcd_pid() { detached_pid "$ETCD_PID_FILE" etcd; }
 
+# Waits (at most 30 s) until process $1 accepts connections on $2:$3; otherwise prints
+# the tail of its log $5 and exits, naming it $4.
+wait_for_port() {
+    local pid="$1" host="$2" port="$3" what="$4" logfile="$5" i
+    for ((i = 0; i < 60; i++)); do
+        pid_alive "$pid" || break
+        tcp_open "$host" "$port" && return 0
+        sleep 0.5
+    done
+    log "$what did not start; last lines of $logfile:"
+    tail -n 30 "$logfile" >&2 || true
+    exit 1
+}
+
 # Stops the services (SERVICE_PID, or the detached one; they deregister from etcd on the
 # way out), then Redis and etcd, then every shard of this state folder, and removes the PID
 # files.
@@ -331,48 +345,21 @@ env "${unset_etcd_env[@]}" \
     --initial-cluster "convoy-local=http://127.0.0.1:$ETCD_PEER_PORT" \
     </dev/null >>"$ETCD_LOG" 2>&1 &
 ETCD_PID=$!
-for ((i = 0; i < 60; i++)); do
-    pid_alive "$ETCD_PID" || break
-    tcp_open 127.0.0.1 "$ETCD_PORT" && break
-    sleep 0.5
-done
-if ! tcp_open 127.0.0.1 "$ETCD_PORT"; then
-    log "etcd did not start; last lines of $ETCD_LOG:"
-    tail -n 30 "$ETCD_LOG" >&2 || true
-    exit 1
-fi
+wait_for_port "$ETCD_PID" 127.0.0.1 "$ETCD_PORT" "etcd" "$ETCD_LOG"
 
 log "starting redis on $REDIS_URL (log: $REDIS_LOG)"
 mkdir -p "$REDIS_DATA"
 setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$REDIS_DATA" \
     --appendonly yes --save "" </dev/null >>"$REDIS_LOG" 2>&1 &
 REDIS_PID=$!
-for ((i = 0; i < 60; i++)); do
-    pid_alive "$REDIS_PID" || break
-    tcp_open 127.0.0.1 "$REDIS_PORT" && break
-    sleep 0.5
-done
-if ! tcp_open 127.0.0.1 "$REDIS_PORT"; then
-    log "redis did not start; last lines of $REDIS_LOG:"
-    tail -n 30 "$REDIS_LOG" >&2 || true
-    exit 1
-fi
+wait_for_port "$REDIS_PID" 127.0.0.1 "$REDIS_PORT" "redis" "$REDIS_LOG"
 
 log "starting cache on $CACHE_LISTEN (log: $CACHE_LOG)"
 env -u CONVOY_LISTEN NO_COLOR=1 \
     setsid "$CACHE_BIN" --listen "$CACHE_LISTEN" --redis-url "$REDIS_URL" --etcd-endpoint "$ETCD_URL" \
     </dev/null >>"$CACHE_LOG" 2>&1 &
 CACHE_PID=$!
-for ((i = 0; i < 60; i++)); do
-    pid_alive "$CACHE_PID" || break
-    tcp_open "$CACHE_HOST" "$CACHE_PORT" && break
-    sleep 0.5
-done
-if ! tcp_open "$CACHE_HOST" "$CACHE_PORT"; then
-    log "the cache service did not start; last lines of $CACHE_LOG:"
-    tail -n 30 "$CACHE_LOG" >&2 || true
-    exit 1
-fi
+wait_for_port "$CACHE_PID" "$CACHE_HOST" "$CACHE_PORT" "the cache service" "$CACHE_LOG"
 
 log "starting conversation on $LISTEN (log: $SERVICE_LOG)"
 printf '\n==== %s: %s %s --listen %s\n' "$(date -u +%FT%TZ)" "$BIN" "${dsn_args[*]}" "$LISTEN" >>"$SERVICE_LOG"

@@ -86,12 +86,15 @@ pub async fn relay_once(
         })
         .collect();
     // Redis's own copy first (raising each key's floor there), then every L1 via the bus.
-    for message in &messages {
+    // Concurrently: a batch is up to BATCH round trips, bounded by the Redis pool's size.
+    futures::future::try_join_all(messages.iter().map(|message| async move {
         bus.invalidate(&message.key, message.version).await?;
         if !message.tags.is_empty() {
             bus.invalidate_tags(&message.tags).await?;
         }
-    }
+        Ok::<_, convoy_cache::l2::L2Error>(())
+    }))
+    .await?;
     bus.publish(&messages).await?;
     let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
     sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
