@@ -91,11 +91,11 @@ grep -q "^cache .*SERVING$" <<<"$status_table" ||
 redis_port="${CONVOY_TEST_REDIS_PORT:-56479}"
 bus_len=0
 for ((i = 0; i < 40; i++)); do
-    bus_len="$(redis-cli -p "$redis_port" XLEN convoy:bus)"
+    bus_len="$(redis-cli -p "$redis_port" XLEN convoy:invalidations)"
     ((bus_len >= 2)) && break
     sleep 0.25
 done
-((bus_len >= 2)) || die "the smoke's writes did not reach the invalidation bus (XLEN convoy:bus = $bus_len)"
+((bus_len >= 2)) || die "the smoke's writes did not reach the invalidation bus (XLEN convoy:invalidations = $bus_len)"
 log "fleet smoke: $bus_len changes on the invalidation bus"
 
 # A SIGKILLed instance cannot deregister: it must leave etcd when its lease expires (10 s).

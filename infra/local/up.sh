@@ -202,7 +202,7 @@ print_howto() {
 convoy is up: conversation service on $LISTEN, cache service on $CACHE_LISTEN
   shards: postgres://postgres@127.0.0.1:$(shard_port 0)/convoy, postgres://postgres@127.0.0.1:$(shard_port 1)/convoy
   etcd:   $ETCD_URL (the fleet as etcd sees it: $CTL_BIN --etcd-endpoint $ETCD_URL status)
-  redis:  $REDIS_URL (invalidation bus: redis-cli -p $REDIS_PORT XLEN convoy:bus)
+  redis:  $REDIS_URL (invalidation bus: redis-cli -p $REDIS_PORT XLEN convoy:invalidations)
   logs:   $LOG_DIR
 
 Call it with the Python smoke client (stock gRPC + server reflection; deps in infra/local/requirements.txt):

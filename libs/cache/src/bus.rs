@@ -2,16 +2,21 @@
 //!
 //! A Redis Stream rather than plain pub/sub: pub/sub drops whatever a subscriber misses
 //! while disconnected, a stream keeps a tail (about [`BUS_MAXLEN`] messages) that a
-//! subscriber resumes from by id. Each message's stream id is its sequence: a subscriber
-//! whose last id has been trimmed away, or that finds the stream reset (a Redis restart),
-//! knows it may have missed invalidations and flushes its L1. Publishing is at-least-once
-//! (a relay may publish a row again after a crash); duplicates are harmless because
-//! invalidations raise version floors, which is idempotent.
+//! subscriber resumes from by id. Every message also carries a contiguous sequence number
+//! (1, 2, 3, ...), assigned atomically with its append: a subscriber that sees a number
+//! skipped (the message was trimmed before it read it, or lost on its way) or the stream
+//! reset (a Redis restart, which may also lose the last second of an AOF) knows it may have
+//! missed invalidations and flushes its L1. Stream ids are not contiguous, so they alone
+//! cannot show a loss. Publishing is at-least-once (a relay may publish a row again after a
+//! crash); duplicates are harmless because invalidations raise version floors, which is
+//! idempotent.
 //!
 //! Not here: reading the outbox (the conversation service's relay) or applying messages to
 //! caches.
 
-use deadpool_redis::redis::{self, Value};
+use std::sync::LazyLock;
+
+use deadpool_redis::redis::{self, Script, Value};
 
 use crate::entry::Version;
 use crate::l2::{L2, L2Error};
@@ -38,51 +43,83 @@ pub struct BusMessage {
     pub tags: Vec<String>,
 }
 
+/// Appends messages atomically, numbering them from the bus's counter. KEYS: the stream,
+/// the counter. ARGV: MAXLEN, then five fields per message.
+const PUBLISH_LUA: &str = r#"
+local ids = {}
+for i = 2, #ARGV, 5 do
+  local seq = redis.call('INCR', KEYS[2])
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+    'seq', seq, 'shard', ARGV[i], 'outbox_id', ARGV[i + 1], 'key', ARGV[i + 2],
+    'version', ARGV[i + 3], 'tags', ARGV[i + 4])
+end
+return ids
+"#;
+
+/// The first and last ids and the last sequence, read atomically; false when the stream
+/// does not exist. KEYS: the stream.
+const EXTENT_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if not last[1] then return false end
+local seq = '0'
+local fields = last[1][2]
+for i = 1, #fields, 2 do
+  if fields[i] == 'seq' then seq = fields[i + 1] end
+end
+return {first[1][1], last[1][1], seq}
+"#;
+
+static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::new(PUBLISH_LUA));
+static EXTENT: LazyLock<Script> = LazyLock::new(|| Script::new(EXTENT_LUA));
+
+/// A message as read from the bus.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// Its stream id.
+    pub id: StreamId,
+    /// Its place in the bus's numbering (1, 2, 3, ...); `None` if it has none.
+    pub seq: Option<u64>,
+    /// The change; `None` if the entry is not a well-formed message.
+    pub message: Option<BusMessage>,
+}
+
 impl L2 {
     fn bus_key(&self) -> String {
-        format!("{}bus", self.config.key_prefix)
+        format!("{}invalidations", self.config.key_prefix)
     }
 
-    /// Appends `messages` to the bus in one round trip; returns their stream ids.
+    fn bus_seq_key(&self) -> String {
+        format!("{}invalidations:seq", self.config.key_prefix)
+    }
+
+    /// Appends `messages` to the bus, atomically and in one round trip; returns their
+    /// stream ids.
     pub async fn publish(&self, messages: &[BusMessage]) -> Result<Vec<String>, L2Error> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let key = self.bus_key();
-        let mut pipe = redis::pipe();
+        let mut invocation = PUBLISH.key(self.bus_key());
+        invocation.key(self.bus_seq_key()).arg(BUS_MAXLEN);
         for m in messages {
-            let tags: String = m.tags.join(&TAG_SEPARATOR.to_string());
-            pipe.cmd("XADD")
-                .arg(&key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(BUS_MAXLEN)
-                .arg("*")
-                .arg("shard")
+            invocation
                 .arg(&m.shard)
-                .arg("outbox_id")
                 .arg(m.outbox_id)
-                .arg("key")
                 .arg(&m.key)
-                .arg("version")
                 .arg(m.version.0)
-                .arg("tags")
-                .arg(tags);
+                .arg(m.tags.join(&TAG_SEPARATOR.to_string()));
         }
         self.bounded("publish", async {
             let mut conn = self.conn().await?;
-            Ok(pipe.query_async(&mut conn).await?)
+            Ok(invocation.invoke_async(&mut conn).await?)
         })
         .await
     }
 
     /// Messages after stream id `after` (`0` for the start), at most `count`, without
     /// blocking. Subscribers use it to resume; tests use it to look.
-    pub async fn read_bus(
-        &self,
-        after: &str,
-        count: usize,
-    ) -> Result<Vec<(String, BusMessage)>, L2Error> {
+    pub async fn read_bus(&self, after: &str, count: usize) -> Result<Vec<Received>, L2Error> {
         let key = self.bus_key();
         let reply: Value = self
             .bounded("read_bus", async {
@@ -102,29 +139,38 @@ impl L2 {
                 key: key.clone(),
                 what: format!("bus entries: {e}"),
             })?;
-        Ok(entries
+        entries
             .into_iter()
-            .filter_map(|(id, fields)| {
+            .map(|(id, fields)| {
                 let field = |name: &str| {
                     fields
                         .iter()
                         .find(|(k, _)| k == name)
                         .map(|(_, v)| v.clone())
                 };
-                let message = BusMessage {
-                    shard: field("shard")?,
-                    outbox_id: field("outbox_id")?.parse().ok()?,
-                    key: field("key")?,
-                    version: Version(field("version")?.parse().ok()?),
-                    tags: field("tags")?
-                        .split(TAG_SEPARATOR)
-                        .filter(|t| !t.is_empty())
-                        .map(str::to_owned)
-                        .collect(),
-                };
-                Some((id, message))
+                let message = (|| {
+                    Some(BusMessage {
+                        shard: field("shard")?,
+                        outbox_id: field("outbox_id")?.parse().ok()?,
+                        key: field("key")?,
+                        version: Version(field("version")?.parse().ok()?),
+                        tags: field("tags")?
+                            .split(TAG_SEPARATOR)
+                            .filter(|t| !t.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                    })
+                })();
+                Ok(Received {
+                    id: StreamId::parse(&id).ok_or_else(|| L2Error::Corrupt {
+                        key: key.clone(),
+                        what: format!("stream id {id:?}"),
+                    })?,
+                    seq: field("seq").and_then(|s| s.parse().ok()),
+                    message,
+                })
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -146,69 +192,42 @@ impl std::fmt::Display for StreamId {
     }
 }
 
-/// Where the bus stands: its oldest retained message and the last id it ever issued.
+/// Where the bus stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BusExtent {
-    /// The oldest message still kept, if any.
-    pub first: Option<StreamId>,
-    /// The last id Redis generated for the stream (survives trimming, not a restart
-    /// without persistence).
-    pub last_generated: StreamId,
+    /// The oldest message still kept.
+    pub first: StreamId,
+    /// The newest message.
+    pub last: StreamId,
+    /// The newest message's sequence.
+    pub last_seq: u64,
 }
 
 impl L2 {
-    /// The bus's extent; `None` when the stream does not exist (never written, or lost
-    /// with a Redis restart).
+    /// The bus's extent, read atomically; `None` when the stream does not exist (never
+    /// written, or lost with a Redis restart).
     pub async fn bus_extent(&self) -> Result<Option<BusExtent>, L2Error> {
         let key = self.bus_key();
-        let reply: Value = self
+        let reply: Option<(String, String, String)> = self
             .bounded("bus_extent", async {
                 let mut conn = self.conn().await?;
-                let exists: bool = redis::cmd("EXISTS")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await?;
-                if !exists {
-                    return Ok(Value::Nil);
-                }
-                let last: Value = redis::cmd("XINFO")
-                    .arg("STREAM")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await?;
-                let first: Value = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(1)
-                    .query_async(&mut conn)
-                    .await?;
-                Ok(Value::Array(vec![last, first]))
+                Ok(EXTENT.key(&key).invoke_async(&mut conn).await?)
             })
             .await?;
-        let Value::Array(parts) = reply else {
+        let Some((first, last, seq)) = reply else {
             return Ok(None);
         };
-        let corrupt = |what: &str| L2Error::Corrupt {
+        let corrupt = |what: String| L2Error::Corrupt {
             key: key.clone(),
-            what: what.to_owned(),
+            what,
         };
-        let mut parts = parts.into_iter();
-        let info = parts.next().ok_or_else(|| corrupt("no XINFO reply"))?;
-        let first = parts.next().ok_or_else(|| corrupt("no XRANGE reply"))?;
-        let info: std::collections::HashMap<String, Value> =
-            redis::from_redis_value(info).map_err(|e| corrupt(&format!("XINFO: {e}")))?;
-        let last_generated = info
-            .get("last-generated-id")
-            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-            .and_then(|v| StreamId::parse(&v))
-            .ok_or_else(|| corrupt("XINFO has no last-generated-id"))?;
-        let first: Vec<(String, Vec<(String, String)>)> =
-            redis::from_redis_value(first).map_err(|e| corrupt(&format!("XRANGE: {e}")))?;
         Ok(Some(BusExtent {
-            first: first.first().and_then(|(id, _)| StreamId::parse(id)),
-            last_generated,
+            first: StreamId::parse(&first)
+                .ok_or_else(|| corrupt(format!("stream id {first:?}")))?,
+            last: StreamId::parse(&last).ok_or_else(|| corrupt(format!("stream id {last:?}")))?,
+            last_seq: seq
+                .parse()
+                .map_err(|_| corrupt(format!("sequence {seq:?}")))?,
         }))
     }
 }

@@ -4,92 +4,152 @@
 //! (raising their floors) and tags in the L1. The L1 is flushed whenever invalidations may
 //! have been missed:
 //! - at the first step (whatever the L1 holds predates the subscription);
-//! - after a gap: the last message applied has been trimmed from the stream, so messages
-//!   after it may have been too (conservative: when exactly that message was trimmed and
-//!   the next was not, the flush was not needed, and costs only hit rate);
+//! - after a gap: a sequence number was skipped (messages trimmed before they were read,
+//!   or lost on their way: [`Subscriber::with_drop_ratio`] injects such losses);
 //! - after a reset: the stream is gone or its last id went backwards (a Redis restart);
 //! - after any failed step, once the bus answers again (a reconnect).
 //!
 //! While steps fail, [`SubscriberHandle::is_current`] is false: the L1 may be missing
 //! invalidations and must not serve.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use crate::bus::StreamId;
+use rand::Rng;
+
+use crate::bus::{BusExtent, StreamId};
 use crate::l1::L1;
 use crate::l2::{L2, L2Error};
 
 /// Messages applied per step at most.
 const BATCH: usize = 512;
 
+/// What a subscriber and its handles share.
+#[derive(Debug, Default)]
+struct State {
+    current: AtomicBool,
+    flushes: AtomicU64,
+    /// The stream id through which the L1 holds nothing older than the bus says.
+    coherent_through: Mutex<Option<StreamId>>,
+}
+
+/// Every live subscriber of this process, for in-process observers (coherence tests, debug
+/// pages); entries die with their subscriber and its handles.
+static LIVE: Mutex<Vec<Weak<State>>> = Mutex::new(Vec::new());
+
+/// Handles of every subscriber alive in this process.
+pub fn live() -> Vec<SubscriberHandle> {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    live.retain(|w| w.strong_count() > 0);
+    live.iter()
+        .filter_map(Weak::upgrade)
+        .map(|state| SubscriberHandle { state })
+        .collect()
+}
+
 /// The subscription's state; drive it with [`Subscriber::step`] or run it with [`spawn`].
 pub struct Subscriber {
     l2: L2,
     l1: L1,
+    /// The last stream id read.
     last: Option<StreamId>,
+    /// The last sequence read in order; `None` when unknown (the next message flushes).
+    seq: Option<u64>,
     failed: bool,
-    current: Arc<AtomicBool>,
-    flushes: Arc<AtomicU64>,
+    drop_ratio: f64,
+    state: Arc<State>,
 }
 
 /// Watches a running subscriber.
 #[derive(Clone, Debug)]
 pub struct SubscriberHandle {
-    current: Arc<AtomicBool>,
-    flushes: Arc<AtomicU64>,
+    state: Arc<State>,
 }
 
 impl SubscriberHandle {
     /// True when the last step succeeded: the L1 has every invalidation published so far.
     pub fn is_current(&self) -> bool {
-        self.current.load(Ordering::Acquire)
+        self.state.current.load(Ordering::Acquire)
     }
 
     /// How many times the L1 was flushed.
     pub fn flushes(&self) -> u64 {
-        self.flushes.load(Ordering::Relaxed)
+        self.state.flushes.load(Ordering::Relaxed)
+    }
+
+    /// The stream id through which every invalidation has reached the L1 (applied, or made
+    /// moot by a flush); `None` before the first step.
+    pub fn coherent_through(&self) -> Option<StreamId> {
+        *self
+            .state
+            .coherent_through
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Subscriber {
     /// A subscriber applying `l2`'s bus to `l1`.
     pub fn new(l2: L2, l1: L1) -> Self {
+        let state = Arc::new(State::default());
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&state));
         Self {
             l2,
             l1,
             last: None,
+            seq: None,
             failed: false,
-            current: Arc::new(AtomicBool::new(false)),
-            flushes: Arc::new(AtomicU64::new(0)),
+            drop_ratio: 0.0,
+            state,
         }
+    }
+
+    /// Fault injection for coherence tests: drops this share of the messages read, as if
+    /// lost on their way. Each loss must show as a gap and flush the L1. 0 in production.
+    pub fn with_drop_ratio(mut self, ratio: f64) -> Self {
+        self.drop_ratio = ratio.clamp(0.0, 1.0);
+        self
     }
 
     /// A handle that watches this subscriber.
     pub fn handle(&self) -> SubscriberHandle {
         SubscriberHandle {
-            current: self.current.clone(),
-            flushes: self.flushes.clone(),
+            state: self.state.clone(),
         }
     }
 
-    async fn flush(&self, why: &str) {
+    async fn flush(&mut self, why: &'static str) {
         tracing::info!(why, "flushing L1: invalidations may have been missed");
         self.l1.flush().await;
-        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.state.flushes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("convoy_cache_bus_flushes_total", "why" => why).increment(1);
     }
 
-    /// Reads and applies what the bus has after the last message applied; returns how
-    /// many messages were applied.
+    fn set_coherent_through(&self, id: StreamId) {
+        let mut through = self
+            .state
+            .coherent_through
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Never backwards: after a reset, ids start again from the new stream's.
+        if through.is_none_or(|t| t < id) {
+            *through = Some(id);
+        }
+    }
+
+    /// Reads and applies what the bus has after the last message read; returns how many
+    /// messages were applied.
     pub async fn step(&mut self) -> Result<usize, L2Error> {
         match self.try_step().await {
             Ok(applied) => {
-                self.current.store(true, Ordering::Release);
+                self.state.current.store(true, Ordering::Release);
                 Ok(applied)
             }
             Err(e) => {
-                self.current.store(false, Ordering::Release);
+                self.state.current.store(false, Ordering::Release);
                 self.failed = true;
                 Err(e)
             }
@@ -102,42 +162,86 @@ impl Subscriber {
         match (self.last, extent) {
             (None, extent) => {
                 self.flush("first subscription").await;
-                self.last = Some(extent.map_or(zero, |e| e.last_generated));
+                self.last = Some(extent.map_or(zero, |e| e.last));
+                self.seq = Some(extent.map_or(0, |e| e.last_seq));
+                self.set_coherent_through(self.last.unwrap_or(zero));
                 self.failed = false;
                 return Ok(0);
             }
-            (Some(_), None) => {
+            (Some(last), None) => {
                 // Never written, or lost with a Redis restart.
-                if self.last != Some(zero) || self.failed {
+                if last != zero || self.failed {
                     self.flush("the bus stream is gone").await;
                     self.last = Some(zero);
+                    self.seq = Some(0);
                 }
             }
             (Some(last), Some(extent)) => {
-                if extent.last_generated < last {
+                if extent.last < last {
                     self.flush("the bus stream was reset").await;
                     self.last = Some(zero);
-                } else if extent.first.is_some_and(|first| last < first) && last != zero {
-                    self.flush("messages were trimmed before they were applied")
-                        .await;
+                    self.seq = Some(0);
                 } else if self.failed {
                     self.flush("reconnected to the bus").await;
                 }
             }
         }
         self.failed = false;
-        let after = self.last.unwrap_or(zero).to_string();
-        let messages = self.l2.read_bus(&after, BATCH).await?;
-        for (id, message) in &messages {
-            self.l1.invalidate(&message.key, message.version).await;
-            if !message.tags.is_empty() {
-                self.l1.invalidate_tags(&message.tags).await;
+        let after = self.last.unwrap_or(zero);
+        let received = self.l2.read_bus(&after.to_string(), BATCH).await?;
+        let mut applied = 0;
+        let mut gap = false;
+        let mut malformed = false;
+        // The last id through which nothing was lost unnoticed.
+        let mut through = after;
+        let mut lost = false;
+        for r in &received {
+            self.last = Some(r.id);
+            if self.drop_ratio > 0.0 && rand::rng().random_bool(self.drop_ratio) {
+                metrics::counter!("convoy_cache_bus_dropped_total").increment(1);
+                lost = true;
+                continue;
             }
-            if let Some(id) = StreamId::parse(id) {
-                self.last = Some(id);
+            if !matches!((self.seq, r.seq), (Some(s), Some(n)) if n == s + 1) {
+                gap = true;
+            }
+            self.seq = r.seq;
+            match &r.message {
+                Some(message) => {
+                    self.l1.invalidate(&message.key, message.version).await;
+                    if !message.tags.is_empty() {
+                        self.l1.invalidate_tags(&message.tags).await;
+                    }
+                    applied += 1;
+                }
+                None => malformed = true,
+            }
+            if !lost {
+                through = r.id;
             }
         }
-        Ok(messages.len())
+        // Caught up with the extent read before, yet short of its sequence: the last
+        // messages were lost.
+        if let Some(BusExtent { last, last_seq, .. }) = extent
+            && self.last == Some(last)
+            && self.seq != Some(last_seq)
+        {
+            gap = true;
+            self.seq = Some(last_seq);
+        }
+        if gap || malformed {
+            // A flush after the reads covers everything read so far: from here on, the L1
+            // holds only what is filled after it.
+            self.flush(if gap {
+                "a message was missed"
+            } else {
+                "a malformed message"
+            })
+            .await;
+            through = self.last.unwrap_or(zero);
+        }
+        self.set_coherent_through(through);
+        Ok(applied)
     }
 }
 

@@ -84,7 +84,7 @@ async fn messages_trimmed_before_they_were_applied_flush_the_l1() {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: i64 = redis::cmd("XTRIM")
-        .arg("convoy:bus")
+        .arg("convoy:invalidations")
         .arg("MAXLEN")
         .arg(0)
         .query_async(&mut conn)
@@ -130,4 +130,94 @@ async fn a_redis_restart_flushes_the_l1_and_it_is_not_current_while_down() {
     assert!(l1.get("kept-while-up", None).await.is_none());
     assert!(l1.get("filled-while-down", None).await.is_none());
     assert_eq!(subscriber.handle().flushes(), 2);
+}
+
+#[tokio::test]
+async fn a_message_lost_on_its_way_is_noticed_and_flushes_the_l1() {
+    let redis = Redis::start().await.unwrap();
+    let bus = L2::new(L2Config::new(redis.url())).unwrap();
+    let l1 = L1::new(L1Config::default());
+    // Every message read is lost.
+    let mut subscriber = Subscriber::new(L2::new(L2Config::new(redis.url())).unwrap(), l1.clone())
+        .with_drop_ratio(1.0);
+    subscriber.step().await.unwrap();
+    l1.set("conv:acme:1", entry(1)).await;
+    let ids = bus.publish(&[message("conv:acme:1", 2)]).await.unwrap();
+    assert_eq!(subscriber.step().await.unwrap(), 0, "nothing applied");
+    assert!(
+        l1.get("conv:acme:1", None).await.is_none(),
+        "the loss was noticed (the sequence fell short of the bus's) and the L1 flushed"
+    );
+    assert_eq!(subscriber.handle().flushes(), 2);
+    assert_eq!(
+        subscriber
+            .handle()
+            .coherent_through()
+            .map(|id| id.to_string()),
+        Some(ids[0].clone())
+    );
+}
+
+#[tokio::test]
+async fn with_random_losses_no_invalidated_entry_survives() {
+    let (_redis, bus, l1, _) = setup().await;
+    let redis_url = _redis.url();
+    let mut subscriber = Subscriber::new(L2::new(L2Config::new(redis_url)).unwrap(), l1.clone())
+        .with_drop_ratio(0.3);
+    subscriber.step().await.unwrap();
+    for round in 0..20_i64 {
+        let keys: Vec<String> = (0..5).map(|k| format!("k{round}-{k}")).collect();
+        for key in &keys {
+            l1.set(key, entry(1)).await;
+        }
+        let messages: Vec<BusMessage> = keys.iter().map(|k| message(k, 2)).collect();
+        let ids = bus.publish(&messages).await.unwrap();
+        subscriber.step().await.unwrap();
+        for key in &keys {
+            assert!(
+                l1.get(key, None).await.is_none(),
+                "{key} survived its invalidation"
+            );
+        }
+        assert_eq!(
+            subscriber
+                .handle()
+                .coherent_through()
+                .map(|id| id.to_string())
+                .as_ref(),
+            ids.last()
+        );
+    }
+    assert!(
+        subscriber.handle().flushes() > 1,
+        "some losses were injected and noticed"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_publishers_number_messages_without_holes() {
+    let (_redis, bus, _, _) = setup().await;
+    let bus = std::sync::Arc::new(bus);
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    bus.publish(&[message(&format!("p{p}-{i}"), 1), message("x", 2)])
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let read = bus.read_bus("0", 1000).await.unwrap();
+    let seqs: Vec<u64> = read.iter().map(|r| r.seq.unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=200).collect::<Vec<u64>>(),
+        "in stream order, contiguous"
+    );
 }

@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+mod cache;
 mod conversation;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use convoy_mesh::{BalanceConfig, BalancedChannel, Deadline, RetryBudget, RetryCo
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, ServiceExt};
 
+pub use cache::{CacheClient, CacheClientConfig};
 pub use conversation::ConversationClient;
 
 /// Where to find a service's instances.
@@ -54,6 +56,28 @@ impl Default for ClientConfig {
             retry: RetryConfig::default(),
             balance: BalanceConfig::default(),
         }
+    }
+}
+
+/// The endpoint changes of `service` as `discovery` finds them.
+pub(crate) fn changes(discovery: &Discovery, service: &str) -> convoy_discovery::Changes {
+    match discovery {
+        Discovery::Static(addrs) => convoy_discovery::static_endpoints(
+            addrs
+                .iter()
+                .map(|addr| Endpoint {
+                    addr: addr.clone(),
+                    metadata: Metadata {
+                        service: service.into(),
+                        instance: addr.clone(),
+                        version: String::new(),
+                        zone: String::new(),
+                        extra: Default::default(),
+                    },
+                })
+                .collect(),
+        ),
+        Discovery::Etcd(etcd) => convoy_discovery::watch_service(etcd, service),
     }
 }
 
@@ -98,24 +122,7 @@ pub(crate) struct Stack {
 
 impl Stack {
     fn new(discovery: &Discovery, service: &str, config: Arc<ClientConfig>) -> Self {
-        let changes = match discovery {
-            Discovery::Static(addrs) => convoy_discovery::static_endpoints(
-                addrs
-                    .iter()
-                    .map(|addr| Endpoint {
-                        addr: addr.clone(),
-                        metadata: Metadata {
-                            service: service.into(),
-                            instance: addr.clone(),
-                            version: String::new(),
-                            zone: String::new(),
-                            extra: Default::default(),
-                        },
-                    })
-                    .collect(),
-            ),
-            Discovery::Etcd(etcd) => convoy_discovery::watch_service(etcd, service),
-        };
+        let changes = changes(discovery, service);
         let balanced: BalancedChannel =
             convoy_mesh::balanced_channel(changes, config.balance.clone());
         let transport = BoxCloneSyncService::new(

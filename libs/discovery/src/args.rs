@@ -48,6 +48,14 @@ pub struct RegistrationArgs {
 }
 
 impl RegistrationArgs {
+    /// The etcd cluster these flags name, if any (for finding peers as well as registering).
+    pub fn etcd_config(&self) -> Option<EtcdConfig> {
+        (!self.etcd_endpoints.is_empty()).then(|| EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            ..EtcdConfig::default()
+        })
+    }
+
     /// What to register for `service` (at `version`), if registration is configured;
     /// `listening` is advertised when `--advertise-addr` is not given.
     pub fn plan(
@@ -81,9 +89,8 @@ impl RegistrationArgs {
             },
         };
         let ttl = Duration::from_secs(self.registration_ttl_secs.max(2));
-        let etcd = EtcdConfig {
-            endpoints: self.etcd_endpoints.clone(),
-            ..EtcdConfig::default()
+        let Some(etcd) = self.etcd_config() else {
+            return Ok(None);
         };
         let registration = RegistrationConfig {
             ttl,

@@ -383,6 +383,33 @@ impl<S> Breaker<S> {
     pub fn is_ejected(&self) -> bool {
         self.shared.state().is_ejected()
     }
+
+    /// Whether a call made now would be let through (closed, or half-open with no probe
+    /// out), for routers that choose an endpoint before polling it.
+    pub fn admits_now(&self) -> bool {
+        matches!(
+            self.shared.state().gate(Instant::now()),
+            Gate::Open | Gate::Probe
+        )
+    }
+
+    /// The endpoint behind the breaker.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// A clone shares the breaker's state (one breaker per endpoint, however many handles).
+impl<S: Clone> Clone for Breaker<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            sleep: None,
+            notified: None,
+            probe: false,
+        }
+    }
 }
 
 // === impl Breaker ===

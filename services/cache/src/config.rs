@@ -36,6 +36,11 @@ pub struct Config {
     #[arg(long, env = "CONVOY_BUS_POLL_MS", default_value_t = 10)]
     pub bus_poll_ms: u64,
 
+    /// Fault injection for coherence tests: the share of bus messages the L1's subscriber
+    /// drops (it must notice each as a gap and flush). 0 in production.
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    pub fault_bus_drop_ratio: f64,
+
     /// Registration in etcd.
     #[command(flatten)]
     pub registration: RegistrationArgs,

@@ -40,7 +40,8 @@ pub async fn serve(
         Subscriber::new(
             L2::new(L2Config::new(config.redis_url.clone()))?,
             l1.clone(),
-        ),
+        )
+        .with_drop_ratio(config.fault_bus_drop_ratio),
         Duration::from_millis(config.bus_poll_ms.max(1)),
     );
     let registration = config

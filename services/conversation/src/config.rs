@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use convoy_client::Discovery;
 use convoy_discovery::RegistrationArgs;
 use convoy_mesh::ServerConfig;
 use convoy_store::shard_map::redact_dsn;
@@ -73,6 +74,35 @@ pub struct Config {
     #[arg(long, env = "CONVOY_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// Cache instances (`host:port`) for reads, chosen per key by consistent hashing.
+    /// None: when etcd is configured, the `cache` instances registered there (see
+    /// `--cache-from-etcd`); otherwise reads go to the primary.
+    #[arg(long = "cache-addr", env = "CONVOY_CACHE_ADDRS", value_delimiter = ',')]
+    pub cache_addr: Vec<String>,
+
+    /// Without `--cache-addr`, find cache instances in etcd (when `--etcd-endpoint` is set).
+    #[arg(long, env = "CONVOY_CACHE_FROM_ETCD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cache_from_etcd: bool,
+
+    /// This instance's own L1 for hot conversations, in MiB; 0 turns it off. 32. It needs
+    /// `--redis-url`: it is kept coherent by the invalidation bus.
+    #[arg(long, env = "CONVOY_LOCAL_CACHE_MIB", default_value_t = 32)]
+    pub local_cache_mib: u64,
+
+    /// How often the own L1's idle bus subscriber polls, in milliseconds. 10.
+    #[arg(long, env = "CONVOY_BUS_POLL_MS", default_value_t = 10)]
+    pub bus_poll_ms: u64,
+
+    /// Fault injection for coherence tests: the share of bus messages the own L1's
+    /// subscriber drops (it must notice each as a gap and flush). 0 in production.
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    pub fault_bus_drop_ratio: f64,
+
+    /// Fault injection for coherence tests: run no outbox relay, as if this instance always
+    /// died between a commit and its publication (other instances' relays deliver).
+    #[arg(long, hide = true)]
+    pub fault_no_relay: bool,
+
     /// Registration in etcd.
     #[command(flatten)]
     pub registration: RegistrationArgs,
@@ -113,6 +143,17 @@ impl Config {
         }
     }
 
+    /// Where the cache tier's instances are found, if reads go through it.
+    pub fn cache_discovery(&self) -> Option<Discovery> {
+        if !self.cache_addr.is_empty() {
+            return Some(Discovery::Static(self.cache_addr.clone()));
+        }
+        self.registration
+            .etcd_config()
+            .filter(|_| self.cache_from_etcd)
+            .map(Discovery::Etcd)
+    }
+
     /// Server settings.
     pub fn server_config(&self) -> ServerConfig {
         ServerConfig {
@@ -130,7 +171,7 @@ impl Config {
             "listen={} shard_map={:?} shard_dsns={:?} pool_max_connections={} \
              pool_acquire_timeout_ms={} statement_timeout_ms={} drain_timeout_secs={} \
              max_concurrent_calls={} reflection={} etcd_endpoints={:?} advertise_addr={:?} \
-             zone={} registration_ttl_secs={} redis={}",
+             zone={} registration_ttl_secs={} redis={} cache={:?} local_cache_mib={}",
             self.listen,
             self.shard_map,
             dsns,
@@ -144,7 +185,9 @@ impl Config {
             self.registration.advertise_addr,
             self.registration.zone,
             self.registration.registration_ttl_secs,
-            self.redis_url.as_deref().map_or("none", |_| "set")
+            self.redis_url.as_deref().map_or("none", |_| "set"),
+            self.cache_discovery(),
+            self.local_cache_mib,
         )
     }
 }

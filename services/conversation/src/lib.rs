@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cached;
 pub mod config;
 pub mod error;
 pub mod fingerprint;
@@ -24,11 +25,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use convoy_cache::l1::{L1, L1Config};
+use convoy_cache::l2::{L2, L2Config};
+use convoy_cache::subscriber::{self, Subscriber};
+use convoy_client::{CacheClient, CacheClientConfig};
 use convoy_mesh::ServerBuilder;
 use convoy_proto::v1::conversation_service_server::ConversationServiceServer;
 use convoy_store::ShardPools;
 use tokio::net::TcpListener;
 
+pub use cached::{LocalCache, ReadThrough};
 pub use config::Config;
 pub use service::ConversationApi;
 pub use store::ConversationStore;
@@ -53,10 +59,57 @@ pub async fn connect(config: &Config) -> anyhow::Result<ConversationStore> {
     Ok(ConversationStore::new(pools, op_timeout))
 }
 
-/// The gRPC service over `store`, with the contract's message-size limit.
-pub fn grpc_service(store: Arc<ConversationStore>) -> ConversationServiceServer<ConversationApi> {
-    ConversationServiceServer::new(ConversationApi::new(store))
+/// The gRPC service over `store`, reading through `reads`, with the contract's
+/// message-size limit.
+pub fn grpc_service(
+    store: Arc<ConversationStore>,
+    reads: ReadThrough,
+) -> ConversationServiceServer<ConversationApi> {
+    ConversationServiceServer::new(ConversationApi::new(store, reads))
         .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES)
+}
+
+/// Background tasks that end with the server, however it ends (a dropped `serve` future
+/// included: an instance killed in a test must not leave its relay running).
+#[derive(Default)]
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Tasks {
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(task));
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.0.iter().for_each(tokio::task::JoinHandle::abort);
+    }
+}
+
+/// The own L1 and the cache tier client, as configured; their tasks join `tasks`.
+fn read_through(config: &Config, tasks: &mut Tasks) -> anyhow::Result<ReadThrough> {
+    let local = match &config.redis_url {
+        Some(url) if config.local_cache_mib > 0 => {
+            let l1 = L1::new(L1Config {
+                capacity_bytes: config.local_cache_mib << 20,
+                ..L1Config::default()
+            });
+            let subscriber = Subscriber::new(L2::new(L2Config::new(url.clone()))?, l1.clone())
+                .with_drop_ratio(config.fault_bus_drop_ratio);
+            let (bus, task) =
+                subscriber::spawn(subscriber, Duration::from_millis(config.bus_poll_ms.max(1)));
+            tasks.0.push(task);
+            Some(LocalCache { l1, bus })
+        }
+        _ => None,
+    };
+    let tier = config
+        .cache_discovery()
+        .map(|discovery| CacheClient::connect(&discovery, CacheClientConfig::default()));
+    if tier.is_none() {
+        tracing::info!("no cache tier configured: reads go to the primary");
+    }
+    Ok(ReadThrough::new(local, tier))
 }
 
 /// Serves the conversation API on `listener` until `shutdown` completes.
@@ -78,25 +131,26 @@ pub async fn serve(
     // Shutdown order: health NOT_SERVING, then deregister (peers drop us at once), then
     // stop accepting and drain.
     let deregister = convoy_discovery::deregister_if_any(registration);
-    let purger = tokio::spawn(purge_old_rows(store.clone()));
-    let relay = match &config.redis_url {
-        Some(url) => {
-            let bus = convoy_cache::l2::L2::new(convoy_cache::l2::L2Config::new(url.clone()))?;
-            Some(tokio::spawn(relay::run(store.clone(), bus)))
+    let mut tasks = Tasks::default();
+    tasks.spawn(purge_old_rows(store.clone()));
+    match &config.redis_url {
+        Some(_) if config.fault_no_relay => {
+            tracing::warn!("fault injection: this instance relays nothing");
         }
+        Some(url) => tasks.spawn(relay::run(
+            store.clone(),
+            L2::new(L2Config::new(url.clone()))?,
+        )),
         None => {
             tracing::warn!("no --redis-url: the outbox is not relayed to the invalidation bus");
-            None
         }
-    };
+    }
+    let reads = read_through(config, &mut tasks)?;
     let result = ServerBuilder::new(config.server_config())
-        .add_service(grpc_service(store.clone()))
+        .add_service(grpc_service(store.clone(), reads))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
-    purger.abort();
-    if let Some(relay) = relay {
-        relay.abort();
-    }
+    drop(tasks);
     store.pools().close().await;
     Ok(result?)
 }

@@ -17,6 +17,7 @@ use convoy_proto::v1::conversation_service_server::ConversationService;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
+use crate::cached::ReadThrough;
 use crate::error::ApiError;
 use crate::model::{ListCursor, SearchCursor, Version};
 use crate::names::ConversationName;
@@ -28,12 +29,13 @@ use crate::{validate, wire};
 #[derive(Clone, Debug)]
 pub struct ConversationApi {
     store: Arc<ConversationStore>,
+    reads: ReadThrough,
 }
 
 impl ConversationApi {
-    /// A service over `store`.
-    pub fn new(store: Arc<ConversationStore>) -> Self {
-        Self { store }
+    /// A service over `store`, reading single conversations through `reads`.
+    pub fn new(store: Arc<ConversationStore>, reads: ReadThrough) -> Self {
+        Self { store, reads }
     }
 
     /// Runs a single-statement operation on the caller's task.
@@ -107,14 +109,15 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<pb::GetConversationRequest>,
     ) -> Result<Response<pb::Conversation>, Status> {
-        // Reads go to the primary today, which is never older than any token; the token is
-        // still checked so that malformed ones fail now, not when replicas arrive.
-        validate::consistency_token(request.metadata())?;
+        // Through the caches, never older than the token's version (see `cached`).
+        let token = validate::consistency_token(request.metadata())?;
         let name = validate::conversation_name("name", &request.get_ref().name)?;
-        let conversation = self
-            .inline(|store| async move { store.get(&name).await })
-            .await?;
-        Ok(Response::new(wire::conversation(conversation)))
+        let (conversation, _) = self
+            .reads
+            .get(&self.store, &name, token.as_ref())
+            .await
+            .map_err(ApiError::into_status)?;
+        Ok(Response::new(conversation))
     }
 
     async fn batch_get_conversations(

@@ -20,9 +20,9 @@ async fn bus_until(bus: &L2, done: impl Fn(&[BusMessage]) -> bool) -> Vec<BusMes
     let mut last = "0".to_owned();
     tokio::time::timeout(Duration::from_secs(10), async {
         while !done(&seen) {
-            for (id, message) in bus.read_bus(&last, 1000).await.unwrap() {
-                last = id;
-                seen.push(message);
+            for received in bus.read_bus(&last, 1000).await.unwrap() {
+                last = received.id.to_string();
+                seen.push(received.message.expect("a well-formed message"));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

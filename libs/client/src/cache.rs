@@ -1,0 +1,168 @@
+//! The typed client of `convoy.v1.CacheService`: each call goes to the instance that owns its
+//! key (consistent hashing with bounded loads, [`convoy_mesh::keyed`]), so each key's L1
+//! lives mostly on one instance.
+//!
+//! Cache calls get a short deadline of their own ([`CacheClientConfig::timeout`]) and no
+//! retries: a cache that cannot answer quickly should be treated as a miss by the caller,
+//! which has the database to fall back on.
+
+use std::time::Duration;
+
+use convoy_mesh::propagation::DeadlinePropagationLayer;
+use convoy_mesh::{KeyedChannel, KeyedConfig, RouteKey};
+use convoy_proto::v1 as pb;
+use convoy_proto::v1::cache_service_client::CacheServiceClient;
+use tonic::{Response, Status};
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
+
+use crate::{Discovery, Transport, TransportError, changes};
+
+/// Cache client settings.
+#[derive(Clone, Debug)]
+pub struct CacheClientConfig {
+    /// Longest time one cache call may take (less when the caller's own deadline is
+    /// nearer). 100 ms: an order of magnitude over a LAN round trip to Redis and back; past
+    /// it the database is the faster answer.
+    pub timeout: Duration,
+    /// Routing, breakers and endpoint connections.
+    pub keyed: KeyedConfig,
+}
+
+impl Default for CacheClientConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_millis(100),
+            keyed: KeyedConfig::default(),
+        }
+    }
+}
+
+/// CacheService, routed by key; cheap to clone.
+#[derive(Clone)]
+pub struct CacheClient {
+    channel: KeyedChannel,
+    inner: CacheServiceClient<Transport>,
+}
+
+impl std::fmt::Debug for CacheClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheClient")
+            .field("channel", &self.channel)
+            .finish()
+    }
+}
+
+fn routed<M>(key: &str, message: M) -> tonic::Request<M> {
+    let mut request = tonic::Request::new(message);
+    request
+        .extensions_mut()
+        .insert(RouteKey::of(key.as_bytes()));
+    request
+}
+
+impl CacheClient {
+    /// Connects to the cache instances `discovery` finds (service `cache`). Must be called
+    /// inside a tokio runtime.
+    pub fn connect(discovery: &Discovery, config: CacheClientConfig) -> Self {
+        let channel = KeyedChannel::new(changes(discovery, "cache"), config.keyed);
+        let transport = BoxCloneSyncService::new(
+            DeadlinePropagationLayer::new(config.timeout, Duration::ZERO)
+                .layer(channel.clone())
+                .map_err(TransportError),
+        );
+        Self {
+            channel,
+            inner: CacheServiceClient::new(transport),
+        }
+    }
+
+    /// The address of the instance a call for `key` would go to now.
+    pub fn owner(&self, key: &str) -> Option<String> {
+        self.channel.route(RouteKey::of(key.as_bytes()))
+    }
+
+    /// Looks `key` up (L1, then L2) at its instance; `None` on a miss.
+    pub async fn get(
+        &self,
+        key: &str,
+        min_version: i64,
+    ) -> Result<Option<(pb::CacheEntry, pb::CacheLayer)>, Status> {
+        let response = self
+            .inner
+            .clone()
+            .get(routed(
+                key,
+                pb::CacheGetRequest {
+                    key: key.to_owned(),
+                    min_version,
+                },
+            ))
+            .await?
+            .into_inner();
+        let layer = response.layer();
+        Ok(response.entry.map(|e| (e, layer)))
+    }
+
+    /// Get-or-lease for a read-through fill.
+    pub async fn lease(
+        &self,
+        key: &str,
+        lease_ttl: Option<Duration>,
+    ) -> Result<pb::lease_response::Outcome, Status> {
+        let lease_ttl = lease_ttl.map(|d| prost_types::Duration {
+            seconds: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i32,
+        });
+        self.inner
+            .clone()
+            .lease(routed(
+                key,
+                pb::LeaseRequest {
+                    key: key.to_owned(),
+                    lease_ttl,
+                },
+            ))
+            .await?
+            .into_inner()
+            .outcome
+            .ok_or_else(|| Status::internal("a Lease answer without an outcome"))
+    }
+
+    /// Stores `entry` (with the lease token when the key is leased).
+    pub async fn set(
+        &self,
+        entry: pb::CacheEntry,
+        lease_token: String,
+    ) -> Result<pb::SetOutcome, Status> {
+        let key = entry.key.clone();
+        let response = self
+            .inner
+            .clone()
+            .set(routed(
+                &key,
+                pb::CacheSetRequest {
+                    entry: Some(entry),
+                    lease_token,
+                },
+            ))
+            .await?;
+        Ok(response.into_inner().outcome())
+    }
+
+    /// Drops `key` and raises its floor to `version`.
+    pub async fn invalidate(&self, key: &str, version: i64) -> Result<(), Status> {
+        self.inner
+            .clone()
+            .invalidate(routed(
+                key,
+                pb::CacheInvalidateRequest {
+                    key: key.to_owned(),
+                    version,
+                },
+            ))
+            .await
+            .map(Response::into_inner)
+            .map(drop)
+    }
+}
