@@ -95,7 +95,13 @@ pub struct L1 {
     tags: Arc<Mutex<HashMap<String, HashSet<String>>>>,
     hits: Arc<AtomicU64>,
     misses: Arc<AtomicU64>,
+    /// Flushes so far; fenced fills hold the read side.
+    fence: Arc<tokio::sync::RwLock<u64>>,
 }
+
+/// The L1's flush generation when a fill started; see [`L1::ticket`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FillTicket(u64);
 
 impl L1 {
     /// An empty L1.
@@ -117,6 +123,7 @@ impl L1 {
             tags: Arc::default(),
             hits: Arc::default(),
             misses: Arc::default(),
+            fence: Arc::default(),
         }
     }
 
@@ -140,8 +147,30 @@ impl L1 {
         found
     }
 
+    /// A ticket for a fill: take it before reading the value from elsewhere (L2, the cache
+    /// tier, a database), and store with [`L1::set_fenced`].
+    pub async fn ticket(&self) -> FillTicket {
+        FillTicket(*self.fence.read().await)
+    }
+
+    /// Stores `entry` if no flush happened since `ticket` was taken, and [`L1::set`] would.
+    /// A flush drops entries but keeps floors, which only know the invalidations that
+    /// arrived: a value read before a flush may predate an invalidation the flush stood in
+    /// for, so it is refused ([`SetOutcome::Stale`]).
+    pub async fn set_fenced(&self, key: &str, entry: Entry, ticket: FillTicket) -> SetOutcome {
+        let generation = self.fence.read().await;
+        if *generation != ticket.0 {
+            return SetOutcome::Stale;
+        }
+        // Holding the read side keeps a flush out until the entry is in.
+        let outcome = self.set(key, entry).await;
+        drop(generation);
+        outcome
+    }
+
     /// Stores `entry` unless a newer version, or an invalidation at a newer version, was
-    /// seen for `key` (an equal version is a harmless refill and is stored).
+    /// seen for `key` (an equal version is a harmless refill and is stored). Unfenced
+    /// against flushes: values read from elsewhere go through [`L1::set_fenced`].
     pub async fn set(&self, key: &str, entry: Entry) -> SetOutcome {
         let floor = self.floors.clone();
         let tags = self.tags.clone();
@@ -210,9 +239,12 @@ impl L1 {
     /// Drops everything (after a gap on the invalidation bus, for instance). Floors stay:
     /// they only ever refuse data that is known to be stale.
     pub async fn flush(&self) {
+        let mut generation = self.fence.write().await;
+        *generation += 1;
         self.entries.invalidate_all();
         self.tags().clear();
         self.entries.run_pending_tasks().await;
+        drop(generation);
     }
 
     /// Removes tag members whose entry is gone, each under its key's lock so a concurrent
@@ -274,6 +306,24 @@ mod tests {
             tags: tags.iter().map(|t| (*t).to_owned()).collect(),
             ttl: Duration::from_secs(60),
         }
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_started_before_a_flush_is_refused() {
+        let l1 = L1::new(L1Config::default());
+        let before = l1.ticket().await;
+        // The flush stands for invalidations the L1 never saw, so no floor refuses v1.
+        l1.flush().await;
+        assert_eq!(
+            l1.set_fenced("k", entry(1, &[]), before).await,
+            SetOutcome::Stale
+        );
+        assert!(l1.get("k", None).await.is_none());
+        let after = l1.ticket().await;
+        assert_eq!(
+            l1.set_fenced("k", entry(1, &[]), after).await,
+            SetOutcome::Stored
+        );
     }
 
     #[tokio::test]

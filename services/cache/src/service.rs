@@ -114,6 +114,8 @@ impl CacheApi {
     /// L1 (when current), then L2 (promoting into L1), else a miss.
     async fn lookup(&self, key: &str, min: Option<Version>) -> (Option<Entry>, pb::CacheLayer) {
         let current = self.bus.is_current();
+        // Taken before L2 is read: a flush in between refuses the promotion.
+        let ticket = self.l1.ticket().await;
         if current && let Some(entry) = self.l1.get(key, min).await {
             self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
             return (Some((*entry).clone()), pb::CacheLayer::L1);
@@ -121,7 +123,7 @@ impl CacheApi {
         match self.l2.get(key).await {
             Ok(Some(entry)) if min.is_none_or(|m| entry.version >= m) => {
                 if current {
-                    self.l1.set(key, entry.clone()).await;
+                    self.l1.set_fenced(key, entry.clone(), ticket).await;
                 }
                 self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
                 (Some(entry), pb::CacheLayer::L2)
@@ -221,13 +223,14 @@ impl CacheService for CacheApi {
             .as_ref()
             .ok_or_else(|| invalid("entry", "is required"))?;
         let (key, entry) = self.entry_from(entry)?;
+        let ticket = self.l1.ticket().await;
         let outcome = self
             .l2
             .set_leased(&key, &entry, &r.lease_token)
             .await
             .map_err(unavailable)?;
         if outcome == SetOutcome::Stored && self.bus.is_current() {
-            self.l1.set(&key, entry).await;
+            self.l1.set_fenced(&key, entry, ticket).await;
         }
         let outcome = match outcome {
             SetOutcome::Stored => pb::SetOutcome::Stored,

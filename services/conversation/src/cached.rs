@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use convoy_cache::l1::L1;
+use convoy_cache::l1::{FillTicket, L1};
 use convoy_cache::subscriber::SubscriberHandle;
 use convoy_cache::{Entry, SetOutcome, Version};
 use convoy_client::CacheClient;
@@ -137,6 +137,11 @@ impl ReadThrough {
         let Some(tier) = &self.tier else {
             return self.primary(store, name, Source::Primary).await;
         };
+        // Taken before the tier is asked: a flush of the own L1 in between refuses the copy.
+        let ticket = match &self.local {
+            Some(local) => Some(local.l1.ticket().await),
+            None => None,
+        };
         for _ in 0..=LEASE_WAITS {
             match tier.lease(key, Some(LEASE_TTL)).await {
                 Ok(Outcome::Entry(entry)) => {
@@ -147,12 +152,12 @@ impl ReadThrough {
                     let Some(conversation) = decode(key, &entry.value) else {
                         break;
                     };
-                    self.keep_locally(key, entry.value.into(), entry.version)
+                    self.keep_locally(key, entry.value.into(), entry.version, ticket)
                         .await;
                     return Ok((conversation, Source::Tier));
                 }
                 Ok(Outcome::LeaseToken(lease)) => {
-                    return self.fill(store, name, key, tier, lease).await;
+                    return self.fill(store, name, key, tier, lease, ticket).await;
                 }
                 Ok(Outcome::RetryAfter(after)) => {
                     let after = Duration::try_from(after).unwrap_or(MAX_LEASE_WAIT);
@@ -176,6 +181,7 @@ impl ReadThrough {
         key: &str,
         tier: &CacheClient,
         lease: String,
+        ticket: Option<FillTicket>,
     ) -> Result<(pb::Conversation, Source), ApiError> {
         // A NOT_FOUND leaves the lease to expire: waiting readers then read the primary.
         let (conversation, version) = read_primary(store, name).await?;
@@ -191,7 +197,7 @@ impl ReadThrough {
             }),
         };
         match tier.set(entry, lease).await {
-            Ok(pb::SetOutcome::Stored) => self.keep_locally(key, value, version).await,
+            Ok(pb::SetOutcome::Stored) => self.keep_locally(key, value, version, ticket).await,
             Ok(outcome) => {
                 metrics::counter!("convoy_conversation_fills_refused_total", "outcome" => outcome.as_str_name())
                     .increment(1);
@@ -213,8 +219,16 @@ impl ReadThrough {
 
     /// Puts a value the tier holds (or just stored) into the own L1, which refuses it if an
     /// invalidation of a newer version already arrived.
-    async fn keep_locally(&self, key: &str, value: Bytes, version: i64) {
-        let Some(local) = &self.local else { return };
+    async fn keep_locally(
+        &self,
+        key: &str,
+        value: Bytes,
+        version: i64,
+        ticket: Option<FillTicket>,
+    ) {
+        let (Some(local), Some(ticket)) = (&self.local, ticket) else {
+            return;
+        };
         if !local.bus.is_current() {
             return;
         }
@@ -224,7 +238,7 @@ impl ReadThrough {
             tags: Vec::new(),
             ttl: ENTRY_TTL,
         };
-        if local.l1.set(key, entry).await == SetOutcome::Stale {
+        if local.l1.set_fenced(key, entry, ticket).await == SetOutcome::Stale {
             metrics::counter!("convoy_conversation_fills_refused_total", "outcome" => "LOCAL_STALE")
                 .increment(1);
         }
