@@ -28,6 +28,8 @@ const BATCH: usize = 512;
 /// What a subscriber and its handles share.
 #[derive(Debug, Default)]
 struct State {
+    /// The Redis it follows (its URL).
+    source: String,
     current: AtomicBool,
     flushes: AtomicU64,
     /// The stream id through which the L1 holds nothing older than the bus says.
@@ -78,6 +80,11 @@ impl SubscriberHandle {
         self.state.flushes.load(Ordering::Relaxed)
     }
 
+    /// The Redis URL of the bus it follows.
+    pub fn source(&self) -> &str {
+        &self.state.source
+    }
+
     /// The stream id through which every invalidation has reached the L1 (applied, or made
     /// moot by a flush); `None` before the first step.
     pub fn coherent_through(&self) -> Option<StreamId> {
@@ -92,7 +99,10 @@ impl SubscriberHandle {
 impl Subscriber {
     /// A subscriber applying `l2`'s bus to `l1`.
     pub fn new(l2: L2, l1: L1) -> Self {
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            source: l2.config.url.clone(),
+            ..State::default()
+        });
         LIVE.lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::downgrade(&state));

@@ -1,6 +1,6 @@
 //! The fleet harness for integration tests: real PostgreSQL shards (through
-//! `convoy-testkit`) and the conversation service running in-process on a loopback port,
-//! reached through a real gRPC channel.
+//! `convoy-testkit`), the conversation service and cache instances running in-process on
+//! loopback ports, reached through real gRPC channels.
 //!
 //! Tests use it to assert what a client sees, and reach into the shards directly to assert
 //! what was stored where.
@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use conversation::Config;
 use convoy_proto::v1 as pb;
+use convoy_proto::v1::cache_service_client::CacheServiceClient;
 use convoy_proto::v1::conversation_service_client::ConversationServiceClient;
 use convoy_store::ShardMap;
 use convoy_testkit::Postgres;
@@ -192,6 +193,58 @@ impl Fleet {
     /// Stops the first instance gracefully and waits for it to exit.
     pub async fn stop_service(&mut self) {
         self.primary.stop().await;
+    }
+}
+
+/// One cache service instance running in this process.
+pub struct CacheInstance {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+impl CacheInstance {
+    /// Starts a cache instance over the Redis at `redis_url` with `extra` flags, and waits
+    /// until it serves with its bus subscriber synced (its first step flushes the L1).
+    pub async fn start(redis_url: &str, extra: &[&str]) -> CacheInstance {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let mut args = vec![
+            "cache".to_owned(),
+            "--listen".into(),
+            addr.to_string(),
+            "--redis-url".into(),
+            redis_url.to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let config = cache_service::Config::try_parse_from(args).expect("cache config");
+        let server = tokio::spawn(async move {
+            cache_service::serve(&config, listener, std::future::pending()).await
+        });
+        let instance = CacheInstance { addr, server };
+        let mut client = instance.client().await;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match client.stats(pb::CacheStatsRequest {}).await {
+                    Ok(stats) if stats.get_ref().bus_flushes >= 1 => break,
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        })
+        .await
+        .expect("the cache instance starts");
+        instance
+    }
+
+    /// A CacheService client of this instance.
+    pub async fn client(&self) -> CacheServiceClient<Channel> {
+        CacheServiceClient::new(channel_to(self.addr).await)
+    }
+}
+
+impl Drop for CacheInstance {
+    fn drop(&mut self) {
+        self.server.abort();
     }
 }
 

@@ -3,51 +3,19 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use convoy_cache::BusMessage;
 use convoy_cache::l2::{L2, L2Config};
+use convoy_integration_tests::CacheInstance;
 use convoy_proto::v1 as pb;
 use convoy_proto::v1::cache_service_client::CacheServiceClient;
 use convoy_testkit::Redis;
-use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
-/// Starts a cache instance over `redis`; returns a client of it.
-async fn instance(redis: &Redis) -> CacheServiceClient<Channel> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = cache_service::Config::try_parse_from([
-        "cache",
-        "--listen",
-        &addr.to_string(),
-        "--redis-url",
-        &redis.url(),
-    ])
-    .unwrap();
-    tokio::spawn(
-        async move { cache_service::serve(&config, listener, std::future::pending()).await },
-    );
-    let channel = convoy_integration_tests::channel_to(addr).await;
-    let mut client = CacheServiceClient::new(channel);
-    // Serving once the bus subscriber has synced (its first step flushes an empty L1).
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while client.stats(pb::CacheStatsRequest {}).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        while client
-            .stats(pb::CacheStatsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .bus_flushes
-            < 1
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the cache instance starts");
-    client
+/// Starts a cache instance over `redis`; returns it and a client of it.
+async fn instance(redis: &Redis) -> (CacheInstance, CacheServiceClient<Channel>) {
+    let instance = CacheInstance::start(&redis.url(), &[]).await;
+    let client = instance.client().await;
+    (instance, client)
 }
 
 fn entry(key: &str, version: i64) -> pb::CacheEntry {
@@ -77,8 +45,8 @@ async fn get(client: &mut CacheServiceClient<Channel>, key: &str) -> pb::CacheGe
 #[tokio::test]
 async fn reads_come_from_l1_then_l2_and_stale_sets_are_refused() {
     let redis = Redis::start().await.unwrap();
-    let mut a = instance(&redis).await;
-    let mut b = instance(&redis).await;
+    let (_a, mut a) = instance(&redis).await;
+    let (_b, mut b) = instance(&redis).await;
 
     let stored = a
         .set(pb::CacheSetRequest {
@@ -136,8 +104,8 @@ async fn reads_come_from_l1_then_l2_and_stale_sets_are_refused() {
 #[tokio::test]
 async fn a_write_published_on_the_bus_empties_every_instances_l1() {
     let redis = Redis::start().await.unwrap();
-    let mut a = instance(&redis).await;
-    let mut b = instance(&redis).await;
+    let (_a, mut a) = instance(&redis).await;
+    let (_b, mut b) = instance(&redis).await;
     a.set(pb::CacheSetRequest {
         entry: Some(entry("conv:acme:7", 1)),
         lease_token: String::new(),
@@ -190,7 +158,7 @@ async fn a_write_published_on_the_bus_empties_every_instances_l1() {
 #[tokio::test]
 async fn leases_through_the_service_give_one_filler() {
     let redis = Redis::start().await.unwrap();
-    let mut a = instance(&redis).await;
+    let (_a, mut a) = instance(&redis).await;
     let lease = |key: &str| pb::LeaseRequest {
         key: key.into(),
         lease_ttl: None,
