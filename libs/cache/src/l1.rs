@@ -147,6 +147,11 @@ impl L1 {
         found
     }
 
+    /// The entry for `key`, if present, without counting a hit or a miss (for samplers).
+    pub async fn peek(&self, key: &str) -> Option<Arc<Entry>> {
+        self.entries.get(key).await
+    }
+
     /// A ticket for a fill: take it before reading the value from elsewhere (L2, the cache
     /// tier, a database), and store with [`L1::set_fenced`].
     pub async fn ticket(&self) -> FillTicket {

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bus;
+pub mod consistency;
 pub mod entry;
 pub mod l1;
 pub mod l2;

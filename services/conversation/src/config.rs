@@ -93,6 +93,22 @@ pub struct Config {
     #[arg(long, env = "CONVOY_BUS_POLL_MS", default_value_t = 10)]
     pub bus_poll_ms: u64,
 
+    /// Share of acknowledged writes the consistency sampler re-reads from every cache layer
+    /// and the primary (see `--consistency-check-after-ms`). 0.01: enough for the nines of a
+    /// busy fleet at a cost of a few reads per hundred writes. Needs `--redis-url`.
+    #[arg(long, env = "CONVOY_CONSISTENCY_SAMPLE_RATIO", default_value_t = 0.01)]
+    pub consistency_sample_ratio: f64,
+
+    /// When, after a sampled write's acknowledgement, it is checked, in milliseconds.
+    /// 1000 and 10000: "consistent within 1 s" and "within 10 s".
+    #[arg(
+        long = "consistency-check-after-ms",
+        env = "CONVOY_CONSISTENCY_CHECK_AFTER_MS",
+        value_delimiter = ',',
+        default_values_t = [1000, 10000]
+    )]
+    pub consistency_check_after_ms: Vec<u64>,
+
     /// Fault injection for coherence tests: the share of bus messages the own L1's
     /// subscriber drops (it must notice each as a gap and flush). 0 in production.
     #[arg(long, hide = true, default_value_t = 0.0)]

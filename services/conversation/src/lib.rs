@@ -16,6 +16,7 @@ pub mod model;
 pub mod names;
 pub mod page_token;
 pub mod relay;
+pub mod sampler;
 pub mod service;
 pub mod store;
 pub mod validate;
@@ -36,6 +37,7 @@ use tokio::net::TcpListener;
 
 pub use cached::{LocalCache, ReadThrough};
 pub use config::Config;
+use sampler::Sampler;
 pub use service::ConversationApi;
 pub use store::ConversationStore;
 
@@ -59,13 +61,9 @@ pub async fn connect(config: &Config) -> anyhow::Result<ConversationStore> {
     Ok(ConversationStore::new(pools, op_timeout))
 }
 
-/// The gRPC service over `store`, reading through `reads`, with the contract's
-/// message-size limit.
-pub fn grpc_service(
-    store: Arc<ConversationStore>,
-    reads: ReadThrough,
-) -> ConversationServiceServer<ConversationApi> {
-    ConversationServiceServer::new(ConversationApi::new(store, reads))
+/// The gRPC service, with the contract's message-size limit.
+pub fn grpc_service(api: ConversationApi) -> ConversationServiceServer<ConversationApi> {
+    ConversationServiceServer::new(api)
         .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES)
 }
 
@@ -87,7 +85,10 @@ impl Drop for Tasks {
 }
 
 /// The own L1 and the cache tier client, as configured; their tasks join `tasks`.
-fn read_through(config: &Config, tasks: &mut Tasks) -> anyhow::Result<ReadThrough> {
+fn caches(
+    config: &Config,
+    tasks: &mut Tasks,
+) -> anyhow::Result<(Option<LocalCache>, Option<CacheClient>)> {
     let local = match &config.redis_url {
         Some(url) if config.local_cache_mib > 0 => {
             let l1 = L1::new(L1Config {
@@ -109,7 +110,7 @@ fn read_through(config: &Config, tasks: &mut Tasks) -> anyhow::Result<ReadThroug
     if tier.is_none() {
         tracing::info!("no cache tier configured: reads go to the primary");
     }
-    Ok(ReadThrough::new(local, tier))
+    Ok((local, tier))
 }
 
 /// Serves the conversation API on `listener` until `shutdown` completes.
@@ -145,9 +146,27 @@ pub async fn serve(
             tracing::warn!("no --redis-url: the outbox is not relayed to the invalidation bus");
         }
     }
-    let reads = read_through(config, &mut tasks)?;
+    let (local, tier) = caches(config, &mut tasks)?;
+    let mut api =
+        ConversationApi::new(store.clone(), ReadThrough::new(local.clone(), tier.clone()));
+    if let Some(url) = &config.redis_url
+        && config.consistency_sample_ratio > 0.0
+    {
+        api = api.with_sampler(Arc::new(Sampler::new(
+            config.consistency_sample_ratio,
+            config
+                .consistency_check_after_ms
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+            store.clone(),
+            local,
+            tier,
+            L2::new(L2Config::new(url.clone()))?,
+        )));
+    }
     let result = ServerBuilder::new(config.server_config())
-        .add_service(grpc_service(store.clone(), reads))
+        .add_service(grpc_service(api))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
     drop(tasks);

@@ -22,6 +22,7 @@ use crate::error::ApiError;
 use crate::model::{ListCursor, SearchCursor, Version};
 use crate::names::ConversationName;
 use crate::page_token::{self, Cursor};
+use crate::sampler::Sampler;
 use crate::store::ConversationStore;
 use crate::{validate, wire};
 
@@ -30,12 +31,23 @@ use crate::{validate, wire};
 pub struct ConversationApi {
     store: Arc<ConversationStore>,
     reads: ReadThrough,
+    sampler: Option<Arc<Sampler>>,
 }
 
 impl ConversationApi {
     /// A service over `store`, reading single conversations through `reads`.
     pub fn new(store: Arc<ConversationStore>, reads: ReadThrough) -> Self {
-        Self { store, reads }
+        Self {
+            store,
+            reads,
+            sampler: None,
+        }
+    }
+
+    /// Hands every acknowledged write to `sampler` (the consistency sampler).
+    pub fn with_sampler(mut self, sampler: Arc<Sampler>) -> Self {
+        self.sampler = Some(sampler);
+        self
     }
 
     /// Runs a single-statement operation on the caller's task.
@@ -77,7 +89,13 @@ impl ConversationApi {
         }
     }
 
-    fn with_token<T>(&self, message: T, token: ConsistencyToken) -> Response<T> {
+    /// The answer to a write of `name` that made `version`: `message` with its consistency
+    /// token; the write is offered to the sampler.
+    fn written<T>(&self, message: T, name: &ConversationName, version: Version) -> Response<T> {
+        if let Some(sampler) = &self.sampler {
+            sampler.observe(name, version.0);
+        }
+        let token = self.token(name, version);
         let mut response = Response::new(message);
         if let Ok(value) = MetadataValue::try_from(token.encode()) {
             response.metadata_mut().insert(HEADER, value);
@@ -101,8 +119,8 @@ impl ConversationService for ConversationApi {
                 .await?
         };
         let conversation = created.conversation;
-        let token = self.token(&conversation.name, conversation.version);
-        Ok(self.with_token(wire::conversation(conversation), token))
+        let (name, version) = (conversation.name.clone(), conversation.version);
+        Ok(self.written(wire::conversation(conversation), &name, version))
     }
 
     async fn get_conversation(
@@ -201,8 +219,8 @@ impl ConversationService for ConversationApi {
         let conversation = self
             .inline(|store| async move { store.update(&name, &patch, expected).await })
             .await?;
-        let token = self.token(&conversation.name, conversation.version);
-        Ok(self.with_token(wire::conversation(conversation), token))
+        let (name, version) = (conversation.name.clone(), conversation.version);
+        Ok(self.written(wire::conversation(conversation), &name, version))
     }
 
     async fn delete_conversation(
@@ -215,8 +233,7 @@ impl ConversationService for ConversationApi {
             .inline(|store| async move { store.delete(&target, expected).await })
             .await?;
         // The deletion is the version after the last one the row had.
-        let token = self.token(&name, Version(deleted.0 + 1));
-        Ok(self.with_token((), token))
+        Ok(self.written((), &name, Version(deleted.0 + 1)))
     }
 
     async fn append_events(
@@ -228,7 +245,7 @@ impl ConversationService for ConversationApi {
         let appended = self
             .detached(|store| async move { store.append_events(&target, events).await })
             .await?;
-        let token = self.token(&name, appended.conversation.version);
+        let version = appended.conversation.version;
         let response = pb::AppendEventsResponse {
             events: appended
                 .events
@@ -238,7 +255,7 @@ impl ConversationService for ConversationApi {
             conversation: Some(wire::conversation(appended.conversation)),
             duplicate_count: appended.duplicates as i32,
         };
-        Ok(self.with_token(response, token))
+        Ok(self.written(response, &name, version))
     }
 
     async fn list_events(

@@ -1,6 +1,8 @@
 //! convoyctl's commands, as functions that return data; `main.rs` only parses arguments and
-//! prints. Today: `status`, the fleet as etcd sees it, with each instance's gRPC health.
+//! prints: `status`, the fleet as etcd sees it, with each instance's gRPC health, and
+//! `cache consistency`, the consistency sampler's fleet-wide tally.
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod status;

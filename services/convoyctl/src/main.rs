@@ -25,6 +25,26 @@ struct Cli {
 enum Command {
     /// Every registered instance with its address, version, zone and gRPC health.
     Status,
+    /// The cache tier.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Writes consistent within each sampled delay, fleet-wide (the consistency sampler's
+    /// tally), as a ratio and in nines, with the layers that contradicted writes.
+    Consistency {
+        /// The cache tier's Redis.
+        #[arg(
+            long,
+            env = "CONVOY_REDIS_URL",
+            default_value = "redis://127.0.0.1:53379"
+        )]
+        redis_url: String,
+    },
 }
 
 #[tokio::main]
@@ -38,6 +58,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Status => {
             let rows = convoyctl::status::status(&etcd).await?;
             print!("{}", convoyctl::status::render(&rows));
+        }
+        Command::Cache {
+            command: CacheCommand::Consistency { redis_url },
+        } => {
+            let report = convoyctl::cache::consistency(&redis_url).await?;
+            print!("{}", report.render());
         }
     }
     Ok(())

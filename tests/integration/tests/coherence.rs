@@ -185,7 +185,6 @@ async fn run(fault: Fault) {
                     update_mask: Some(prost_types::FieldMask {
                         paths: vec!["title".into()],
                     }),
-                    ..Default::default()
                 };
                 // Writes through the doomed instance may fail once it is gone: only
                 // acknowledged writes enter the history.

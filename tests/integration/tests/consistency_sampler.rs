@@ -1,0 +1,154 @@
+//! The consistency sampler: every sampled write is checked at each delay against every
+//! layer, the fleet-wide tally counts them, and cache layers holding an older version are
+//! reported as an inconsistency, by layer, in `convoyctl cache consistency`'s report.
+
+use std::time::Duration;
+
+use convoy_integration_tests::{CacheInstance, Fleet, new_conversation};
+use convoy_proto::v1 as pb;
+use convoy_testkit::Redis;
+
+const WITHIN_SHORT: Duration = Duration::from_millis(200);
+const WITHIN_LONG: Duration = Duration::from_millis(600);
+
+fn update(name: &str, title: &str) -> pb::UpdateConversationRequest {
+    pb::UpdateConversationRequest {
+        conversation: Some(pb::Conversation {
+            name: name.to_owned(),
+            title: title.to_owned(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["title".into()],
+        }),
+    }
+}
+
+/// Waits (at most 15 s) until both delays have checked `writes` writes; returns the report.
+async fn tally_of(url: &str, writes: u64) -> convoy_cache::consistency::ConsistencyReport {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let report = convoyctl::cache::consistency(url).await.unwrap();
+            let checked = |d| report.delays.get(&d).map_or(0, |t| t.checks);
+            if checked(WITHIN_SHORT) >= writes && checked(WITHIN_LONG) >= writes {
+                return report;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("every sampled write is checked at both delays")
+}
+
+#[tokio::test]
+async fn sampled_writes_are_checked_and_a_stale_layer_is_reported() {
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let cache = CacheInstance::start(&url, &[]).await;
+    let cache_addr = cache.addr.to_string();
+    let fleet = Fleet::start_with(
+        2,
+        &[
+            "--redis-url",
+            &url,
+            "--cache-addr",
+            &cache_addr,
+            "--consistency-sample-ratio",
+            "1",
+            "--consistency-check-after-ms",
+            "200,600",
+        ],
+    )
+    .await;
+    let mut client = fleet.client().await;
+    let name = client
+        .create_conversation(new_conversation("acme", "t", "c"))
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    for i in 0..10 {
+        client
+            .update_conversation(update(&name, &format!("t{i}")))
+            .await
+            .unwrap();
+        // Reads fill the caches between writes, so there is something to contradict.
+        client
+            .get_conversation(pb::GetConversationRequest { name: name.clone() })
+            .await
+            .unwrap();
+    }
+    let report = tally_of(&url, 11).await;
+    for delay in [WITHIN_SHORT, WITHIN_LONG] {
+        let tally = &report.delays[&delay];
+        assert_eq!(tally.checks, 11, "{delay:?}: every write, once");
+        assert_eq!(tally.inconsistent, 0, "{delay:?}: {}", report.render());
+    }
+}
+
+#[tokio::test]
+async fn caches_left_stale_by_a_missing_relay_are_reported_by_layer() {
+    // No instance relays the outbox: nothing invalidates the caches after a write.
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let cache = CacheInstance::start(&url, &[]).await;
+    let cache_addr = cache.addr.to_string();
+    let fleet = Fleet::start_with(
+        2,
+        &[
+            "--redis-url",
+            &url,
+            "--cache-addr",
+            &cache_addr,
+            "--consistency-sample-ratio",
+            "1",
+            "--consistency-check-after-ms",
+            "200,600",
+            "--fault-no-relay",
+        ],
+    )
+    .await;
+    let mut client = fleet.client().await;
+    let created = client
+        .create_conversation(new_conversation("acme", "t", "c"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Fills every layer with v1.
+    client
+        .get_conversation(pb::GetConversationRequest {
+            name: created.name.clone(),
+        })
+        .await
+        .unwrap();
+    let written = client
+        .update_conversation(update(&created.name, "changed"))
+        .await
+        .unwrap()
+        .into_inner();
+    let version: i64 = written.etag.trim_matches('"').parse().unwrap();
+
+    let report = tally_of(&url, 2).await;
+    for delay in [WITHIN_SHORT, WITHIN_LONG] {
+        let tally = &report.delays[&delay];
+        assert_eq!(tally.checks, 2, "the create and the update");
+        assert_eq!(tally.inconsistent, 1, "{delay:?}: {}", report.render());
+        for layer in ["local-l1", "cache", "l2"] {
+            assert_eq!(
+                tally.by_layer.get(layer),
+                Some(&1),
+                "{layer}: {}",
+                report.render()
+            );
+        }
+        assert_eq!(tally.by_layer.get("primary"), None);
+        assert!((tally.nines().unwrap() - 2f64.log10()).abs() < 1e-9);
+    }
+    let text = report.render();
+    assert!(text.contains("layer=l2 key=conv:acme:"), "{text}");
+    assert!(
+        text.contains(&format!("expected>=v{version} found=v{}", version - 1)),
+        "{text}"
+    );
+    assert!(text.contains("50.0000%"), "1 of 2 consistent: {text}");
+}
