@@ -16,7 +16,7 @@
 
 use std::sync::LazyLock;
 
-use deadpool_redis::redis::{self, Script, Value};
+use redis::{self, Script, Value};
 
 use crate::entry::Version;
 use crate::l2::{L2, L2Error};

@@ -14,8 +14,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use deadpool_redis::redis;
-
 use crate::l2::{L2, L2Error};
 
 /// Inconsistencies kept for inspection.

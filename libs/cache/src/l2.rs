@@ -1,5 +1,5 @@
 //! Redis as L2: the versioned, tagged cache that every convoy process shares, reached
-//! through a deadpool-redis pool.
+//! through one multiplexed connection.
 //!
 //! For: reading (one key or a batch in one round trip), version-checked sets, per-key
 //! invalidation with a version floor, tag invalidation, and an admin flush, on one standalone
@@ -28,32 +28,52 @@
 //!   set deleted) when the tag is invalidated, so invalidation reads only that set; one script
 //!   does it all, so a tag with very many live entries holds Redis for that long.
 //!
-//! # Pool
-//! deadpool-redis 0.23 has no `RecyclingMethod`: its `Manager::recycle` always sends
-//! `UNWATCH` + `PING` (one pipelined round trip) on every checkout, and the pool's hooks can only
-//! add work or discard the connection. Skipping the ping would mean a `Manager` of our own
-//! (a direct `deadpool` dependency) or holding connections outside the pool. We keep it, at one
-//! extra round trip per operation, until a measurement says otherwise: it is also what finds a
-//! connection left broken by a Redis restart before a command is sent on it. Every step is
-//! bounded: slot wait, connect, recycle and each response have their own timeouts, and
-//! [`L2Config::op_timeout`] bounds each operation as a whole, because against a hung Redis
-//! deadpool recycles the idle connections one after another, each up to `recycle_timeout`,
-//! before it creates a new one.
+//! # Connection
+//! Every operation is sent on one `redis::aio::MultiplexedConnection`, shared by clones: its
+//! driver task writes concurrent requests back to back on one socket and matches the replies
+//! in order. Until 2026-11-22 L2 used a deadpool-redis pool, whose `Manager::recycle` always
+//! sends `UNWATCH` + `PING` on checkout (deadpool-redis 0.23 has no `RecyclingMethod`).
+//! `cargo bench -p convoy-cache --bench redis_conn` compared the two side by side on two cores
+//! over loopback (figures in `docs/benchmarks.md`). One at a time the pool cost 1.9-2.7× the
+//! multiplexed connection (a small `GET`: 157 µs against 59 µs, a raw RESP round trip being
+//! 41 µs; L2's `MULTI`/`EXEC` read: 160 µs against 74 µs). With 16 tasks at once it served
+//! 0.2-0.6× the reads (that read: 73k/s against 120k/s), and `L2::get` went from 61k/s on the
+//! pool to 133-153k/s on the multiplexed connection.
+//!
+//! What the pool's ping gave, the connection keeps (`Link`, below):
+//! - *Reconnection.* A connection is dropped when a command on it fails as a broken connection
+//!   (or as a parse error) or times out, and the next operation connects again, one caller at a
+//!   time while the others wait for it. A connection that broke while idle (a Redis restart
+//!   closes it) is found by the first command sent on it, which is then sent once more on a new
+//!   connection. It most likely never reached Redis, and a repeat would be harmless anyway:
+//!   reads, sets, invalidations and flushes are idempotent; a repeated lease answers "wait"
+//!   until its TTL, a repeated leased set reports a lease mismatch though the first one
+//!   stored, and a repeated publish is a duplicate, which the bus allows.
+//! - *Bounds.* A connect (handshake included) is bounded by [`L2Config::create_timeout`], each
+//!   reply by [`L2Config::response_timeout`], and each operation as a whole by
+//!   [`L2Config::op_timeout`], which also covers waiting for another caller's connect. A reply
+//!   that times out drops the connection, so a half-open socket (a host gone without a reset)
+//!   is replaced rather than waited on until TCP gives up.
+//!
+//! Not safe on a shared connection, and not used here: `WATCH`, `SELECT`, blocking commands
+//! and pub/sub, which change or hold the connection's state for everyone on it. `MULTI`/`EXEC`
+//! is safe: a pipeline is written as one piece, so nothing else lands inside the transaction.
 
 use std::fmt;
 use std::future::Future;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use deadpool_redis::redis::{self, AsyncConnectionConfig, RedisError, Script, Value};
-use deadpool_redis::{Connection, Manager, Pool, PoolConfig, PoolError, Runtime, Timeouts};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{
+    self, AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Script, Value,
+};
 
 use crate::entry::{Entry, SetOutcome, Version};
 
 // === defaults and limits ===
 
-/// Connections in the pool. Each is multiplexed, but a checkout holds one for an operation.
-pub const DEFAULT_POOL_SIZE: usize = 16;
 /// Prefix of every key L2 writes; [`L2::flush`] deletes everything under it.
 pub const DEFAULT_KEY_PREFIX: &str = "convoy:";
 /// How long an invalidation's floor is remembered: far longer than any fill takes.
@@ -61,12 +81,8 @@ pub const DEFAULT_FLOOR_TTL: Duration = Duration::from_secs(10 * 60);
 /// Bound on one operation as a whole: an L2 answer later than this is worth less than the
 /// source's.
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(1);
-/// Wait for a free pool slot; longer means the pool is saturated and the source is better.
-pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Connect and handshake a new connection (a healthy Redis nearby takes about a millisecond).
 pub const DEFAULT_CREATE_TIMEOUT: Duration = Duration::from_millis(500);
-/// The recycle check (one `UNWATCH` + `PING` round trip).
-pub const DEFAULT_RECYCLE_TIMEOUT: Duration = Duration::from_millis(250);
 /// Wait for one command's (or pipeline's) answer; redis-rs's own default.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Longest tag, in bytes.
@@ -86,13 +102,16 @@ const FLUSH_BATCH: usize = 500;
 
 // === Lua ===
 
-/// Stores an entry unless the key is leased to someone else (-1), or its version is older
-/// than the floor or the stored entry's (0). A caller with the lease's token releases it.
+/// Stores an entry unless the lease does not match (-1): a token must name the key's
+/// current lease (one lost with a Redis restart, or expired, no longer counts, so a fill
+/// that started before the restart cannot land after it), and a set without a token is
+/// refused while the key is leased. Refused too (0) when the version is older than the
+/// floor or the stored entry's. A caller with the lease's token releases it.
 /// KEYS: entry, floor, lease, tag sets. ARGV: version, value, joined tags, ttl ms, key,
 /// lease token ('' for none).
 const SET_LUA: &str = r"
 local lease = redis.call('GET', KEYS[3])
-if lease and lease ~= ARGV[6] then return -1 end
+if lease ~= (ARGV[6] ~= '' and ARGV[6] or false) then return -1 end
 if ARGV[6] ~= '' then redis.call('DEL', KEYS[3]) end
 local version = tonumber(ARGV[1])
 local floor = tonumber(redis.call('GET', KEYS[2]))
@@ -152,10 +171,8 @@ pub enum L2Error {
     /// An argument L2 cannot store: a bad tag, too many tags, a TTL or version out of range.
     #[error("invalid L2 argument: {0}")]
     InvalidArgument(String),
-    /// No connection within the pool's timeouts: Redis is down, unreachable or saturated.
-    #[error("redis unavailable (no pooled connection within the timeouts): {0}")]
-    Unavailable(#[source] PoolError),
-    /// A command failed: Redis answered with an error, or the connection failed or timed out.
+    /// A connect or a command failed: Redis refused the connection or answered with an
+    /// error, or the connection broke or timed out.
     #[error("redis command failed: {0}")]
     Redis(#[from] RedisError),
     /// The operation as a whole ran past [`L2Config::op_timeout`]. A script may still have
@@ -182,7 +199,7 @@ impl L2Error {
     /// what was asked): the caller should treat L2 as absent and go to the source.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            L2Error::Unavailable(_) | L2Error::Timeout { .. } => true,
+            L2Error::Timeout { .. } => true,
             L2Error::Redis(e) => {
                 e.is_io_error()
                     || e.is_timeout()
@@ -201,16 +218,11 @@ impl L2Error {
 pub struct L2Config {
     /// `redis://host:port[/db]`.
     pub url: String,
-    /// Connections in the pool ([`DEFAULT_POOL_SIZE`]).
-    pub pool_size: usize,
-    /// Bound on each operation as a whole ([`DEFAULT_OP_TIMEOUT`]).
+    /// Bound on each operation as a whole ([`DEFAULT_OP_TIMEOUT`]), waiting for a connect
+    /// included.
     pub op_timeout: Duration,
-    /// Wait for a free pool slot ([`DEFAULT_WAIT_TIMEOUT`]).
-    pub wait_timeout: Duration,
     /// Connect a new connection, handshake included ([`DEFAULT_CREATE_TIMEOUT`]).
     pub create_timeout: Duration,
-    /// The recycle ping on checkout ([`DEFAULT_RECYCLE_TIMEOUT`]).
-    pub recycle_timeout: Duration,
     /// Wait for one command's answer ([`DEFAULT_RESPONSE_TIMEOUT`]).
     pub response_timeout: Duration,
     /// Prefix of every key written ([`DEFAULT_KEY_PREFIX`]); must not be empty.
@@ -224,11 +236,8 @@ impl L2Config {
     pub fn new(url: impl Into<String>) -> Self {
         L2Config {
             url: url.into(),
-            pool_size: DEFAULT_POOL_SIZE,
             op_timeout: DEFAULT_OP_TIMEOUT,
-            wait_timeout: DEFAULT_WAIT_TIMEOUT,
             create_timeout: DEFAULT_CREATE_TIMEOUT,
-            recycle_timeout: DEFAULT_RECYCLE_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             floor_ttl: DEFAULT_FLOOR_TTL,
@@ -246,11 +255,8 @@ impl fmt::Debug for L2Config {
         };
         f.debug_struct("L2Config")
             .field("url", &url)
-            .field("pool_size", &self.pool_size)
             .field("op_timeout", &self.op_timeout)
-            .field("wait_timeout", &self.wait_timeout)
             .field("create_timeout", &self.create_timeout)
-            .field("recycle_timeout", &self.recycle_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("key_prefix", &self.key_prefix)
             .field("floor_ttl", &self.floor_ttl)
@@ -262,7 +268,7 @@ impl fmt::Debug for L2Config {
 
 /// The Redis L2. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct L2 {
-    pool: Pool,
+    link: Link,
     pub(crate) config: L2Config,
     set_script: Script,
     invalidate_script: Script,
@@ -273,41 +279,27 @@ impl fmt::Debug for L2 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("L2")
             .field("config", &self.config)
-            .field("pool", &self.pool.status())
+            .field("connected", &self.link.is_connected())
             .finish_non_exhaustive()
     }
 }
 
 impl L2 {
-    /// Builds the pool; connects lazily, on first use.
+    /// Checks `config`; connects lazily, on first use.
     pub fn new(config: L2Config) -> Result<Self, L2Error> {
-        if config.pool_size == 0 {
-            return Err(L2Error::Config("pool_size must be at least 1".into()));
-        }
         if config.key_prefix.is_empty() {
             return Err(L2Error::Config(
                 "key_prefix must not be empty: flush deletes every key under it".into(),
             ));
         }
         ttl_millis(config.floor_ttl).map_err(|e| L2Error::Config(format!("floor_ttl: {e}")))?;
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| L2Error::Config(format!("url: {e}")))?;
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.create_timeout))
             .set_response_timeout(Some(config.response_timeout));
-        let manager = Manager::new_with_config(config.url.as_str(), connection)
-            .map_err(|e| L2Error::Config(format!("url: {e}")))?;
-        let mut pool_config = PoolConfig::new(config.pool_size);
-        pool_config.timeouts = Timeouts {
-            wait: Some(config.wait_timeout),
-            create: Some(config.create_timeout),
-            recycle: Some(config.recycle_timeout),
-        };
-        let pool = Pool::builder(manager)
-            .config(pool_config)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| L2Error::Config(format!("pool: {e}")))?;
         Ok(L2 {
-            pool,
+            link: Link::new(client, connection),
             config,
             set_script: Script::new(SET_LUA),
             invalidate_script: Script::new(INVALIDATE_LUA),
@@ -494,9 +486,9 @@ impl L2 {
         .await
     }
 
-    /// A pooled connection (recycled with a ping, or newly connected).
-    pub(crate) async fn conn(&self) -> Result<Connection, L2Error> {
-        self.pool.get().await.map_err(L2Error::Unavailable)
+    /// The shared connection, connecting first when there is none.
+    pub(crate) async fn conn(&self) -> Result<Conn<'_>, L2Error> {
+        Ok(self.link.conn().await?)
     }
 
     /// Runs `op`, giving up after `op_timeout`.
@@ -525,6 +517,149 @@ impl L2 {
 
     fn tag_key(&self, tag: &str) -> String {
         format!("{}t:{tag}", self.config.key_prefix)
+    }
+}
+
+// === Link ===
+
+/// The one multiplexed connection every operation shares, replaced when it breaks (see the
+/// module docs).
+struct Link {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    /// The connection, if one is up; held only to clone or replace it, never across an await.
+    current: Mutex<Option<Current>>,
+    /// Held while connecting, so concurrent callers wait for one connect rather than each
+    /// opening a socket; counts the connections made.
+    connecting: tokio::sync::Mutex<u64>,
+}
+
+/// A connection and its number, so a failure on an old one cannot drop its successor.
+#[derive(Clone)]
+struct Current {
+    generation: u64,
+    conn: MultiplexedConnection,
+}
+
+impl Link {
+    fn new(client: redis::Client, config: AsyncConnectionConfig) -> Self {
+        Link {
+            client,
+            config,
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(0),
+        }
+    }
+
+    fn current(&self) -> Option<Current> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn is_connected(&self) -> bool {
+        self.current().is_some()
+    }
+
+    /// The connection, made first when there is none.
+    async fn conn(&self) -> RedisResult<Conn<'_>> {
+        let (current, reused) = match self.current() {
+            Some(current) => (current, true),
+            None => (self.connect().await?, false),
+        };
+        Ok(Conn {
+            link: self,
+            current,
+            reused,
+        })
+    }
+
+    /// Connects, unless another caller did while this one waited its turn.
+    async fn connect(&self) -> RedisResult<Current> {
+        let mut made = self.connecting.lock().await;
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        *made += 1;
+        let current = Current {
+            generation: *made,
+            conn,
+        };
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(current.clone());
+        Ok(current)
+    }
+
+    /// Forgets connection `generation` if it is still the current one. Operations still
+    /// holding a clone finish on it; it closes with the last clone.
+    fn discard(&self, generation: u64) {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_some_and(|c| c.generation == generation) {
+            *current = None;
+        }
+    }
+}
+
+// === Conn ===
+
+/// The shared connection as one operation holds it: commands go to the multiplexed
+/// connection, and a failure that says the connection is broken replaces it.
+pub(crate) struct Conn<'a> {
+    link: &'a Link,
+    current: Current,
+    /// Made before this operation, so it may have broken while idle.
+    reused: bool,
+}
+
+impl Conn<'_> {
+    /// Sends with `send` on the connection. A failure that shows it broken (or timed out)
+    /// drops it; when it was made before this operation and had dropped, it broke while idle,
+    /// and the command is sent once more on a new connection (see the module docs).
+    async fn send<T, F>(&mut self, send: impl Fn(MultiplexedConnection) -> F) -> RedisResult<T>
+    where
+        F: Future<Output = RedisResult<T>>,
+    {
+        loop {
+            let result = send(self.current.conn.clone()).await;
+            let Err(e) = &result else {
+                return result;
+            };
+            if !(e.is_unrecoverable_error() || e.is_timeout()) {
+                return result;
+            }
+            self.link.discard(self.current.generation);
+            if !(self.reused && e.is_connection_dropped()) {
+                return result;
+            }
+            tracing::debug!(error = %e, "the shared redis connection had dropped; reconnecting");
+            self.current = self.link.connect().await?;
+            self.reused = false;
+        }
+    }
+}
+
+impl ConnectionLike for Conn<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(self.send(move |mut conn| async move { conn.send_packed_command(cmd).await }))
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(self.send(move |mut conn| async move {
+            conn.send_packed_commands(pipeline, offset, count).await
+        }))
+    }
+
+    fn get_db(&self) -> i64 {
+        self.current.conn.get_db()
     }
 }
 
@@ -614,5 +749,69 @@ pub(crate) fn split_tags(joined: &str) -> Vec<String> {
         Vec::new()
     } else {
         joined.split(TAG_SEPARATOR).map(str::to_owned).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use convoy_testkit::Redis;
+
+    use super::*;
+
+    fn entry(version: i64) -> Entry {
+        Entry {
+            value: Bytes::from_static(b"v"),
+            version: Version(version),
+            tags: Vec::new(),
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    /// Clients connected to `redis`, as it counts them (this question's own included).
+    async fn clients(redis: &Redis) -> usize {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        list.lines().count()
+    }
+
+    #[tokio::test]
+    async fn concurrent_operations_share_one_connection_made_once() {
+        let redis = Redis::start().await.unwrap();
+        let l2 = Arc::new(L2::new(L2Config::new(redis.url())).unwrap());
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let l2 = Arc::clone(&l2);
+                tokio::spawn(async move { l2.set(&format!("k{i}"), &entry(1)).await })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().unwrap(), SetOutcome::Stored);
+        }
+        assert_eq!(clients(&redis).await, 2, "L2's connection and the asker's");
+    }
+
+    #[tokio::test]
+    async fn a_connection_broken_while_idle_is_replaced_without_failing_an_operation() {
+        let mut redis = Redis::start().await.unwrap();
+        let l2 = L2::new(L2Config::new(redis.url())).unwrap();
+        l2.set("k", &entry(1)).await.unwrap();
+        assert!(l2.link.is_connected());
+
+        // Nothing is sent while Redis restarts: the first command after it meets the dead
+        // connection, and is sent again on a new one.
+        redis.restart().await.unwrap();
+        assert_eq!(l2.get("k").await.unwrap(), None, "Redis came back empty");
+        assert_eq!(l2.set("k", &entry(2)).await.unwrap(), SetOutcome::Stored);
+        assert_eq!(
+            l2.get("k").await.unwrap().map(|e| e.version),
+            Some(Version(2))
+        );
     }
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use deadpool_redis::redis::{self, Value};
+use redis::{self, Value};
 
 use crate::entry::{Entry, Version};
 use crate::l2::{L2, L2Error};

@@ -156,10 +156,13 @@ impl Subscriber {
         match self.try_step().await {
             Ok(applied) => {
                 self.state.current.store(true, Ordering::Release);
+                // 1: the L1 serves; 0: degraded (Redis unreachable, the L1 sits out).
+                metrics::gauge!("convoy_cache_bus_current").set(1.0);
                 Ok(applied)
             }
             Err(e) => {
                 self.state.current.store(false, Ordering::Release);
+                metrics::gauge!("convoy_cache_bus_current").set(0.0);
                 self.failed = true;
                 Err(e)
             }

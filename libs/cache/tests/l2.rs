@@ -10,7 +10,7 @@ use bytes::Bytes;
 use convoy_cache::l2::{L2, L2Config, L2Error};
 use convoy_cache::{Entry, SetOutcome, Version};
 use convoy_testkit::Redis;
-use deadpool_redis::redis::{self, aio::MultiplexedConnection};
+use redis::{self, aio::MultiplexedConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -297,7 +297,7 @@ async fn hung_redis_fails_within_the_op_timeout() -> TestResult {
     let redis = Redis::start().await?;
     let proxy = FreezableProxy::start(redis.port()).await?;
     let l2 = L2::new(L2Config::new(proxy.url()))?;
-    // Open a few pooled connections, so checkout meets several that will hang.
+    // Connected before the hang, so it meets an open connection, not a connect.
     let (a, b, c, d) = tokio::join!(l2.ping(), l2.ping(), l2.ping(), l2.ping());
     a?;
     b?;

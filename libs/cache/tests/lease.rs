@@ -115,3 +115,28 @@ async fn a_lease_holder_that_read_before_a_write_is_refused_and_releases_the_lea
         SetOutcome::Stored
     );
 }
+
+#[tokio::test]
+async fn a_token_whose_lease_is_gone_fills_nothing() {
+    // A lease lost with a Redis restart (or expired) no longer authorizes a fill: the
+    // holder may have read the row before a write whose invalidation (and floor) the
+    // restart also lost.
+    let mut redis = Redis::start().await.unwrap();
+    let l2 = L2::new(L2Config::new(redis.url())).unwrap();
+    let LeaseOutcome::Granted(token) = l2.lease("k", Duration::from_secs(5)).await.unwrap() else {
+        panic!("granted");
+    };
+    redis.restart().await.unwrap();
+    let mut outcome = None;
+    for _ in 0..50 {
+        match l2.set_leased("k", &entry(1), &token).await {
+            Ok(o) => {
+                outcome = Some(o);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(outcome, Some(SetOutcome::LeaseMismatch));
+    assert_eq!(l2.get("k").await.unwrap(), None);
+}

@@ -9,7 +9,6 @@ use convoy_cache::l2::{L2, L2Config};
 use convoy_cache::subscriber::Subscriber;
 use convoy_cache::{BusMessage, Entry, SetOutcome, Version};
 use convoy_testkit::Redis;
-use deadpool_redis::redis;
 
 fn entry(version: i64) -> Entry {
     Entry {
