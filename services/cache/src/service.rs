@@ -60,12 +60,33 @@ fn unavailable(e: L2Error) -> Status {
     Status::unavailable(format!("cache store unavailable: {e}"))
 }
 
-/// Counters of the layers that answered.
+/// Counters of the layers that answered, for Stats and for metrics
+/// (`convoy_cache_lookups_total{layer}`).
 #[derive(Debug, Default)]
 struct Counters {
     l1_hits: AtomicU64,
     l2_hits: AtomicU64,
     misses: AtomicU64,
+}
+
+/// Where a lookup ended.
+#[derive(Clone, Copy, Debug)]
+enum Layer {
+    L1,
+    L2,
+    Miss,
+}
+
+impl Counters {
+    fn count(&self, layer: Layer) {
+        let (counter, label) = match layer {
+            Layer::L1 => (&self.l1_hits, "l1"),
+            Layer::L2 => (&self.l2_hits, "l2"),
+            Layer::Miss => (&self.misses, "miss"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("convoy_cache_lookups_total", "layer" => label).increment(1);
+    }
 }
 
 /// The CacheService implementation.
@@ -117,7 +138,7 @@ impl CacheApi {
         // Taken before L2 is read: a flush in between refuses the promotion.
         let ticket = self.l1.ticket().await;
         if current && let Some(entry) = self.l1.get(key, min).await {
-            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            self.counters.count(Layer::L1);
             return (Some((*entry).clone()), pb::CacheLayer::L1);
         }
         match self.l2.get(key).await {
@@ -125,16 +146,16 @@ impl CacheApi {
                 if current {
                     self.l1.set_fenced(key, entry.clone(), ticket).await;
                 }
-                self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
+                self.counters.count(Layer::L2);
                 (Some(entry), pb::CacheLayer::L2)
             }
             Ok(_) => {
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                self.counters.count(Layer::Miss);
                 (None, pb::CacheLayer::Unspecified)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "L2 unavailable; answering a miss");
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                self.counters.count(Layer::Miss);
                 (None, pb::CacheLayer::Unspecified)
             }
         }
@@ -283,25 +304,36 @@ impl CacheService for CacheApi {
         if self.bus.is_current()
             && let Some(entry) = self.l1.get(&r.key, None).await
         {
-            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            self.counters.count(Layer::L1);
             return Ok(Response::new(pb::LeaseResponse {
                 outcome: Some(pb::lease_response::Outcome::Entry(Self::wire(
                     &r.key, &entry,
                 ))),
             }));
         }
+        // Taken before L2 is read: a flush in between refuses the promotion.
+        let ticket = self.l1.ticket().await;
         let ttl = r
             .lease_ttl
             .filter(|d| d.seconds > 0 || d.nanos > 0)
             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
             .unwrap_or(DEFAULT_LEASE_TTL);
-        let outcome = match self.l2.lease(&r.key, ttl).await.map_err(unavailable)? {
+        let leased = self.l2.lease(&r.key, ttl).await.map_err(|e| {
+            // Unanswered: the caller reads its source, as after a miss.
+            self.counters.count(Layer::Miss);
+            unavailable(e)
+        })?;
+        let outcome = match leased {
             LeaseOutcome::Hit(entry) => {
-                self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
-                pb::lease_response::Outcome::Entry(Self::wire(&r.key, &entry))
+                self.counters.count(Layer::L2);
+                let wire = Self::wire(&r.key, &entry);
+                if self.bus.is_current() {
+                    self.l1.set_fenced(&r.key, entry, ticket).await;
+                }
+                pb::lease_response::Outcome::Entry(wire)
             }
             LeaseOutcome::Granted(token) => {
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                self.counters.count(Layer::Miss);
                 pb::lease_response::Outcome::LeaseToken(token)
             }
             LeaseOutcome::Wait => pb::lease_response::Outcome::RetryAfter(prost_types::Duration {
