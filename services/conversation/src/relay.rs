@@ -9,6 +9,10 @@
 //! (invalidations only raise version floors). A write whose instance dies right after its
 //! commit is published by whichever relay runs next.
 //!
+//! Relays wake on commit: a trigger on the outbox sends a Postgres `NOTIFY` that each relay
+//! listens for on every shard, so an invalidation reaches the bus milliseconds after its
+//! commit; a slow poll covers notifications lost while a listener reconnects.
+//!
 //! Not here: writing the outbox rows (the store does, with each change) or consuming the bus.
 
 use std::sync::Arc;
@@ -16,15 +20,20 @@ use std::time::Duration;
 
 use convoy_cache::l2::L2;
 use convoy_cache::{BusMessage, Version};
+use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::store::ConversationStore;
 
 /// Rows published per shard per round.
 const BATCH: i64 = 256;
-/// Pause between rounds that found nothing to publish. 50 ms: invalidations reach the bus
-/// within a few tens of milliseconds of their commit without polling Postgres hard.
-const IDLE_PAUSE: Duration = Duration::from_millis(50);
+/// Longest pause between rounds that found nothing to publish. Commits wake the relay at
+/// once (Postgres `NOTIFY`, see [`wake_on_commit`]); the poll only bounds the delay of a
+/// commit whose notification was lost while the listener reconnected. 250 ms.
+const IDLE_PAUSE: Duration = Duration::from_millis(250);
+/// The channel the outbox trigger notifies on commit.
+const CHANNEL: &str = "convoy_outbox";
 /// Pause after a round that failed (Redis or the shard unreachable).
 const ERROR_PAUSE: Duration = Duration::from_millis(500);
 
@@ -35,6 +44,11 @@ pub fn cache_key(team: &str, id: Uuid) -> String {
 
 /// Relays every shard's outbox to the bus until the task is dropped.
 pub async fn run(store: Arc<ConversationStore>, bus: L2) {
+    let wake = Arc::new(Notify::new());
+    let mut listeners = crate::Tasks::default();
+    for index in 0..store.pools().map().shards().len() {
+        listeners.spawn(wake_on_commit(store.clone(), index, wake.clone()));
+    }
     loop {
         let mut published = 0;
         let mut failed = false;
@@ -50,8 +64,29 @@ pub async fn run(store: Arc<ConversationStore>, bus: L2) {
         if failed {
             tokio::time::sleep(ERROR_PAUSE).await;
         } else if published == 0 {
-            tokio::time::sleep(IDLE_PAUSE).await;
+            // A commit during the round left a permit: the wait ends at once.
+            let _ = tokio::time::timeout(IDLE_PAUSE, wake.notified()).await;
         }
+    }
+}
+
+/// Wakes the relay whenever shard `index` commits outbox rows (the trigger's `NOTIFY`).
+/// sqlx's listener reconnects by itself; while it cannot, the relay polls.
+async fn wake_on_commit(store: Arc<ConversationStore>, index: usize, wake: Arc<Notify>) {
+    loop {
+        let listening = async {
+            let mut listener = PgListener::connect_with(store.pools().pool(index)).await?;
+            listener.listen(CHANNEL).await?;
+            loop {
+                listener.recv().await?;
+                wake.notify_one();
+            }
+        };
+        let result: Result<(), sqlx::Error> = listening.await;
+        if let Err(e) = result {
+            tracing::debug!(shard = index, error = %e, "outbox listener failed; polling until it is back");
+        }
+        tokio::time::sleep(ERROR_PAUSE).await;
     }
 }
 
