@@ -10,7 +10,7 @@
 //! tasks, and at most [`MAX_PENDING`] samples are pending (past that, samples are skipped
 //! and counted).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use convoy_cache::consistency::Inconsistency;
@@ -18,6 +18,7 @@ use convoy_cache::l2::L2;
 use convoy_client::CacheClient;
 use rand::Rng;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::cached::LocalCache;
@@ -35,6 +36,8 @@ pub struct Sampler {
     delays: Vec<Duration>,
     pending: Arc<Semaphore>,
     probe: Arc<Probe>,
+    /// The checks under way; they end with the sampler (with the server that owns it).
+    checks: Mutex<JoinSet<()>>,
 }
 
 impl std::fmt::Debug for Sampler {
@@ -78,6 +81,7 @@ impl Sampler {
                 tier,
                 l2,
             }),
+            checks: Mutex::new(JoinSet::new()),
         }
     }
 
@@ -94,7 +98,10 @@ impl Sampler {
         let probe = self.probe.clone();
         let delays = self.delays.clone();
         let name = name.clone();
-        tokio::spawn(async move {
+        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        // Reap finished checks, so the set holds only the pending ones.
+        while checks.try_join_next().is_some() {}
+        checks.spawn(async move {
             for delay in delays {
                 tokio::time::sleep_until(acked + delay).await;
                 let found = probe.check(&name, version).await;
