@@ -9,7 +9,8 @@
 #   2. the fleet smoke: infra/local/up.sh --detach (dev build) in a temporary state folder on
 #      ports of its own, so it never touches your own fleet; infra/local/smoke.py against it,
 #      `convoyctl status` must show the instance SERVING in etcd, the writes must reach the
-#      invalidation bus in Redis; after a SIGKILL the
+#      invalidation bus in Redis, `convoyctl cache consistency` must show them checked and
+#      consistent (every write sampled, checked after 200 ms); after a SIGKILL the
 #      instance must leave etcd within its lease TTL; then up.sh --stop, always.
 #
 # Environment:
@@ -50,6 +51,9 @@ smoke_env=(
     CONVOY_ETCD_PORT="${CONVOY_TEST_ETCD_PORT:-56379}"
     CONVOY_REDIS_PORT="${CONVOY_TEST_REDIS_PORT:-56479}"
     CONVOY_CACHE_LISTEN="${CONVOY_TEST_CACHE_LISTEN:-127.0.0.1:56061}"
+    # Sample every write, checked 200 ms after it: the consistency report has data at once.
+    CONVOY_CONSISTENCY_SAMPLE_RATIO=1
+    CONVOY_CONSISTENCY_CHECK_AFTER_MS=200
 )
 smoke_ok=0
 cleanup_smoke() {
@@ -97,6 +101,19 @@ for ((i = 0; i < 40; i++)); do
 done
 ((bus_len >= 2)) || die "the smoke's writes did not reach the invalidation bus (XLEN convoy:invalidations = $bus_len)"
 log "fleet smoke: $bus_len changes on the invalidation bus"
+
+# The consistency sampler checked the smoke's writes, and no cache contradicted one.
+redis_url="redis://127.0.0.1:$redis_port"
+report=""
+for ((i = 0; i < 40; i++)); do
+    report="$("${CARGO_TARGET_DIR:-target}/debug/convoyctl" cache consistency --redis-url "$redis_url")"
+    grep -q "^200ms " <<<"$report" && break
+    sleep 0.25
+done
+log "fleet smoke: convoyctl cache consistency --redis-url $redis_url"
+printf '%s\n' "$report"
+grep -q "^200ms .* 0 .*100.0000%" <<<"$report" ||
+    die "the consistency sampler did not report the smoke's writes as consistent within 200 ms"
 
 # A SIGKILLed instance cannot deregister: it must leave etcd when its lease expires (10 s).
 service_pid="$(cat "$smoke_state/run/conversation.pid")"

@@ -11,7 +11,6 @@ use convoy_proto::v1 as pb;
 use convoy_proto::v1::cache_service_client::CacheServiceClient;
 use convoy_testkit::Redis;
 use criterion::{Criterion, criterion_group, criterion_main};
-use deadpool_redis::redis;
 use tokio::net::TcpListener;
 
 async fn instance(redis: &Redis, extra: &[&str]) -> CacheServiceClient<tonic::transport::Channel> {
@@ -108,6 +107,48 @@ fn cache(c: &mut Criterion) {
             }
         })
     });
+    let fills = std::sync::atomic::AtomicU64::new(0);
+    group.bench_function(
+        "cache service miss path: Lease (granted) + Set with the token",
+        |b| {
+            b.to_async(&runtime).iter(|| {
+                let mut client = l1_instance.clone();
+                let key = format!(
+                    "conv:bench:miss-{}",
+                    fills.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                let value = value.clone();
+                async move {
+                    let lease = client
+                        .lease(pb::LeaseRequest {
+                            key: key.clone(),
+                            lease_ttl: None,
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    let Some(pb::lease_response::Outcome::LeaseToken(token)) = lease.outcome else {
+                        panic!("a new key is a miss: {lease:?}");
+                    };
+                    let set = client
+                        .set(pb::CacheSetRequest {
+                            entry: Some(pb::CacheEntry {
+                                key,
+                                value,
+                                version: 1,
+                                tags: vec![],
+                                ttl: None,
+                            }),
+                            lease_token: token,
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert_eq!(set.outcome, pb::SetOutcome::Stored as i32);
+                }
+            })
+        },
+    );
     group.bench_function("L2 library get (no gRPC)", |b| {
         b.to_async(&runtime)
             .iter(|| async { l2.get("conv:bench:1").await.unwrap().unwrap() })

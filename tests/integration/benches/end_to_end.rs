@@ -1,7 +1,8 @@
 //! End-to-end latency of Get and Create through gRPC, next to its two ceilings measured in
 //! the same run: a gRPC call that touches no database (the health check, on the same
 //! server), and the same SQL sent directly with sqlx, on one real PostgreSQL shard started
-//! by the testkit.
+//! by the testkit. Get is also measured through the caches: answered by the instance's own
+//! L1, and (with no own L1) by the key's cache instance.
 //!
 //! `cargo bench -p convoy-integration-tests --bench end_to_end`
 
@@ -24,6 +25,27 @@ fn end_to_end(c: &mut Criterion) {
         (fleet, client, pool, created.name)
     });
     let id: Uuid = name.rsplit('/').next().unwrap().parse().unwrap();
+    // The same shard behind two more instances that read through a cache instance: one with
+    // its own L1, one without.
+    let (redis, cache, cached_instance, tiered_instance, cached, tiered) =
+        runtime.block_on(async {
+            let redis = convoy_testkit::Redis::start().await.unwrap();
+            let cache = convoy_integration_tests::CacheInstance::start(&redis.url(), &[]).await;
+            let url = redis.url();
+            let addr = cache.addr.to_string();
+            let flags = ["--redis-url", &url, "--cache-addr", &addr];
+            let cached = fleet.spawn_instance(&flags).await;
+            let tiered = fleet
+                .spawn_instance(&[&flags[..], &["--local-cache-mib", "0"]].concat())
+                .await;
+            let cached_client = pb::conversation_service_client::ConversationServiceClient::new(
+                convoy_integration_tests::channel_to(cached.addr).await,
+            );
+            let tiered_client = pb::conversation_service_client::ConversationServiceClient::new(
+                convoy_integration_tests::channel_to(tiered.addr).await,
+            );
+            (redis, cache, cached, tiered, cached_client, tiered_client)
+        });
 
     let health = runtime.block_on(async {
         tonic_health::pb::health_client::HealthClient::new(fleet.channel().await)
@@ -54,6 +76,26 @@ fn end_to_end(c: &mut Criterion) {
             }
         })
     });
+    for (label, client) in [
+        ("grpc GetConversation, own L1 hit", &cached),
+        (
+            "grpc GetConversation, cache instance hit (no own L1)",
+            &tiered,
+        ),
+    ] {
+        group.bench_function(label, |b| {
+            b.to_async(&runtime).iter(|| {
+                let mut client = client.clone();
+                let name = name.clone();
+                async move {
+                    client
+                        .get_conversation(pb::GetConversationRequest { name })
+                        .await
+                        .unwrap()
+                }
+            })
+        });
+    }
     group.bench_function("direct SQL (sqlx)", |b| {
         b.to_async(&runtime).iter(|| {
             let pool = pool.clone();
@@ -68,6 +110,8 @@ fn end_to_end(c: &mut Criterion) {
         })
     });
     group.finish();
+    // Their relays would wake on every Create below and compete for the two cores.
+    drop((cached_instance, tiered_instance, cache, redis));
 
     // The same statement the service runs without a request_id, returning the same row.
     let create_sql = format!(
