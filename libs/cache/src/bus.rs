@@ -56,23 +56,27 @@ end
 return ids
 "#;
 
-/// The first and last ids and the last sequence, read atomically; false when the stream
-/// does not exist. KEYS: the stream.
+/// The server's run id, then, when the stream exists, its first and last ids and the last
+/// sequence, read atomically. KEYS: the stream.
 const EXTENT_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
+if redis.call('EXISTS', KEYS[1]) == 0 then return {run_id} end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if not last[1] then return false end
+if not last[1] then return {run_id} end
 local seq = '0'
 local fields = last[1][2]
 for i = 1, #fields, 2 do
   if fields[i] == 'seq' then seq = fields[i + 1] end
 end
-return {first[1][1], last[1][1], seq}
+return {run_id, first[1][1], last[1][1], seq}
 "#;
 
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::new(PUBLISH_LUA));
 static EXTENT: LazyLock<Script> = LazyLock::new(|| Script::new(EXTENT_LUA));
+
+/// A stream entry as XRANGE returns it: its id and its fields, values as raw bytes.
+type RawEntry = (String, Vec<(String, Vec<u8>)>);
 
 /// A message as read from the bus.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,19 +138,21 @@ impl L2 {
                     .await?)
             })
             .await?;
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::from_redis_value(reply)
-            .map_err(|e| L2Error::Corrupt {
+        let entries: Vec<RawEntry> =
+            redis::from_redis_value(reply).map_err(|e| L2Error::Corrupt {
                 key: key.clone(),
                 what: format!("bus entries: {e}"),
             })?;
         entries
             .into_iter()
             .map(|(id, fields)| {
+                // A field that is not UTF-8 makes the message malformed (the subscriber
+                // flushes), not the whole read.
                 let field = |name: &str| {
                     fields
                         .iter()
                         .find(|(k, _)| k == name)
-                        .map(|(_, v)| v.clone())
+                        .and_then(|(_, v)| String::from_utf8(v.clone()).ok())
                 };
                 let message = (|| {
                     Some(BusMessage {
@@ -193,8 +199,19 @@ impl std::fmt::Display for StreamId {
 }
 
 /// Where the bus stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BusExtent {
+    /// The Redis server's run id: a new one means a restart (or a failover), after which
+    /// even a persisted stream may have lost its last messages.
+    pub run_id: String,
+    /// The stream, if it exists (it does not before the first publish, nor after a restart
+    /// without persistence).
+    pub stream: Option<StreamExtent>,
+}
+
+/// The stream's ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamExtent {
     /// The oldest message still kept.
     pub first: StreamId,
     /// The newest message.
@@ -204,30 +221,58 @@ pub struct BusExtent {
 }
 
 impl L2 {
-    /// The bus's extent, read atomically; `None` when the stream does not exist (never
-    /// written, or lost with a Redis restart).
-    pub async fn bus_extent(&self) -> Result<Option<BusExtent>, L2Error> {
+    /// The bus's extent and the server's run id, read atomically.
+    pub async fn bus_extent(&self) -> Result<BusExtent, L2Error> {
         let key = self.bus_key();
-        let reply: Option<(String, String, String)> = self
+        let reply: Vec<String> = self
             .bounded("bus_extent", async {
                 let mut conn = self.conn().await?;
                 Ok(EXTENT.key(&key).invoke_async(&mut conn).await?)
             })
             .await?;
-        let Some((first, last, seq)) = reply else {
-            return Ok(None);
-        };
         let corrupt = |what: String| L2Error::Corrupt {
             key: key.clone(),
             what,
         };
-        Ok(Some(BusExtent {
-            first: StreamId::parse(&first)
-                .ok_or_else(|| corrupt(format!("stream id {first:?}")))?,
-            last: StreamId::parse(&last).ok_or_else(|| corrupt(format!("stream id {last:?}")))?,
-            last_seq: seq
-                .parse()
-                .map_err(|_| corrupt(format!("sequence {seq:?}")))?,
-        }))
+        let id = |text: &str| {
+            StreamId::parse(text).ok_or_else(|| corrupt(format!("stream id {text:?}")))
+        };
+        match reply.as_slice() {
+            [run_id] => Ok(BusExtent {
+                run_id: run_id.clone(),
+                stream: None,
+            }),
+            [run_id, first, last, seq] => Ok(BusExtent {
+                run_id: run_id.clone(),
+                stream: Some(StreamExtent {
+                    first: id(first)?,
+                    last: id(last)?,
+                    last_seq: seq
+                        .parse()
+                        .map_err(|_| corrupt(format!("sequence {seq:?}")))?,
+                }),
+            }),
+            other => Err(corrupt(format!("extent reply {other:?}"))),
+        }
+    }
+
+    /// The Redis server's run id (new after every restart or failover).
+    pub async fn server_run_id(&self) -> Result<String, L2Error> {
+        let info: String = self
+            .bounded("server_run_id", async {
+                let mut conn = self.conn().await?;
+                Ok(redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut conn)
+                    .await?)
+            })
+            .await?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned())
+            .ok_or_else(|| L2Error::Corrupt {
+                key: "INFO server".into(),
+                what: "no run_id".into(),
+            })
     }
 }

@@ -31,10 +31,12 @@ pub struct L1Config {
     /// Longest time an entry is served, whatever its own TTL. 5 min: L1 is the layer that
     /// can miss an invalidation (until the bus notices the gap), so it holds data briefly.
     pub max_ttl: Duration,
-    /// How long an invalidation's floor is remembered. 10 min: longer than any fill takes.
+    /// How long an invalidation's floor is remembered. 1 min: longer than any fill can take
+    /// to land (an L2 read is bounded at 1 s, a leased fill by its lease, at most 10 s).
+    /// Floors are bounded by this time only, never by count: a size-bounded cache would
+    /// evict (or refuse to admit) floors, and a lost floor lets a stale fill land. Memory
+    /// is about 100 bytes per invalidation in the last minute.
     pub floor_ttl: Duration,
-    /// Most floors remembered (each is a key and a version). 1,000,000.
-    pub floor_capacity: u64,
 }
 
 impl Default for L1Config {
@@ -42,8 +44,7 @@ impl Default for L1Config {
         Self {
             capacity_bytes: 64 << 20,
             max_ttl: Duration::from_secs(300),
-            floor_ttl: Duration::from_secs(600),
-            floor_capacity: 1_000_000,
+            floor_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -113,10 +114,7 @@ impl L1 {
                 max_ttl: config.max_ttl,
             })
             .build();
-        let floors = Cache::builder()
-            .max_capacity(config.floor_capacity)
-            .time_to_live(config.floor_ttl)
-            .build();
+        let floors = Cache::builder().time_to_live(config.floor_ttl).build();
         Self {
             entries,
             floors,

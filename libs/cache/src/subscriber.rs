@@ -6,11 +6,15 @@
 //! - at the first step (whatever the L1 holds predates the subscription);
 //! - after a gap: a sequence number was skipped (messages trimmed before they were read,
 //!   or lost on their way: [`Subscriber::with_drop_ratio`] injects such losses);
-//! - after a reset: the stream is gone or its last id went backwards (a Redis restart);
+//! - after a reset: the stream is gone or its last id went backwards;
+//! - after Redis restarted (its run id changed), even with the stream intact: persistence
+//!   can lose the last messages (the AOF's last second, an older snapshot, a failover);
 //! - after any failed step, once the bus answers again (a reconnect).
 //!
 //! While steps fail, [`SubscriberHandle::is_current`] is false: the L1 may be missing
-//! invalidations and must not serve.
+//! invalidations and must not serve. A flush stands in for invalidations the L1 never
+//! applied, so it has no floors for them: [`SubscriberHandle::may_copy_from`] says whether
+//! an entry another L1 served may be copied in.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -18,7 +22,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::bus::{BusExtent, StreamId};
+use crate::bus::{StreamExtent, StreamId};
 use crate::l1::L1;
 use crate::l2::{L2, L2Error};
 
@@ -34,6 +38,22 @@ struct State {
     flushes: AtomicU64,
     /// The stream id through which the L1 holds nothing older than the bus says.
     coherent_through: Mutex<Option<StreamId>>,
+    /// What the last flush stood in for.
+    flush_mark: Mutex<FlushMark>,
+}
+
+/// What an L1's last flush stood in for: the invalidations it may have skipped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum FlushMark {
+    /// Nothing flushed yet: nothing may be copied in from another L1.
+    #[default]
+    NextMessage,
+    /// Every invalidation through this stream id.
+    At(StreamId),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Every live subscriber of this process, for in-process observers (coherence tests, debug
@@ -56,6 +76,8 @@ pub struct Subscriber {
     l1: L1,
     /// The last stream id read.
     last: Option<StreamId>,
+    /// The Redis server's run id at the last step.
+    run_id: Option<String>,
     /// The last sequence read in order; `None` when unknown (the next message flushes).
     seq: Option<u64>,
     failed: bool,
@@ -70,7 +92,9 @@ pub struct SubscriberHandle {
 }
 
 impl SubscriberHandle {
-    /// True when the last step succeeded: the L1 has every invalidation published so far.
+    /// True when the last step succeeded: the L1 has applied (or flushed past) every
+    /// invalidation up to the position that step reached ([`Self::coherent_through`]). It
+    /// may still be behind the bus's tip by what the next steps will read.
     pub fn is_current(&self) -> bool {
         self.state.current.load(Ordering::Acquire)
     }
@@ -78,6 +102,17 @@ impl SubscriberHandle {
     /// How many times the L1 was flushed.
     pub fn flushes(&self) -> u64 {
         self.state.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Whether an entry another L1 served, when that L1 was coherent through `position`,
+    /// may be copied into this one. A flush drops entries and stands in for invalidations
+    /// this L1 never applied (so it has no floors for them): a copy is safe only from an L1
+    /// that had applied them. After a restart, only from one that has read the new bus.
+    pub fn may_copy_from(&self, position: StreamId) -> bool {
+        match *lock(&self.state.flush_mark) {
+            FlushMark::At(mark) => position >= mark,
+            FlushMark::NextMessage => false,
+        }
     }
 
     /// The Redis URL of the bus it follows.
@@ -110,6 +145,7 @@ impl Subscriber {
             l2,
             l1,
             last: None,
+            run_id: None,
             seq: None,
             failed: false,
             drop_ratio: 0.0,
@@ -136,6 +172,18 @@ impl Subscriber {
         self.l1.flush().await;
         self.state.flushes.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("convoy_cache_bus_flushes_total", "why" => why).increment(1);
+    }
+
+    fn set_flush_mark(&self, mark: FlushMark) {
+        *lock(&self.state.flush_mark) = mark;
+    }
+
+    /// After a flush that waited for the next message, that message's id is the mark.
+    fn mark_first_message(&self, id: StreamId) {
+        let mut mark = lock(&self.state.flush_mark);
+        if *mark == FlushMark::NextMessage {
+            *mark = FlushMark::At(id);
+        }
     }
 
     fn set_coherent_through(&self, id: StreamId) {
@@ -172,30 +220,54 @@ impl Subscriber {
     async fn try_step(&mut self) -> Result<usize, L2Error> {
         let extent = self.l2.bus_extent().await?;
         let zero = StreamId(0, 0);
-        match (self.last, extent) {
-            (None, extent) => {
+        let restarted = self
+            .run_id
+            .as_ref()
+            .is_some_and(|known| *known != extent.run_id);
+        self.run_id = Some(extent.run_id.clone());
+        let stream = extent.stream;
+        match (self.last, stream) {
+            (None, stream) => {
                 self.flush("first subscription").await;
-                self.last = Some(extent.map_or(zero, |e| e.last));
-                self.seq = Some(extent.map_or(0, |e| e.last_seq));
+                self.last = Some(stream.map_or(zero, |e| e.last));
+                self.seq = Some(stream.map_or(0, |e| e.last_seq));
+                // With no stream, peers may not yet have noticed a restart that lost it.
+                self.set_flush_mark(match stream {
+                    Some(e) => FlushMark::At(e.last),
+                    None => FlushMark::NextMessage,
+                });
                 self.set_coherent_through(self.last.unwrap_or(zero));
                 self.failed = false;
                 return Ok(0);
+            }
+            (Some(_), _) if restarted => {
+                // Even a persisted stream may have lost its last messages (AOF, snapshot,
+                // failover), and with them invalidations nobody applied.
+                self.flush("redis restarted").await;
+                self.set_flush_mark(FlushMark::NextMessage);
+                if stream.is_none_or(|e| Some(e.last) < self.last) {
+                    self.last = Some(zero);
+                }
+                self.seq = None;
             }
             (Some(last), None) => {
                 // Never written, or lost with a Redis restart.
                 if last != zero || self.failed {
                     self.flush("the bus stream is gone").await;
+                    self.set_flush_mark(FlushMark::NextMessage);
                     self.last = Some(zero);
                     self.seq = Some(0);
                 }
             }
-            (Some(last), Some(extent)) => {
-                if extent.last < last {
+            (Some(last), Some(e)) => {
+                if e.last < last {
                     self.flush("the bus stream was reset").await;
+                    self.set_flush_mark(FlushMark::NextMessage);
                     self.last = Some(zero);
                     self.seq = Some(0);
                 } else if self.failed {
                     self.flush("reconnected to the bus").await;
+                    self.set_flush_mark(FlushMark::At(last));
                 }
             }
         }
@@ -210,12 +282,13 @@ impl Subscriber {
         let mut lost = false;
         for r in &received {
             self.last = Some(r.id);
+            self.mark_first_message(r.id);
             if self.drop_ratio > 0.0 && rand::rng().random_bool(self.drop_ratio) {
                 metrics::counter!("convoy_cache_bus_dropped_total").increment(1);
                 lost = true;
                 continue;
             }
-            if !matches!((self.seq, r.seq), (Some(s), Some(n)) if n == s + 1) {
+            if !matches!((self.seq, r.seq), (Some(s), Some(n)) if Some(n) == s.checked_add(1)) {
                 gap = true;
             }
             self.seq = r.seq;
@@ -235,7 +308,7 @@ impl Subscriber {
         }
         // Caught up with the extent read before, yet short of its sequence: the last
         // messages were lost.
-        if let Some(BusExtent { last, last_seq, .. }) = extent
+        if let Some(StreamExtent { last, last_seq, .. }) = stream
             && self.last == Some(last)
             && self.seq != Some(last_seq)
         {
@@ -252,6 +325,7 @@ impl Subscriber {
             })
             .await;
             through = self.last.unwrap_or(zero);
+            self.set_flush_mark(FlushMark::At(through));
         }
         self.set_coherent_through(through);
         Ok(applied)

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use convoy_cache::bus::StreamId;
 use convoy_cache::l1::{L1, L1Config};
 use convoy_cache::l2::{L2, L2Config};
 use convoy_cache::subscriber::Subscriber;
@@ -219,4 +220,37 @@ async fn concurrent_publishers_number_messages_without_holes() {
         (1..=200).collect::<Vec<u64>>(),
         "in stream order, contiguous"
     );
+}
+
+#[tokio::test]
+async fn copies_from_another_l1_are_allowed_only_from_one_past_the_last_flush() {
+    let (mut redis, bus, _l1, mut subscriber) = setup().await;
+    let first = bus.publish(&[message("a", 1)]).await.unwrap();
+    subscriber.step().await.unwrap(); // the first step flushes, standing in for `a`
+    let handle = subscriber.handle();
+    let first = StreamId::parse(&first[0]).unwrap();
+    assert!(handle.may_copy_from(first), "a peer that applied `a`");
+    assert!(
+        !handle.may_copy_from(StreamId(0, 0)),
+        "a peer behind the flush"
+    );
+
+    // A restart loses the bus: until a message of the new bus is read, no peer is known to
+    // have noticed, so nothing may be copied.
+    redis.restart().await.unwrap();
+    let mut stepped = false;
+    for _ in 0..50 {
+        if subscriber.step().await.is_ok() {
+            stepped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stepped);
+    assert!(!handle.may_copy_from(StreamId(u64::MAX, 0)));
+    let next = bus.publish(&[message("b", 2)]).await.unwrap();
+    subscriber.step().await.unwrap();
+    let next = StreamId::parse(&next[0]).unwrap();
+    assert!(handle.may_copy_from(next));
+    assert!(!handle.may_copy_from(first), "a peer still on the old bus");
 }

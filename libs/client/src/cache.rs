@@ -82,13 +82,15 @@ impl CacheClient {
         self.channel.route(RouteKey::of(key.as_bytes()))
     }
 
-    /// Looks `key` up (L1, then L2) at its instance; `None` on a miss.
+    /// Looks `key` up (L1, then L2) at its instance. With `peek`, the lookup changes
+    /// nothing there (no promotion, not counted).
     pub async fn get(
         &self,
         key: &str,
         min_version: i64,
-    ) -> Result<Option<(pb::CacheEntry, pb::CacheLayer)>, Status> {
-        let response = self
+        peek: bool,
+    ) -> Result<pb::CacheGetResponse, Status> {
+        Ok(self
             .inner
             .clone()
             .get(routed(
@@ -96,12 +98,11 @@ impl CacheClient {
                 pb::CacheGetRequest {
                     key: key.to_owned(),
                     min_version,
+                    peek,
                 },
             ))
             .await?
-            .into_inner();
-        let layer = response.layer();
-        Ok(response.entry.map(|e| (e, layer)))
+            .into_inner())
     }
 
     /// Get-or-lease for a read-through fill.
@@ -109,12 +110,13 @@ impl CacheClient {
         &self,
         key: &str,
         lease_ttl: Option<Duration>,
-    ) -> Result<pb::lease_response::Outcome, Status> {
+    ) -> Result<pb::LeaseResponse, Status> {
         let lease_ttl = lease_ttl.map(|d| prost_types::Duration {
             seconds: d.as_secs() as i64,
             nanos: d.subsec_nanos() as i32,
         });
-        self.inner
+        let response = self
+            .inner
             .clone()
             .lease(routed(
                 key,
@@ -124,9 +126,11 @@ impl CacheClient {
                 },
             ))
             .await?
-            .into_inner()
-            .outcome
-            .ok_or_else(|| Status::internal("a Lease answer without an outcome"))
+            .into_inner();
+        if response.outcome.is_none() {
+            return Err(Status::internal("a Lease answer without an outcome"));
+        }
+        Ok(response)
     }
 
     /// Stores `entry` (with the lease token when the key is leased).
@@ -150,7 +154,9 @@ impl CacheClient {
         Ok(response.into_inner().outcome())
     }
 
-    /// Drops `key` and raises its floor to `version`.
+    /// Drops `key` at its instance (L1 and Redis) and raises its floor to `version`. Other
+    /// instances' L1s hear of it only through the invalidation bus, which this does not
+    /// publish to: writers invalidate through the outbox.
     pub async fn invalidate(&self, key: &str, version: i64) -> Result<(), Status> {
         self.inner
             .clone()

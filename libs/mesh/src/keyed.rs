@@ -21,9 +21,11 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use convoy_discovery::Changes;
+use futures::FutureExt;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use http::{Request, Response};
+use tokio_util::task::AbortOnDropHandle;
 use tonic::body::Body;
 use tower::discover::Change;
 use tower::{BoxError, Layer, Service, ServiceExt};
@@ -79,8 +81,14 @@ struct Member {
 }
 
 impl Member {
+    /// Holding a live connection (the breaker is asked at dispatch).
+    fn connected(&self) -> bool {
+        self.service.get_ref().live_connections() > 0
+    }
+
+    /// Connected, and its breaker would let a call through now.
     fn usable(&self) -> bool {
-        self.service.get_ref().live_connections() > 0 && self.service.admits_now()
+        self.connected() && self.service.admits_now()
     }
 }
 
@@ -120,30 +128,38 @@ impl Ring {
             })
     }
 
-    /// The member a call for `key` goes to, given which members are usable and their loads.
+    /// The members a call for `key` may go to, in order of preference: the usable ones
+    /// under their load bound in ring order, then the other usable ones in ring order.
+    fn candidates(
+        &self,
+        key: RouteKey,
+        load_factor: f64,
+        usable: impl Fn(&Member) -> bool,
+    ) -> Vec<usize> {
+        let usable: Vec<usize> = self
+            .walk(key)
+            .filter(|&i| usable(&self.members[i]))
+            .collect();
+        if usable.is_empty() {
+            return usable;
+        }
+        let load = |i: usize| self.members[i].in_flight.load(Ordering::Relaxed);
+        let total: usize = usable.iter().map(|&i| load(i)).sum();
+        // Counting this call, so an idle set always admits it at its owner.
+        let bound = ((total + 1) as f64 * load_factor / usable.len() as f64).ceil() as usize;
+        let (under, over): (Vec<usize>, Vec<usize>) =
+            usable.into_iter().partition(|&i| load(i) < bound);
+        under.into_iter().chain(over).collect()
+    }
+
+    /// The member a call for `key` goes to first.
     fn choose(
         &self,
         key: RouteKey,
         load_factor: f64,
         usable: impl Fn(&Member) -> bool,
     ) -> Option<usize> {
-        let candidates: Vec<usize> = self
-            .walk(key)
-            .filter(|&i| usable(&self.members[i]))
-            .collect();
-        let first = *candidates.first()?;
-        let total: usize = candidates
-            .iter()
-            .map(|&i| self.members[i].in_flight.load(Ordering::Relaxed))
-            .sum();
-        // Counting this call, so an idle set always admits it at its owner.
-        let bound = ((total + 1) as f64 * load_factor / candidates.len() as f64).ceil() as usize;
-        Some(
-            candidates
-                .into_iter()
-                .find(|&i| self.members[i].in_flight.load(Ordering::Relaxed) < bound)
-                .unwrap_or(first),
-        )
+        self.candidates(key, load_factor, usable).first().copied()
     }
 }
 
@@ -153,6 +169,9 @@ impl Ring {
 pub struct KeyedChannel {
     ring: Arc<RwLock<Arc<Ring>>>,
     load_factor: f64,
+    /// The discovery task, stopped (with its endpoints' connection tasks) when the last
+    /// clone is dropped.
+    _discovery: Arc<AbortOnDropHandle<()>>,
 }
 
 impl std::fmt::Debug for KeyedChannel {
@@ -165,16 +184,21 @@ impl std::fmt::Debug for KeyedChannel {
 
 impl KeyedChannel {
     /// Routes over the endpoints `changes` announces. Must be called inside a tokio
-    /// runtime (it spawns the discovery task, which ends when the last clone is dropped).
+    /// runtime (it spawns the discovery task, which is stopped when the last clone is
+    /// dropped).
     pub fn new(mut changes: Changes, config: KeyedConfig) -> Self {
         let ring = Arc::new(RwLock::new(Arc::new(Ring::default())));
         let weak = Arc::downgrade(&ring);
         let budget = EjectionBudget::new(config.max_ejection_share);
         let breaker = BreakerLayer::new(config.breaker.clone(), budget);
-        tokio::spawn(async move {
+        let discovery = tokio::spawn(async move {
             let mut endpoints: HashMap<String, Breaker<EndpointService>> = HashMap::new();
+            // Calls in flight per instance, kept across membership changes.
+            let mut loads: HashMap<String, Arc<AtomicUsize>> = HashMap::new();
             while let Some(change) = changes.next().await {
-                let Some(ring) = weak.upgrade() else { return };
+                let Some(ring) = weak.upgrade() else {
+                    return;
+                };
                 match change {
                     Ok(Change::Insert(instance, endpoint)) => {
                         match EndpointService::new(endpoint.addr.clone(), config.endpoint.clone()) {
@@ -201,12 +225,13 @@ impl KeyedChannel {
                         continue;
                     }
                 }
+                loads.retain(|instance, _| endpoints.contains_key(instance));
                 let members = endpoints
                     .iter()
                     .map(|(instance, service)| Member {
                         instance: instance.clone(),
                         service: service.clone(),
-                        in_flight: Arc::new(AtomicUsize::new(0)),
+                        in_flight: loads.entry(instance.clone()).or_default().clone(),
                     })
                     .collect();
                 let next = Arc::new(Ring::build(members, config.virtual_nodes));
@@ -217,6 +242,7 @@ impl KeyedChannel {
         Self {
             ring,
             load_factor: config.load_factor,
+            _discovery: Arc::new(AbortOnDropHandle::new(discovery)),
         }
     }
 
@@ -258,25 +284,31 @@ impl Service<Request<Body>> for KeyedChannel {
             .copied()
             .unwrap_or_else(|| RouteKey(rand::random()));
         let ring = self.current();
-        let Some(index) = ring.choose(key, self.load_factor, Member::usable) else {
-            metrics::counter!("convoy_client_keyed_unavailable_total").increment(1);
-            let mut response = tonic::Status::unavailable("no endpoint of the service is usable")
-                .into_http::<Body>();
-            // Another attempt would find the same set: do not retry (gRFC A6).
-            response
-                .headers_mut()
-                .insert(RETRY_PUSHBACK, http::HeaderValue::from_static("-1"));
-            return Box::pin(std::future::ready(Ok(response)));
-        };
-        let member = &ring.members[index];
-        member.in_flight.fetch_add(1, Ordering::Relaxed);
-        let guard = InFlight(member.in_flight.clone());
-        let service = member.service.clone();
-        Box::pin(async move {
-            let response = service.oneshot(request).await;
-            drop(guard);
-            response
-        })
+        // The first candidate whose readiness is immediate: an endpoint whose breaker is
+        // open, or half-open with its probe out, would make the call wait; skip it.
+        for index in ring.candidates(key, self.load_factor, Member::connected) {
+            let member = &ring.members[index];
+            let mut service = member.service.clone();
+            if !matches!(service.ready().now_or_never(), Some(Ok(_))) {
+                continue;
+            }
+            member.in_flight.fetch_add(1, Ordering::Relaxed);
+            let guard = InFlight(member.in_flight.clone());
+            let call = service.call(request);
+            return Box::pin(async move {
+                let response = call.await;
+                drop(guard);
+                response
+            });
+        }
+        metrics::counter!("convoy_client_keyed_unavailable_total").increment(1);
+        let mut response =
+            tonic::Status::unavailable("no endpoint of the service is usable").into_http::<Body>();
+        // Another attempt would find the same set: do not retry (gRFC A6).
+        response
+            .headers_mut()
+            .insert(RETRY_PUSHBACK, http::HeaderValue::from_static("-1"));
+        Box::pin(std::future::ready(Ok(response)))
     }
 }
 

@@ -19,6 +19,7 @@ use convoy_cache::subscriber::{self, Subscriber};
 use convoy_mesh::ServerBuilder;
 use convoy_proto::v1::cache_service_server::CacheServiceServer;
 use tokio::net::TcpListener;
+use tokio_util::task::AbortOnDropHandle;
 
 pub use config::Config;
 pub use service::CacheApi;
@@ -44,6 +45,8 @@ pub async fn serve(
         .with_drop_ratio(config.fault_bus_drop_ratio),
         Duration::from_millis(config.bus_poll_ms.max(1)),
     );
+    // Stopped however `serve` ends (an error below, or the future dropped).
+    let subscription = AbortOnDropHandle::new(subscription);
     let registration = config
         .registration
         .register(
@@ -58,6 +61,6 @@ pub async fn serve(
         .add_service(CacheServiceServer::new(api))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
-    subscription.abort();
+    drop(subscription);
     Ok(result?)
 }

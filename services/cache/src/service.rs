@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use convoy_cache::bus::StreamId;
 use convoy_cache::l1::L1;
 use convoy_cache::l2::{L2, L2Error};
 use convoy_cache::lease::LeaseOutcome;
@@ -36,6 +37,8 @@ const MAX_VALUE_BYTES: usize = 1 << 20;
 const LEASE_RETRY_AFTER: Duration = Duration::from_millis(10);
 /// Default lease time when the request names none.
 const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
+/// Longest lease a request may ask for (L2 caps it there too).
+const MAX_LEASE_TTL: Duration = Duration::from_secs(10);
 
 fn invalid(field: &str, description: impl Into<String>) -> Status {
     let description = description.into();
@@ -54,6 +57,16 @@ fn check_key(field: &str, key: &str) -> Result<(), Status> {
         ));
     }
     Ok(())
+}
+
+/// A client's non-negative duration, capped at `max` (and never an overflow: the client picks
+/// the numbers).
+fn bounded_duration(d: &prost_types::Duration, max: Duration) -> Duration {
+    let seconds = u64::try_from(d.seconds).unwrap_or(0);
+    let nanos = u64::try_from(d.nanos).unwrap_or(0).min(999_999_999);
+    Duration::from_secs(seconds.min(max.as_secs().saturating_add(1)))
+        .saturating_add(Duration::from_nanos(nanos))
+        .min(max)
 }
 
 fn unavailable(e: L2Error) -> Status {
@@ -87,6 +100,14 @@ impl Counters {
         counter.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("convoy_cache_lookups_total", "layer" => label).increment(1);
     }
+}
+
+/// What a lookup found, and where.
+struct Found {
+    entry: Option<Entry>,
+    layer: pb::CacheLayer,
+    /// With an L1 answer: the bus position that L1 was coherent through before the read.
+    position: Option<StreamId>,
 }
 
 /// The CacheService implementation.
@@ -132,32 +153,61 @@ impl CacheApi {
         }
     }
 
-    /// L1 (when current), then L2 (promoting into L1), else a miss.
-    async fn lookup(&self, key: &str, min: Option<Version>) -> (Option<Entry>, pb::CacheLayer) {
+    /// L1 (when current), then L2 (promoting into L1 unless `peek`), else a miss.
+    async fn lookup(&self, key: &str, min: Option<Version>, peek: bool) -> Found {
         let current = self.bus.is_current();
+        // Read before L1 is: every invalidation through it was applied before the lookup.
+        let position = self.bus.coherent_through();
         // Taken before L2 is read: a flush in between refuses the promotion.
         let ticket = self.l1.ticket().await;
-        if current && let Some(entry) = self.l1.get(key, min).await {
-            self.counters.count(Layer::L1);
-            return (Some((*entry).clone()), pb::CacheLayer::L1);
+        let l1 = if peek {
+            self.l1
+                .peek(key)
+                .await
+                .filter(|e| min.is_none_or(|m| e.version >= m))
+        } else {
+            self.l1.get(key, min).await
+        };
+        if current && let Some(entry) = l1 {
+            self.count(peek, Layer::L1);
+            return Found {
+                entry: Some((*entry).clone()),
+                layer: pb::CacheLayer::L1,
+                position,
+            };
         }
+        let miss = Found {
+            entry: None,
+            layer: pb::CacheLayer::Unspecified,
+            position: None,
+        };
         match self.l2.get(key).await {
             Ok(Some(entry)) if min.is_none_or(|m| entry.version >= m) => {
-                if current {
+                if current && !peek {
                     self.l1.set_fenced(key, entry.clone(), ticket).await;
                 }
-                self.counters.count(Layer::L2);
-                (Some(entry), pb::CacheLayer::L2)
+                self.count(peek, Layer::L2);
+                Found {
+                    entry: Some(entry),
+                    layer: pb::CacheLayer::L2,
+                    position: None,
+                }
             }
             Ok(_) => {
-                self.counters.count(Layer::Miss);
-                (None, pb::CacheLayer::Unspecified)
+                self.count(peek, Layer::Miss);
+                miss
             }
             Err(e) => {
                 tracing::debug!(error = %e, "L2 unavailable; answering a miss");
-                self.counters.count(Layer::Miss);
-                (None, pb::CacheLayer::Unspecified)
+                self.count(peek, Layer::Miss);
+                miss
             }
+        }
+    }
+
+    fn count(&self, peek: bool, layer: Layer) {
+        if !peek {
+            self.counters.count(layer);
         }
     }
 
@@ -184,7 +234,7 @@ impl CacheApi {
                 return Err(invalid("entry.ttl", "is negative"));
             }
             Some(d) if d.seconds == 0 && d.nanos == 0 => self.max_ttl,
-            Some(d) => Duration::new(d.seconds as u64, d.nanos as u32).min(self.max_ttl),
+            Some(d) => bounded_duration(d, self.max_ttl),
         };
         Ok((
             e.key.clone(),
@@ -207,10 +257,11 @@ impl CacheService for CacheApi {
         let r = request.into_inner();
         check_key("key", &r.key)?;
         let min = (r.min_version > 0).then_some(Version(r.min_version));
-        let (entry, layer) = self.lookup(&r.key, min).await;
+        let found = self.lookup(&r.key, min, r.peek).await;
         Ok(Response::new(pb::CacheGetResponse {
-            entry: entry.map(|e| Self::wire(&r.key, &e)),
-            layer: layer as i32,
+            entry: found.entry.map(|e| Self::wire(&r.key, &e)),
+            layer: found.layer as i32,
+            bus_position: found.position.map(|p| p.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -227,7 +278,7 @@ impl CacheService for CacheApi {
         }
         let mut entries = Vec::new();
         for key in &keys {
-            if let (Some(entry), _) = self.lookup(key, None).await {
+            if let Some(entry) = self.lookup(key, None, false).await.entry {
                 entries.push(Self::wire(key, &entry));
             }
         }
@@ -301,6 +352,8 @@ impl CacheService for CacheApi {
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let r = request.into_inner();
         check_key("key", &r.key)?;
+        // Read before L1 is; see `lookup`.
+        let position = self.bus.coherent_through();
         if self.bus.is_current()
             && let Some(entry) = self.l1.get(&r.key, None).await
         {
@@ -309,20 +362,26 @@ impl CacheService for CacheApi {
                 outcome: Some(pb::lease_response::Outcome::Entry(Self::wire(
                     &r.key, &entry,
                 ))),
+                layer: pb::CacheLayer::L1 as i32,
+                bus_position: position.map(|p| p.to_string()).unwrap_or_default(),
             }));
         }
         // Taken before L2 is read: a flush in between refuses the promotion.
         let ticket = self.l1.ticket().await;
         let ttl = r
             .lease_ttl
-            .filter(|d| d.seconds > 0 || d.nanos > 0)
-            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .map(|d| bounded_duration(&d, MAX_LEASE_TTL))
+            .filter(|d| !d.is_zero())
             .unwrap_or(DEFAULT_LEASE_TTL);
         let leased = self.l2.lease(&r.key, ttl).await.map_err(|e| {
             // Unanswered: the caller reads its source, as after a miss.
             self.counters.count(Layer::Miss);
             unavailable(e)
         })?;
+        let layer = match &leased {
+            LeaseOutcome::Hit(_) => pb::CacheLayer::L2,
+            _ => pb::CacheLayer::Unspecified,
+        };
         let outcome = match leased {
             LeaseOutcome::Hit(entry) => {
                 self.counters.count(Layer::L2);
@@ -343,6 +402,8 @@ impl CacheService for CacheApi {
         };
         Ok(Response::new(pb::LeaseResponse {
             outcome: Some(outcome),
+            layer: layer as i32,
+            bus_position: String::new(),
         }))
     }
 

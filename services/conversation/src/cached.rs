@@ -11,13 +11,17 @@
 //! cached value older than the token's version from any layer; a token for another
 //! conversation says nothing about this one's cached versions, so such a read goes to the
 //! primary. The own L1 serves only while its bus subscriber is current; the cache tier's
-//! instances follow the same rule.
+//! instances follow the same rule. The own L1 takes copies of what it fills itself, of what
+//! the tier read from Redis (the relay drops a key there before it publishes), and of what
+//! the tier's L1 served only if that L1 was past every invalidation the own L1 skipped by
+//! flushing (it reports its bus position).
 //!
 //! Any cache failure is a miss: reads never fail because a cache did.
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use convoy_cache::bus::StreamId;
 use convoy_cache::l1::{FillTicket, L1};
 use convoy_cache::subscriber::SubscriberHandle;
 use convoy_cache::{Entry, SetOutcome, Version};
@@ -39,8 +43,9 @@ const ENTRY_TTL: Duration = Duration::from_secs(300);
 /// How long a filler may take between its lease and its set. 1 s: a primary read takes
 /// milliseconds; past this, waiting readers stop waiting anyway.
 const LEASE_TTL: Duration = Duration::from_secs(1);
-/// Times a reader asks again while another fills, before reading the primary itself.
-const LEASE_WAITS: usize = 3;
+/// Times a reader asks while another fills (waiting between asks), before reading the
+/// primary itself.
+const LEASE_ASKS: usize = 4;
 /// Longest pause between those asks, whatever the cache tier suggests.
 const MAX_LEASE_WAIT: Duration = Duration::from_millis(20);
 
@@ -142,9 +147,18 @@ impl ReadThrough {
             Some(local) => Some(local.l1.ticket().await),
             None => None,
         };
-        for _ in 0..=LEASE_WAITS {
-            match tier.lease(key, Some(LEASE_TTL)).await {
-                Ok(Outcome::Entry(entry)) => {
+        for attempt in 0..LEASE_ASKS {
+            let response = match tier.lease(key, Some(LEASE_TTL)).await {
+                Ok(response) => response,
+                Err(status) => {
+                    tracing::debug!(%status, key, "cache tier unavailable; reading the primary");
+                    metrics::counter!("convoy_conversation_cache_errors_total").increment(1);
+                    break;
+                }
+            };
+            let copyable = self.copyable(&response.layer(), &response.bus_position);
+            match response.outcome {
+                Some(Outcome::Entry(entry)) => {
                     if min.is_some_and(|m| entry.version < m.0) {
                         // The tier has not seen the token's write yet: the primary has.
                         break;
@@ -152,22 +166,20 @@ impl ReadThrough {
                     let Some(conversation) = decode(key, &entry.value) else {
                         break;
                     };
-                    self.keep_locally(key, entry.value.into(), entry.version, ticket)
-                        .await;
+                    if copyable {
+                        self.keep_locally(key, entry.value.into(), entry.version, ticket)
+                            .await;
+                    }
                     return Ok((conversation, Source::Tier));
                 }
-                Ok(Outcome::LeaseToken(lease)) => {
+                Some(Outcome::LeaseToken(lease)) => {
                     return self.fill(store, name, key, tier, lease, ticket).await;
                 }
-                Ok(Outcome::RetryAfter(after)) => {
+                Some(Outcome::RetryAfter(after)) if attempt + 1 < LEASE_ASKS => {
                     let after = Duration::try_from(after).unwrap_or(MAX_LEASE_WAIT);
                     tokio::time::sleep(after.min(MAX_LEASE_WAIT)).await;
                 }
-                Err(status) => {
-                    tracing::debug!(%status, key, "cache tier unavailable; reading the primary");
-                    metrics::counter!("convoy_conversation_cache_errors_total").increment(1);
-                    break;
-                }
+                Some(Outcome::RetryAfter(_)) | None => break,
             }
         }
         self.primary(store, name, Source::Primary).await
@@ -215,6 +227,23 @@ impl ReadThrough {
     ) -> Result<(pb::Conversation, Source), ApiError> {
         let (conversation, _) = read_primary(store, name).await?;
         Ok((conversation, source))
+    }
+
+    /// Whether a value the tier answered may be copied into the own L1: one from Redis
+    /// always (the relay drops a key there before it publishes the invalidation); one from
+    /// the instance's L1 only if that L1 had applied every invalidation the own L1 skipped
+    /// by flushing (see `SubscriberHandle::may_copy_from`).
+    fn copyable(&self, layer: &pb::CacheLayer, position: &str) -> bool {
+        let Some(local) = &self.local else {
+            return false;
+        };
+        match layer {
+            pb::CacheLayer::L2 => true,
+            pb::CacheLayer::L1 => {
+                StreamId::parse(position).is_some_and(|position| local.bus.may_copy_from(position))
+            }
+            pb::CacheLayer::Unspecified => false,
+        }
     }
 
     /// Puts a value the tier holds (or just stored) into the own L1, which refuses it if an

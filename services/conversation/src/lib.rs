@@ -2,8 +2,10 @@
 //!
 //! Data flows one way: [`service`] (gRPC) → [`validate`] (requests become [`model`] values)
 //! → [`store`] (SQL on the owning shard) → [`wire`] (replies). [`error`] maps every failure
-//! to a gRPC status in one place. The binary (`main.rs`) only wires config, telemetry,
-//! backends and server together through [`run`].
+//! to a gRPC status in one place. GetConversation reads through the caches ([`cached`]).
+//! Every write leaves an outbox row that [`relay`] publishes on the invalidation bus, and
+//! [`sampler`] checks a share of writes against every cache layer. The binary (`main.rs`)
+//! only wires config, telemetry, backends and server together through [`serve`].
 
 #![forbid(unsafe_code)]
 
@@ -34,6 +36,7 @@ use convoy_mesh::ServerBuilder;
 use convoy_proto::v1::conversation_service_server::ConversationServiceServer;
 use convoy_store::ShardPools;
 use tokio::net::TcpListener;
+use tokio_util::task::AbortOnDropHandle;
 
 pub use cached::{LocalCache, ReadThrough};
 pub use config::Config;
@@ -70,17 +73,11 @@ pub fn grpc_service(api: ConversationApi) -> ConversationServiceServer<Conversat
 /// Background tasks that end with the server, however it ends (a dropped `serve` future
 /// included: an instance killed in a test must not leave its relay running).
 #[derive(Default)]
-struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+struct Tasks(Vec<AbortOnDropHandle<()>>);
 
 impl Tasks {
     fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
-        self.0.push(tokio::spawn(task));
-    }
-}
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        self.0.iter().for_each(tokio::task::JoinHandle::abort);
+        self.0.push(AbortOnDropHandle::new(tokio::spawn(task)));
     }
 }
 
@@ -99,7 +96,7 @@ fn caches(
                 .with_drop_ratio(config.fault_bus_drop_ratio);
             let (bus, task) =
                 subscriber::spawn(subscriber, Duration::from_millis(config.bus_poll_ms.max(1)));
-            tasks.0.push(task);
+            tasks.0.push(AbortOnDropHandle::new(task));
             Some(LocalCache { l1, bus })
         }
         _ => None,

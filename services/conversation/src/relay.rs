@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use convoy_cache::l2::L2;
 use convoy_cache::{BusMessage, Version};
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -32,6 +32,10 @@ const BATCH: i64 = 256;
 /// once (Postgres `NOTIFY`, see [`wake_on_commit`]); the poll only bounds the delay of a
 /// commit whose notification was lost while the listener reconnected. 250 ms.
 const IDLE_PAUSE: Duration = Duration::from_millis(250);
+/// How far back rows are published again after Redis restarted: past the longest time any
+/// cache keeps an entry (the cache service's `--max-ttl-secs`, 300 by default), so every
+/// entry a lost invalidation could have left is invalidated again.
+const REPUBLISH_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// The channel the outbox trigger notifies on commit.
 const CHANNEL: &str = "convoy_outbox";
 /// Pause after a round that failed (Redis or the shard unreachable).
@@ -49,9 +53,25 @@ pub async fn run(store: Arc<ConversationStore>, bus: L2) {
     for index in 0..store.pools().map().shards().len() {
         listeners.spawn(wake_on_commit(store.clone(), index, wake.clone()));
     }
+    // The Redis run id every shard's relay_state is known to hold.
+    let mut reconciled: Option<String> = None;
     loop {
         let mut published = 0;
         let mut failed = false;
+        match bus.server_run_id().await {
+            Ok(run_id) if reconciled.as_ref() != Some(&run_id) => {
+                if reconcile_all(&store, &run_id).await {
+                    reconciled = Some(run_id);
+                } else {
+                    failed = true;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                failed = true;
+                tracing::warn!(error = %e, "outbox relay cannot reach Redis; retrying");
+            }
+        }
         for index in 0..store.pools().map().shards().len() {
             match relay_once(&store, index, &bus).await {
                 Ok(n) => published += n,
@@ -73,9 +93,14 @@ pub async fn run(store: Arc<ConversationStore>, bus: L2) {
 /// Wakes the relay whenever shard `index` commits outbox rows (the trigger's `NOTIFY`).
 /// sqlx's listener reconnects by itself; while it cannot, the relay polls.
 async fn wake_on_commit(store: Arc<ConversationStore>, index: usize, wake: Arc<Notify>) {
+    // A connection of its own, not one of the shard pool's.
+    let options = store.pools().pool(index).connect_options();
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with((*options).clone());
     loop {
         let listening = async {
-            let mut listener = PgListener::connect_with(store.pools().pool(index)).await?;
+            let mut listener = PgListener::connect_with(&own).await?;
             listener.listen(CHANNEL).await?;
             loop {
                 listener.recv().await?;
@@ -88,6 +113,63 @@ async fn wake_on_commit(store: Arc<ConversationStore>, index: usize, wake: Arc<N
         }
         tokio::time::sleep(ERROR_PAUSE).await;
     }
+}
+
+/// Records `run_id` on every shard (see [`reconcile`]); true if all succeeded.
+async fn reconcile_all(store: &ConversationStore, run_id: &str) -> bool {
+    let mut all = true;
+    for index in 0..store.pools().map().shards().len() {
+        match reconcile(store, index, run_id).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                shard = index,
+                republishing = n,
+                "Redis restarted since the outbox was last published: publishing recent rows again"
+            ),
+            Err(e) => {
+                all = false;
+                tracing::warn!(shard = index, error = %e, "recording the Redis run id failed");
+            }
+        }
+    }
+    all
+}
+
+/// Records that shard `index`'s outbox is published to the Redis whose run id is `run_id`.
+/// If it was published to another (Redis restarted or failed over, and may have lost the
+/// latest invalidations even with persistence), unmarks the rows published within
+/// [`REPUBLISH_WINDOW`] so they are published again; returns how many.
+pub async fn reconcile(
+    store: &ConversationStore,
+    index: usize,
+    run_id: &str,
+) -> Result<u64, sqlx::Error> {
+    let mut tx = store.pools().pool(index).begin().await?;
+    let known: String =
+        sqlx::query_scalar("SELECT redis_run_id FROM relay_state WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await?;
+    if known == run_id {
+        tx.commit().await?;
+        return Ok(0);
+    }
+    let mut unmarked = 0;
+    if !known.is_empty() {
+        unmarked = sqlx::query(
+            "UPDATE outbox SET published_at = NULL \
+             WHERE published_at > now() - make_interval(secs => $1)",
+        )
+        .bind(REPUBLISH_WINDOW.as_secs_f64())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    }
+    sqlx::query("UPDATE relay_state SET redis_run_id = $1 WHERE id = 1")
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(unmarked)
 }
 
 /// Publishes one batch of shard `index`'s outbox; returns how many rows.
@@ -121,7 +203,7 @@ pub async fn relay_once(
         })
         .collect();
     // Redis's own copy first (raising each key's floor there), then every L1 via the bus.
-    // Concurrently: a batch is up to BATCH round trips, bounded by the Redis pool's size.
+    // Concurrently: a batch is up to BATCH requests, pipelined on L2's one connection.
     futures::future::try_join_all(messages.iter().map(|message| async move {
         bus.invalidate(&message.key, message.version).await?;
         if !message.tags.is_empty() {

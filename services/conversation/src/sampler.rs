@@ -27,6 +27,8 @@ use crate::names::ConversationName;
 use crate::relay::cache_key;
 use crate::store::ConversationStore;
 
+/// The latest check after a write.
+const MAX_DELAY: Duration = Duration::from_secs(3600);
 /// Samples waiting for their checks, at most.
 pub const MAX_PENDING: usize = 1024;
 
@@ -68,7 +70,8 @@ impl Sampler {
         tier: Option<CacheClient>,
         l2: L2,
     ) -> Self {
-        let mut delays = delays;
+        // An hour at most: a check later than that measures nothing a cache still holds.
+        let mut delays: Vec<Duration> = delays.into_iter().map(|d| d.min(MAX_DELAY)).collect();
         delays.sort();
         delays.dedup();
         Self {
@@ -143,8 +146,10 @@ impl Probe {
         {
             contradicted("local-l1", entry.version.0);
         }
+        // A peek: the check neither promotes nor counts, so it leaves the hit rates alone.
         if let Some(tier) = &self.tier
-            && let Ok(Some((entry, _))) = tier.get(&key, 0).await
+            && let Ok(response) = tier.get(&key, 0, true).await
+            && let Some(entry) = response.entry
         {
             contradicted("cache", entry.version);
         }

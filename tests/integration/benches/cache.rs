@@ -83,6 +83,7 @@ fn cache(c: &mut Criterion) {
                     .get(pb::CacheGetRequest {
                         key: "conv:bench:1".into(),
                         min_version: 0,
+                        peek: false,
                     })
                     .await
                     .unwrap()
@@ -99,6 +100,7 @@ fn cache(c: &mut Criterion) {
                     .get(pb::CacheGetRequest {
                         key: "conv:bench:1".into(),
                         min_version: 0,
+                        peek: false,
                     })
                     .await
                     .unwrap()

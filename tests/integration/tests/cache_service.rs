@@ -36,6 +36,7 @@ async fn get(client: &mut CacheServiceClient<Channel>, key: &str) -> pb::CacheGe
         .get(pb::CacheGetRequest {
             key: key.into(),
             min_version: 0,
+            peek: false,
         })
         .await
         .unwrap()
@@ -95,6 +96,7 @@ async fn reads_come_from_l1_then_l2_and_stale_sets_are_refused() {
         .get(pb::CacheGetRequest {
             key: String::new(),
             min_version: 0,
+            peek: false,
         })
         .await
         .unwrap_err();

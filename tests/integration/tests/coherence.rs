@@ -324,6 +324,22 @@ async fn run(fault: Fault) {
         &history.lock().unwrap(),
         &observed.lock().unwrap(),
     );
+    // The reads exercised the caches, not only the primary.
+    let mut hits = 0;
+    for cache in &caches {
+        let stats = cache
+            .client()
+            .await
+            .stats(pb::CacheStatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        hits += stats.l1_hits + stats.l2_hits;
+    }
+    assert!(
+        hits > 0,
+        "{fault:?}: no read was answered by a cache instance"
+    );
     drop(second);
 }
 

@@ -164,3 +164,29 @@ async fn published_outbox_rows_are_purged_and_unpublished_ones_kept() {
         .unwrap();
     assert_eq!(left, 1);
 }
+
+#[tokio::test]
+async fn after_a_redis_restart_recent_invalidations_are_published_again() {
+    // A restarted Redis may have lost invalidations whose rows are marked published (here
+    // everything: the test Redis keeps nothing). The relay notices the new run id and
+    // publishes the recent rows again.
+    let mut redis = Redis::start().await.unwrap();
+    let fleet = Fleet::start_with(1, &["--redis-url", &redis.url()]).await;
+    let mut client = fleet.client().await;
+    let created = client
+        .create_conversation(new_conversation("restarted", "t", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.name.rsplit('/').next().unwrap().to_owned();
+    let key = format!("conv:restarted:{id}");
+    let bus = L2::new(L2Config::new(redis.url())).unwrap();
+    bus_until(&bus, |s| s.iter().any(|m| m.key == key)).await;
+
+    redis.restart().await.unwrap();
+    let seen = bus_until(&bus, |s| s.iter().any(|m| m.key == key)).await;
+    assert!(
+        seen.iter().any(|m| m.key == key && m.version.0 == 1),
+        "the create was published again to the restarted Redis: {seen:?}"
+    );
+}
