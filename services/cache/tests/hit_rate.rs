@@ -5,11 +5,13 @@
 //! "load from the database" (an in-test function that counts its loads), then Set with the
 //! token; "retry after" means another reader is loading, so wait and ask again. The service
 //! runs in-process, wired as `cache_service::serve` wires it, and its trait methods are called
-//! directly (no network). Figures come from the Stats RPC over the measured phase, after a
+//! directly (no network). Figures come from the Stats RPC over the measured phase (and the
+//! metrics must agree with it), after a
 //! warm-up phase of the same load.
 //!
 //! `cargo test -p cache --test hit_rate -- --nocapture` prints them.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +24,7 @@ use convoy_proto::v1 as pb;
 use convoy_proto::v1::cache_service_server::CacheService;
 use convoy_proto::v1::lease_response::Outcome;
 use convoy_testkit::Redis;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::Request;
@@ -189,6 +192,22 @@ async fn run(api: &CacheApi, db: &Arc<Database>, zipf: &Arc<Zipf>, reads: u64, p
     }
 }
 
+/// `convoy_cache_lookups_total` by layer, counted since the last snapshot.
+fn lookups(snapshotter: &Snapshotter) -> BTreeMap<String, u64> {
+    let mut by_layer = BTreeMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if key.key().name() != "convoy_cache_lookups_total" {
+            continue;
+        }
+        if let (Some(layer), DebugValue::Counter(n)) =
+            (key.key().labels().find(|l| l.key() == "layer"), value)
+        {
+            *by_layer.entry(layer.value().to_owned()).or_default() += n;
+        }
+    }
+    by_layer
+}
+
 async fn stats(api: &CacheApi) -> pb::CacheStatsResponse {
     api.stats(Request::new(pb::CacheStatsRequest {}))
         .await
@@ -200,6 +219,10 @@ async fn stats(api: &CacheApi) -> pb::CacheStatsResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zipf_reads_hit_the_cache_over_95_percent_with_an_l1_of_a_tenth_of_the_keys() {
+    // The metrics too: this test is alone in its binary, so the recorder is its own.
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder.install().expect("install the metrics recorder");
     let redis = Redis::start().await.expect("start redis");
     let total_value_bytes: u64 = (0..KEYS).map(|id| value(id).len() as u64).sum();
     let capacity = total_value_bytes / 10;
@@ -231,11 +254,14 @@ async fn zipf_reads_hit_the_cache_over_95_percent_with_an_l1_of_a_tenth_of_the_k
     let warm_up = started.elapsed();
 
     let before = stats(&api).await;
+    // The recorder hands out what was counted since the last snapshot.
+    let _ = lookups(&snapshotter);
     let loads_before = db.loads();
     let started = Instant::now();
     run(&api, &db, &zipf, MEASURED_READS, 1).await;
     let measured = started.elapsed();
     let after = stats(&api).await;
+    let metered = lookups(&snapshotter);
     let loads = db.loads() - loads_before;
     subscription.abort();
 
@@ -270,6 +296,17 @@ async fn zipf_reads_hit_the_cache_over_95_percent_with_an_l1_of_a_tenth_of_the_k
         "every read is counted once, as a hit or a miss"
     );
     assert_eq!(loads, misses, "every miss caused exactly one database load");
+    assert_eq!(
+        metered,
+        [
+            ("l1".to_owned(), l1_hits),
+            ("l2".to_owned(), l2_hits),
+            ("miss".to_owned(), misses)
+        ]
+        .into_iter()
+        .collect(),
+        "convoy_cache_lookups_total agrees with Stats"
+    );
     assert!(
         hit_rate > 0.95,
         "combined hit rate {hit_rate:.4} (L1 {l1_hits}, L2 {l2_hits}, misses {misses})"
