@@ -186,3 +186,59 @@ async fn leases_through_the_service_give_one_filler() {
     let third = a.lease(lease("k")).await.unwrap().into_inner().outcome;
     assert!(matches!(third, Some(pb::lease_response::Outcome::Entry(_))));
 }
+
+#[tokio::test]
+async fn batch_get_reads_l1_then_redis_in_order_and_promotes() {
+    let redis = Redis::start().await.unwrap();
+    let (_a, mut a) = instance(&redis).await;
+    let (_b, mut b) = instance(&redis).await;
+    for key in ["k1", "k2", "k3"] {
+        a.set(pb::CacheSetRequest {
+            entry: Some(entry(key, 1)),
+            lease_token: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let keys: Vec<String> = ["k3", "absent", "k1", "k2"].map(String::from).to_vec();
+    let stats = |c: &mut CacheServiceClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.stats(pb::CacheStatsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let before = stats(&mut b).await;
+    let found = b
+        .batch_get(pb::CacheBatchGetRequest { keys: keys.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let names: Vec<&str> = found.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(names, ["k3", "k1", "k2"], "found keys, in request order");
+    let after = stats(&mut b).await;
+    assert_eq!(
+        after.l2_hits - before.l2_hits,
+        3,
+        "from Redis: B's L1 was empty"
+    );
+    assert_eq!(after.misses - before.misses, 1);
+
+    b.batch_get(pb::CacheBatchGetRequest { keys })
+        .await
+        .unwrap();
+    let again = stats(&mut b).await;
+    assert_eq!(again.l1_hits - after.l1_hits, 3, "promoted into B's L1");
+
+    let status = b
+        .batch_get(pb::CacheBatchGetRequest {
+            keys: (0..257).map(|i| format!("k{i}")).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(convoy_integration_tests::violated_fields(&status), ["keys"]);
+}
