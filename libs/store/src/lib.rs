@@ -8,11 +8,13 @@
 
 pub mod failure;
 pub mod pool;
+pub mod replicas;
 pub mod shard_map;
 pub mod slots;
 
 pub use failure::DbFailure;
 pub use pool::{PoolSettings, ShardPools};
+pub use replicas::{Node, ReplicaSettings};
 pub use shard_map::{Epoch, Shard, ShardId, ShardIndex, ShardMap, ShardMapError};
 pub use slots::{SLOT_COUNT, Slot};
 

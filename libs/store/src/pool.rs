@@ -13,6 +13,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+use crate::replicas::{InFlight, Node, ReplicaSettings, ShardReplicas, primary_lsn};
+
 use crate::StoreError;
 use crate::shard_map::{ShardIndex, ShardMap, redact_dsn};
 
@@ -47,6 +49,8 @@ pub struct PoolSettings {
     /// server restart fails its first query instead, which is UNAVAILABLE and retryable,
     /// and sqlx then discards it.
     pub test_before_acquire: bool,
+    /// How reads are routed to replicas.
+    pub replicas: ReplicaSettings,
 }
 
 impl Default for PoolSettings {
@@ -62,46 +66,97 @@ impl Default for PoolSettings {
             tcp_keepalive_idle: Duration::from_secs(30),
             application_name: "convoy".into(),
             test_before_acquire: false,
+            replicas: ReplicaSettings::default(),
         }
     }
 }
 
-/// The pools of every shard in a map.
+/// The pools of every shard in a map: each primary's, and its replicas'.
 #[derive(Clone, Debug)]
 pub struct ShardPools {
     map: Arc<ShardMap>,
     pools: Vec<PgPool>,
+    replicas: Vec<Arc<ShardReplicas>>,
 }
 
 impl ShardPools {
     /// Builds a pool per shard without connecting: a shard that is down at start-up makes
     /// its requests fail with UNAVAILABLE instead of stopping the process.
     pub fn connect_lazy(map: ShardMap, settings: &PoolSettings) -> Result<Self, StoreError> {
-        let pools = map
-            .shards()
-            .iter()
-            .map(|shard| {
-                let options = connect_options(&shard.primary, settings).map_err(|source| {
-                    StoreError::Dsn {
-                        shard: shard.id.to_string(),
-                        dsn: redact_dsn(&shard.primary),
-                        source,
-                    }
-                })?;
-                Ok(PgPoolOptions::new()
-                    .max_connections(settings.max_connections)
-                    .min_connections(settings.min_connections)
-                    .acquire_timeout(settings.acquire_timeout)
-                    .idle_timeout(settings.idle_timeout)
-                    .max_lifetime(settings.max_lifetime)
-                    .test_before_acquire(settings.test_before_acquire)
-                    .connect_lazy_with(options))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let pool = |shard: &crate::Shard, dsn: &str| {
+            let options = connect_options(dsn, settings).map_err(|source| StoreError::Dsn {
+                shard: shard.id.to_string(),
+                dsn: redact_dsn(dsn),
+                source,
+            })?;
+            Ok(PgPoolOptions::new()
+                .max_connections(settings.max_connections)
+                .min_connections(settings.min_connections)
+                .acquire_timeout(settings.acquire_timeout)
+                .idle_timeout(settings.idle_timeout)
+                .max_lifetime(settings.max_lifetime)
+                .test_before_acquire(settings.test_before_acquire)
+                .connect_lazy_with(options))
+        };
+        let mut pools = Vec::new();
+        let mut replicas = Vec::new();
+        for shard in map.shards() {
+            pools.push(pool(shard, &shard.primary)?);
+            let replica_pools = shard
+                .replicas
+                .iter()
+                .map(|dsn| pool(shard, dsn))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            replicas.push(Arc::new(ShardReplicas::new(
+                replica_pools,
+                settings.replicas.clone(),
+            )));
+        }
         Ok(Self {
             map: Arc::new(map),
             pools,
+            replicas,
         })
+    }
+
+    /// Shard `index`'s replicas.
+    pub fn replicas(&self, index: ShardIndex) -> &ShardReplicas {
+        &self.replicas[index]
+    }
+
+    /// Where a read on shard `index` that needs at least WAL position `min_lsn` should go,
+    /// counted in flight until the guard drops.
+    pub fn read_target(&self, index: ShardIndex, min_lsn: u64) -> (Node, &PgPool, InFlight) {
+        match self.replicas[index].choose(min_lsn) {
+            Some((n, guard)) => (Node::Replica(n), self.replicas[index].pool(n), guard),
+            None => (Node::Primary, &self.pools[index], InFlight::none()),
+        }
+    }
+
+    /// Checks shard `index`'s replicas every `check_interval`, forever (spawn it; a shard
+    /// without replicas returns at once).
+    pub async fn check_replicas(self, index: ShardIndex) {
+        let replicas = self.replicas[index].clone();
+        if replicas.is_empty() {
+            return;
+        }
+        let shard = self.map.shards()[index].id.to_string();
+        let settings = replicas.settings().clone();
+        let mut tick = tokio::time::interval(settings.check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match tokio::time::timeout(settings.check_timeout, primary_lsn(&self.pools[index]))
+                .await
+            {
+                Ok(Ok(lsn)) => replicas.check(&shard, lsn).await,
+                // Without the primary's position lag is unknown: keep the last states.
+                Ok(Err(e)) => {
+                    tracing::debug!(%shard, error = %e, "primary WAL position unavailable")
+                }
+                Err(_) => tracing::debug!(%shard, "primary WAL position timed out"),
+            }
+        }
     }
 
     /// Applies the schema migrations to every shard (concurrent callers are serialized by
@@ -139,6 +194,11 @@ impl ShardPools {
     pub async fn close(&self) {
         for pool in &self.pools {
             pool.close().await;
+        }
+        for replicas in &self.replicas {
+            for n in 0..replicas.len() {
+                replicas.pool(n).close().await;
+            }
         }
     }
 }

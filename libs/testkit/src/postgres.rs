@@ -145,6 +145,76 @@ impl Postgres {
         Ok(pg)
     }
 
+    /// Starts a streaming replica of this server: a base backup (`pg_basebackup -R`, which
+    /// also writes the standby settings) in a temporary folder of its own, started on a free
+    /// loopback port, read-only, replaying this server's WAL as it comes.
+    pub async fn start_replica(&self) -> Result<Postgres> {
+        let dir = make_tempdir("convoy-pg-replica-")?;
+        let data = dir.path().join("data");
+        let log = dir.path().join("postgres.log");
+        if is_root() {
+            let mut chown = std::process::Command::new("chown");
+            chown.arg("-R").arg("postgres:postgres").arg(dir.path());
+            run(
+                chown.into(),
+                &format!("chown -R postgres:postgres {}", dir.path().display()),
+            )
+            .await?;
+        }
+        let mut replica = Postgres {
+            port: 0,
+            bin_dir: self.bin_dir.clone(),
+            data,
+            log,
+            run_as: self.run_as.clone(),
+            dir,
+        };
+        let mut backup = replica.command("pg_basebackup");
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+            ])
+            .arg(&replica.data)
+            .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"]);
+        run(
+            backup.into(),
+            &format!("pg_basebackup of 127.0.0.1:{}", self.port),
+        )
+        .await?;
+        // The backup carries the primary's settings: the socket folder and port are ours.
+        let socket_dir = replica.dir.path().display().to_string();
+        replica.append_conf(&[
+            "# convoy-testkit replica".to_owned(),
+            format!(
+                "unix_socket_directories = '{}'",
+                socket_dir.replace('\'', "''")
+            ),
+            "hot_standby = on".to_owned(),
+        ])?;
+        for attempt in 1..=PORT_ATTEMPTS {
+            replica.port = free_port();
+            replica.append_conf(&[format!("port = {}", replica.port)])?;
+            match replica.pg_ctl_start().await {
+                Ok(()) => break,
+                Err(e) if attempt < PORT_ATTEMPTS && e.is_address_in_use() => {
+                    warn!(
+                        port = replica.port,
+                        "replica port taken by someone else; trying another"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        debug!(port = replica.port, primary = self.port, "replica started");
+        Ok(replica)
+    }
+
     /// The port it listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port

@@ -124,3 +124,44 @@ async fn postgres_start_failure_shows_the_log() {
         "log tail missing from: {text}"
     );
 }
+
+#[tokio::test]
+async fn a_replica_streams_the_primarys_writes_and_refuses_its_own() {
+    let primary = Postgres::start().await.expect("start primary");
+    let replica = primary.start_replica().await.expect("start replica");
+    assert_ne!(primary.port(), replica.port());
+    let on_primary = sqlx::PgPool::connect(&primary.dsn()).await.unwrap();
+    let on_replica = sqlx::PgPool::connect(&replica.dsn()).await.unwrap();
+    let in_recovery: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+        .fetch_one(&on_replica)
+        .await
+        .unwrap();
+    assert!(in_recovery, "the replica is a standby");
+
+    sqlx::query("CREATE TABLE t (v int)")
+        .execute(&on_primary)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO t VALUES (1)")
+        .execute(&on_primary)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let seen: Option<i64> = sqlx::query_scalar("SELECT count(*) FROM t")
+                .fetch_one(&on_replica)
+                .await
+                .ok();
+            if seen == Some(1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the write reaches the replica");
+    let refused = sqlx::query("INSERT INTO t VALUES (2)")
+        .execute(&on_replica)
+        .await;
+    assert!(refused.is_err(), "a standby is read-only");
+}
