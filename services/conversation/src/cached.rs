@@ -34,7 +34,7 @@ use prost::Message;
 use crate::error::ApiError;
 use crate::names::ConversationName;
 use crate::relay::cache_key;
-use crate::store::ConversationStore;
+use crate::store::{ConversationStore, ReadAt};
 use crate::wire;
 
 /// How long a cached conversation may be served without an invalidation. 5 minutes: the
@@ -111,13 +111,15 @@ impl ReadThrough {
         name: &ConversationName,
         token: Option<&ConsistencyToken>,
     ) -> Result<(pb::Conversation, Source), ApiError> {
+        // Whatever the caches hold, the database read behind them honours the token's LSN.
+        let at = ReadAt::from_token(token);
         let min = match token {
             Some(t) if t.conversation == name.id => Some(Version(t.version)),
-            Some(_) => return self.primary(store, name, Source::Primary).await,
+            Some(_) => return self.source(store, name, &at, Source::Primary).await,
             None => None,
         };
         let key = cache_key(name.team.as_str(), name.id);
-        let result = self.lookup(store, name, &key, min).await;
+        let result = self.lookup(store, name, &key, min, &at).await;
         if let Ok((_, source)) = &result {
             metrics::counter!("convoy_conversation_reads_total", "source" => source.as_str())
                 .increment(1);
@@ -131,6 +133,7 @@ impl ReadThrough {
         name: &ConversationName,
         key: &str,
         min: Option<Version>,
+        at: &ReadAt,
     ) -> Result<(pb::Conversation, Source), ApiError> {
         if let Some(local) = &self.local
             && local.bus.is_current()
@@ -140,7 +143,7 @@ impl ReadThrough {
             return Ok((conversation, Source::Local));
         }
         let Some(tier) = &self.tier else {
-            return self.primary(store, name, Source::Primary).await;
+            return self.source(store, name, at, Source::Primary).await;
         };
         // Taken before the tier is asked: a flush of the own L1 in between refuses the copy.
         let ticket = match &self.local {
@@ -173,7 +176,8 @@ impl ReadThrough {
                     return Ok((conversation, Source::Tier));
                 }
                 Some(Outcome::LeaseToken(lease)) => {
-                    return self.fill(store, name, key, tier, lease, ticket).await;
+                    let row = RowRead { store, name, at };
+                    return self.fill(row, key, tier, lease, ticket).await;
                 }
                 Some(Outcome::RetryAfter(after)) if attempt + 1 < LEASE_ASKS => {
                     let after = Duration::try_from(after).unwrap_or(MAX_LEASE_WAIT);
@@ -182,21 +186,20 @@ impl ReadThrough {
                 Some(Outcome::RetryAfter(_)) | None => break,
             }
         }
-        self.primary(store, name, Source::Primary).await
+        self.source(store, name, at, Source::Primary).await
     }
 
     /// Reads the primary as the lease holder and stores what it read.
     async fn fill(
         &self,
-        store: &ConversationStore,
-        name: &ConversationName,
+        row: RowRead<'_>,
         key: &str,
         tier: &CacheClient,
         lease: String,
         ticket: Option<FillTicket>,
     ) -> Result<(pb::Conversation, Source), ApiError> {
         // A NOT_FOUND leaves the lease to expire: waiting readers then read the primary.
-        let (conversation, version) = read_primary(store, name).await?;
+        let (conversation, version) = read_source(row.store, row.name, row.at).await?;
         let value = Bytes::from(conversation.encode_to_vec());
         let entry = pb::CacheEntry {
             key: key.to_owned(),
@@ -219,13 +222,14 @@ impl ReadThrough {
         Ok((conversation, Source::Filled))
     }
 
-    async fn primary(
+    async fn source(
         &self,
         store: &ConversationStore,
         name: &ConversationName,
+        at: &ReadAt,
         source: Source,
     ) -> Result<(pb::Conversation, Source), ApiError> {
-        let (conversation, _) = read_primary(store, name).await?;
+        let (conversation, _) = read_source(store, name, at).await?;
         Ok((conversation, source))
     }
 
@@ -274,12 +278,22 @@ impl ReadThrough {
     }
 }
 
-/// The row from the primary, on the wire, with its version.
-async fn read_primary(
+/// A row to read from the database, and where it may be read from.
+#[derive(Clone, Copy)]
+struct RowRead<'a> {
+    store: &'a ConversationStore,
+    name: &'a ConversationName,
+    at: &'a ReadAt,
+}
+
+/// The row from the shard (a replica the read may use, or the primary), on the wire, with
+/// its version.
+async fn read_source(
     store: &ConversationStore,
     name: &ConversationName,
+    at: &ReadAt,
 ) -> Result<(pb::Conversation, i64), ApiError> {
-    let conversation = store.get(name).await?;
+    let conversation = store.get(name, at).await?;
     let version = conversation.version.0;
     Ok((wire::conversation(conversation), version))
 }

@@ -131,6 +131,9 @@ pub async fn serve(
     let deregister = convoy_discovery::deregister_if_any(registration);
     let mut tasks = Tasks::default();
     tasks.spawn(purge_old_rows(store.clone()));
+    for index in 0..store.pools().map().shards().len() {
+        tasks.spawn(store.pools().clone().check_replicas(index));
+    }
     match &config.redis_url {
         Some(_) if config.fault_no_relay => {
             tracing::warn!("fault injection: this instance relays nothing");

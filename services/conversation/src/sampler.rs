@@ -25,7 +25,7 @@ use crate::cached::LocalCache;
 use crate::error::ApiError;
 use crate::names::ConversationName;
 use crate::relay::cache_key;
-use crate::store::ConversationStore;
+use crate::store::{ConversationStore, ReadAt};
 
 /// The latest check after a write.
 const MAX_DELAY: Duration = Duration::from_secs(3600);
@@ -156,7 +156,7 @@ impl Probe {
         if let Ok(Some(entry)) = self.l2.get(&key).await {
             contradicted("l2", entry.version.0);
         }
-        match self.store.get(name).await {
+        match self.store.get(name, &ReadAt::Primary).await {
             Ok(row) => contradicted("primary", row.version.0),
             // Deleted since: nothing older can be served from the primary.
             Err(ApiError::NotFound(_)) => {}

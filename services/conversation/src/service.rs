@@ -23,7 +23,7 @@ use crate::model::{ListCursor, SearchCursor, Version};
 use crate::names::ConversationName;
 use crate::page_token::{self, Cursor};
 use crate::sampler::Sampler;
-use crate::store::ConversationStore;
+use crate::store::{ConversationStore, ReadAt};
 use crate::{validate, wire};
 
 /// The ConversationService implementation.
@@ -79,11 +79,13 @@ impl ConversationApi {
         }
     }
 
-    fn token(&self, name: &ConversationName, version: Version) -> ConsistencyToken {
+    /// The token of a write of `name` that made `version`: with the primary's WAL position
+    /// after it when the shard has replicas, so reads with it skip replicas behind it.
+    async fn token(&self, name: &ConversationName, version: Version) -> ConsistencyToken {
         let (shard, _) = self.store.shard(&name.team);
         ConsistencyToken {
             shard: shard.to_owned(),
-            lsn: 0,
+            lsn: self.store.commit_lsn(&name.team).await,
             conversation: name.id,
             version: version.0,
         }
@@ -91,11 +93,16 @@ impl ConversationApi {
 
     /// The answer to a write of `name` that made `version`: `message` with its consistency
     /// token; the write is offered to the sampler.
-    fn written<T>(&self, message: T, name: &ConversationName, version: Version) -> Response<T> {
+    async fn written<T>(
+        &self,
+        message: T,
+        name: &ConversationName,
+        version: Version,
+    ) -> Response<T> {
         if let Some(sampler) = &self.sampler {
             sampler.observe(name, version.0);
         }
-        let token = self.token(name, version);
+        let token = self.token(name, version).await;
         let mut response = Response::new(message);
         if let Ok(value) = MetadataValue::try_from(token.encode()) {
             response.metadata_mut().insert(HEADER, value);
@@ -120,7 +127,9 @@ impl ConversationService for ConversationApi {
         };
         let conversation = created.conversation;
         let (name, version) = (conversation.name.clone(), conversation.version);
-        Ok(self.written(wire::conversation(conversation), &name, version))
+        Ok(self
+            .written(wire::conversation(conversation), &name, version)
+            .await)
     }
 
     async fn get_conversation(
@@ -142,10 +151,10 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<pb::BatchGetConversationsRequest>,
     ) -> Result<Response<pb::BatchGetConversationsResponse>, Status> {
-        validate::consistency_token(request.metadata())?;
+        let at = ReadAt::from_token(validate::consistency_token(request.metadata())?.as_ref());
         let (team, names) = validate::batch_get(request.get_ref())?;
         let conversations = self
-            .inline(|store| async move { store.batch_get(&team, &names).await })
+            .inline(|store| async move { store.batch_get(&team, &names, &at).await })
             .await?;
         Ok(Response::new(pb::BatchGetConversationsResponse {
             conversations: conversations.into_iter().map(wire::conversation).collect(),
@@ -156,11 +165,11 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<pb::ListConversationsRequest>,
     ) -> Result<Response<pb::ListConversationsResponse>, Status> {
-        validate::consistency_token(request.metadata())?;
+        let at = ReadAt::from_token(validate::consistency_token(request.metadata())?.as_ref());
         let query = validate::list(request.get_ref())?;
         let fingerprint = validate::list_token_fingerprint(&query);
         let page = self
-            .inline(|store| async move { store.list(&query).await })
+            .inline(|store| async move { store.list(&query, &at).await })
             .await?;
         let next_page_token = match (page.more, page.items.last()) {
             (true, Some(last)) => page_token::encode(
@@ -182,11 +191,11 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<pb::SearchConversationsRequest>,
     ) -> Result<Response<pb::SearchConversationsResponse>, Status> {
-        validate::consistency_token(request.metadata())?;
+        let at = ReadAt::from_token(validate::consistency_token(request.metadata())?.as_ref());
         let query = validate::search(request.get_ref())?;
         let fingerprint = validate::search_token_fingerprint(&query);
         let page = self
-            .inline(|store| async move { store.search(&query).await })
+            .inline(|store| async move { store.search(&query, &at).await })
             .await?;
         let next_page_token = match (page.more, page.items.last()) {
             (true, Some((last, rank))) => page_token::encode(
@@ -220,7 +229,9 @@ impl ConversationService for ConversationApi {
             .inline(|store| async move { store.update(&name, &patch, expected).await })
             .await?;
         let (name, version) = (conversation.name.clone(), conversation.version);
-        Ok(self.written(wire::conversation(conversation), &name, version))
+        Ok(self
+            .written(wire::conversation(conversation), &name, version)
+            .await)
     }
 
     async fn delete_conversation(
@@ -233,7 +244,7 @@ impl ConversationService for ConversationApi {
             .inline(|store| async move { store.delete(&target, expected).await })
             .await?;
         // The deletion is the version after the last one the row had.
-        Ok(self.written((), &name, Version(deleted.0 + 1)))
+        Ok(self.written((), &name, Version(deleted.0 + 1)).await)
     }
 
     async fn append_events(
@@ -255,20 +266,20 @@ impl ConversationService for ConversationApi {
             conversation: Some(wire::conversation(appended.conversation)),
             duplicate_count: appended.duplicates as i32,
         };
-        Ok(self.written(response, &name, version))
+        Ok(self.written(response, &name, version).await)
     }
 
     async fn list_events(
         &self,
         request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
-        validate::consistency_token(request.metadata())?;
+        let at = ReadAt::from_token(validate::consistency_token(request.metadata())?.as_ref());
         let original_after = request.get_ref().after_sequence;
         let query = validate::list_events(request.get_ref())?;
         let fingerprint = validate::events_token_fingerprint(&query, original_after);
         let name = query.conversation.clone();
         let page = self
-            .inline(|store| async move { store.list_events(&query).await })
+            .inline(|store| async move { store.list_events(&query, &at).await })
             .await?;
         let next_page_token = match (page.more, page.items.last()) {
             (true, Some(last)) => page_token::encode(fingerprint, &Cursor::Events(last.sequence)),

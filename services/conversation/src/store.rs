@@ -13,7 +13,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use convoy_store::ShardPools;
+use convoy_proto::consistency::ConsistencyToken;
+use convoy_store::{DbFailure, Node, ShardPools};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -280,6 +281,37 @@ pub struct ConversationStore {
     op_timeout: Duration,
 }
 
+/// Where a read may be served from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ReadAt {
+    /// Any node of the shard: an eligible replica (within the lag bound), else the primary.
+    #[default]
+    Any,
+    /// A node of shard `shard` that has replayed WAL position `lsn` (a consistency token's);
+    /// on other shards, any node.
+    After {
+        /// The shard the token's write committed on.
+        shard: String,
+        /// The primary's WAL position after that commit.
+        lsn: u64,
+    },
+    /// The primary only.
+    Primary,
+}
+
+impl ReadAt {
+    /// What a read presenting `token` may use.
+    pub fn from_token(token: Option<&ConsistencyToken>) -> Self {
+        match token {
+            Some(t) if t.lsn > 0 => Self::After {
+                shard: t.shard.clone(),
+                lsn: t.lsn,
+            },
+            _ => Self::Any,
+        }
+    }
+}
+
 impl ConversationStore {
     /// A store over `pools`, bounding each operation by `op_timeout`.
     pub fn new(pools: ShardPools, op_timeout: Duration) -> Self {
@@ -291,10 +323,90 @@ impl ConversationStore {
         &self.pools
     }
 
+    /// A WAL position at or after every write acknowledged so far on `team`'s shard, for its
+    /// consistency token; 0 when the shard has no replicas (reads there all go to the
+    /// primary). If the primary cannot say, the position is unknowable: `u64::MAX`, so
+    /// reads with the token go to the primary.
+    pub async fn commit_lsn(&self, team: &TeamId) -> u64 {
+        let (index, pool) = self.pools.for_team(team.as_str());
+        if self.pools.replicas(index).is_empty() {
+            return 0;
+        }
+        match tokio::time::timeout(self.op_timeout, convoy_store::replicas::commit_lsn(pool)).await
+        {
+            Ok(Ok(lsn)) => lsn,
+            _ => u64::MAX,
+        }
+    }
+
     /// The shard id and pool that hold `team`.
     pub fn shard(&self, team: &TeamId) -> (&str, &PgPool) {
         let (index, pool) = self.pools.for_team(team.as_str());
         (self.pools.map().shards()[index].id.as_str(), pool)
+    }
+
+    /// Runs read `op` on a node of `team`'s shard allowed by `at`: an eligible replica when
+    /// there is one, else the primary. A replica that cannot answer (down, or cancelling the
+    /// query for a conflict with recovery) is reported and the read runs again on the
+    /// primary, so a replica's failure never fails a read; so does a NOT_FOUND, which a
+    /// replica behind a create would give.
+    async fn on_shard_read<'a, T, F, Fut>(
+        &'a self,
+        team: &'a TeamId,
+        at: &ReadAt,
+        op: F,
+    ) -> Result<T, ApiError>
+    where
+        F: Fn(&'a PgPool) -> Fut,
+        Fut: Future<Output = Result<T, OpError>> + 'a,
+    {
+        let (index, _) = self.pools.for_team(team.as_str());
+        let shard = self.pools.map().shards()[index].id.as_str();
+        let min_lsn = match at {
+            ReadAt::Primary => return self.on_shard(team, op).await,
+            ReadAt::Any => 0,
+            ReadAt::After { shard: on, lsn } if on == shard => *lsn,
+            // A token from another shard says nothing about this one's replicas.
+            ReadAt::After { .. } => 0,
+        };
+        let (node, pool, in_flight) = self.pools.read_target(index, min_lsn);
+        let Node::Replica(n) = node else {
+            drop(in_flight);
+            metrics::counter!("convoy_conversation_shard_reads_total", "node" => "primary")
+                .increment(1);
+            return self.on_shard(team, op).await;
+        };
+        metrics::counter!("convoy_conversation_shard_reads_total", "node" => "replica")
+            .increment(1);
+        let result = tokio::time::timeout(self.op_timeout, op(pool)).await;
+        drop(in_flight);
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            // A replica may not have replayed the row yet: only the primary says it is gone.
+            Ok(Err(OpError::Api(ApiError::NotFound(_)))) => {
+                metrics::counter!("convoy_conversation_replica_fallbacks_total").increment(1);
+                self.on_shard(team, op).await
+            }
+            Ok(Err(OpError::Api(e))) => Err(e),
+            Ok(Err(OpError::Db(e))) => match DbFailure::classify(&e) {
+                failure @ (DbFailure::Unavailable | DbFailure::Conflict) => {
+                    if failure == DbFailure::Unavailable {
+                        self.pools.replicas(index).report_failure(n);
+                    }
+                    tracing::debug!(shard, replica = n, error = %e, "replica read failed; reading the primary");
+                    metrics::counter!("convoy_conversation_replica_fallbacks_total").increment(1);
+                    self.on_shard(team, op).await
+                }
+                _ => Err(ApiError::from_db(shard, e)),
+            },
+            Err(_) => {
+                self.pools.replicas(index).report_failure(n);
+                Err(ApiError::DeadlineExceeded(format!(
+                    "shard {shard}'s replica did not answer within {:?}",
+                    self.op_timeout
+                )))
+            }
+        }
     }
 
     /// Runs `op` on `team`'s shard, bounded by the operation timeout, mapping database errors.
@@ -354,8 +466,12 @@ impl ConversationStore {
     }
 
     /// Gets one conversation.
-    pub async fn get(&self, name: &ConversationName) -> Result<Conversation, ApiError> {
-        self.on_shard(&name.team, |pool| async move {
+    pub async fn get(
+        &self,
+        name: &ConversationName,
+        at: &ReadAt,
+    ) -> Result<Conversation, ApiError> {
+        self.on_shard_read(&name.team, at, |pool| async move {
             let row: Option<ConversationRow> = sqlx::query_as(GET_SQL)
                 .bind(name.team.as_str())
                 .bind(name.id)
@@ -375,13 +491,15 @@ impl ConversationStore {
         &self,
         team: &TeamId,
         names: &[ConversationName],
+        at: &ReadAt,
     ) -> Result<Vec<Conversation>, ApiError> {
         let ids: Vec<Uuid> = names.iter().map(|n| n.id).collect();
+        let ids = &ids;
         let rows: Vec<ConversationRow> = self
-            .on_shard(team, |pool| async move {
+            .on_shard_read(team, at, |pool| async move {
                 Ok(sqlx::query_as(BATCH_GET_SQL)
                     .bind(team.as_str())
-                    .bind(&ids)
+                    .bind(ids)
                     .fetch_all(pool)
                     .await?)
             })
@@ -403,9 +521,9 @@ impl ConversationStore {
     }
 
     /// Lists a page of a team's conversations.
-    pub async fn list(&self, q: &ListQuery) -> Result<Page<Conversation>, ApiError> {
+    pub async fn list(&self, q: &ListQuery, at: &ReadAt) -> Result<Page<Conversation>, ApiError> {
         let rows: Vec<ConversationRow> = self
-            .on_shard(&q.team, |pool| async move {
+            .on_shard_read(&q.team, at, |pool| async move {
                 Ok(list_query("", q).build_query_as().fetch_all(pool).await?)
             })
             .await?;
@@ -413,7 +531,11 @@ impl ConversationStore {
     }
 
     /// Searches a team's conversations.
-    pub async fn search(&self, q: &SearchQuery) -> Result<Page<(Conversation, f32)>, ApiError> {
+    pub async fn search(
+        &self,
+        q: &SearchQuery,
+        at: &ReadAt,
+    ) -> Result<Page<(Conversation, f32)>, ApiError> {
         #[derive(sqlx::FromRow)]
         struct Hit {
             #[sqlx(flatten)]
@@ -421,7 +543,7 @@ impl ConversationStore {
             rank: f32,
         }
         let rows: Vec<Hit> = self
-            .on_shard(&q.team, |pool| async move {
+            .on_shard_read(&q.team, at, |pool| async move {
                 Ok(search_query("", q).build_query_as().fetch_all(pool).await?)
             })
             .await?;
@@ -631,10 +753,10 @@ impl ConversationStore {
     }
 
     /// Lists a page of a conversation's events.
-    pub async fn list_events(&self, q: &EventsQuery) -> Result<Page<Event>, ApiError> {
+    pub async fn list_events(&self, q: &EventsQuery, at: &ReadAt) -> Result<Page<Event>, ApiError> {
         let name = &q.conversation;
         let rows: Vec<EventRow> = self
-            .on_shard(&name.team, |pool| async move {
+            .on_shard_read(&name.team, at, |pool| async move {
                 let rows: Vec<EventRow> = sqlx::query_as(LIST_EVENTS_SQL)
                     .bind(name.team.as_str())
                     .bind(name.id)

@@ -31,7 +31,11 @@ pub struct Fleet {
     pub addr: SocketAddr,
     /// The shard map the service routes by.
     pub map: ShardMap,
+    /// Each shard's streaming replicas (empty unless started with replicas).
+    pub replicas: Vec<Vec<Postgres>>,
     primary: Instance,
+    /// The shard map file, when the fleet has replicas (kept as long as the fleet).
+    _map_file: Option<tempfile::NamedTempFile>,
 }
 
 /// One conversation service instance running in this process.
@@ -153,7 +157,65 @@ impl Fleet {
             addr: primary.addr,
             shards,
             map,
+            replicas: Vec::new(),
             primary,
+            _map_file: None,
+        }
+    }
+
+    /// Starts `n` shards, each with `replicas` streaming replicas, and the service over them
+    /// (through a shard map file), with `extra` command-line flags.
+    pub async fn start_with_replicas(n: usize, replicas: usize, extra: &[&str]) -> Fleet {
+        if std::env::var_os("RUST_LOG").is_some() {
+            convoy_telemetry::init(convoy_telemetry::LogFormat::Text);
+        }
+        let shards = convoy_testkit::start_postgres_shards(n)
+            .await
+            .expect("start postgres shards");
+        // The schema first, so the replicas start with it.
+        let plain = ShardMap::evenly(&shards.iter().map(Postgres::dsn).collect::<Vec<_>>())
+            .expect("shard map");
+        convoy_store::ShardPools::connect_lazy(plain.clone(), &Default::default())
+            .expect("pools")
+            .migrate()
+            .await
+            .expect("migrate");
+        let mut all = Vec::new();
+        for shard in &shards {
+            let mut of_shard = Vec::new();
+            for _ in 0..replicas {
+                of_shard.push(shard.start_replica().await.expect("start replica"));
+            }
+            all.push(of_shard);
+        }
+        let mut toml = String::from("epoch = 1\n");
+        for (i, shard) in plain.shards().iter().enumerate() {
+            let slots: Vec<String> = (0..convoy_store::SLOT_COUNT)
+                .filter(|s| plain.owner(convoy_store::Slot::new(*s).expect("slot")) == i)
+                .map(|s| format!("\"{s}\""))
+                .collect();
+            let replica_dsns: Vec<String> =
+                all[i].iter().map(|r| format!("\"{}\"", r.dsn())).collect();
+            toml.push_str(&format!(
+                "[[shards]]\nid = \"{}\"\nprimary = \"{}\"\nreplicas = [{}]\nslots = [{}]\n",
+                shard.id,
+                shard.primary,
+                replica_dsns.join(", "),
+                slots.join(", ")
+            ));
+        }
+        let map_file = tempfile::NamedTempFile::new().expect("map file");
+        std::fs::write(map_file.path(), toml).expect("write map file");
+        let path = map_file.path().display().to_string();
+        let flags: Vec<&str> = [&["--shard-map", path.as_str()][..], extra].concat();
+        let (primary, map) = Instance::launch(&[], &flags).await;
+        Fleet {
+            addr: primary.addr,
+            shards,
+            map,
+            replicas: all,
+            primary,
+            _map_file: Some(map_file),
         }
     }
 
