@@ -177,6 +177,21 @@ pg_init() {
         as_pg tee -a "$data/postgresql.conf" >/dev/null
 }
 
+# pg_init_replica DATA_DIR PRIMARY_PORT: a streaming replica of the primary on
+# 127.0.0.1:PRIMARY_PORT (pg_basebackup -R writes the standby settings), unless DATA_DIR
+# already holds a cluster.
+pg_init_replica() {
+    local data="$1" primary_port="$2"
+    if [[ -f "$data/PG_VERSION" ]]; then
+        return 0
+    fi
+    pg_owned_dir "$(dirname "$data")"
+    pg_owned_dir "$data"
+    log "pg_basebackup of 127.0.0.1:$primary_port into $data"
+    pg_run pg_basebackup -h 127.0.0.1 -p "$primary_port" -U postgres -D "$data" -R -X stream -c fast ||
+        die "pg_basebackup failed for $data"
+}
+
 # Whether the cluster in DATA_DIR is running.
 pg_running() {
     [[ -f "$1/postmaster.pid" ]] || return 1
@@ -226,6 +241,10 @@ pg_start() {
     done
     pg_run pg_isready -q -h 127.0.0.1 -p "$port" -U postgres ||
         die "postgres $data is not accepting connections on 127.0.0.1:$port"
+    # A standby has the primary's databases, and cannot create any.
+    if [[ -f "$data/standby.signal" ]]; then
+        return 0
+    fi
     if ! pg_run psql -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAc \
         "SELECT 1 FROM pg_database WHERE datname = 'convoy'" | grep -q 1; then
         log "createdb convoy on 127.0.0.1:$port"

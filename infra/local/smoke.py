@@ -32,6 +32,7 @@ except ImportError as e:  # pragma: no cover - environment problem
     )
     sys.exit(2)
 
+TOKEN_HEADER = "convoy-consistency-token"
 TIMEOUT_S = 5.0
 CONVERSATION_SERVICE = "convoy.v1.ConversationService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -113,6 +114,8 @@ class Client:
         self._raw = raw
         self.db = ProtoReflectionDescriptorDatabase(self.channel)
         self.pool = descriptor_pool.DescriptorPool(self.db)
+        # The newest consistency token a write returned (see `send`).
+        self.token: str | None = None
 
     def close(self) -> None:
         self._raw.close()
@@ -148,7 +151,14 @@ class Client:
             request_serializer=lambda msg: msg.SerializeToString(),
             response_deserializer=resp_cls.FromString,
         )
-        return stub(req, timeout=TIMEOUT_S)
+        # Session consistency: every call carries the newest write's consistency token, so
+        # reads see this client's writes even when a replica answers them.
+        metadata = [(TOKEN_HEADER, self.token)] if self.token else None
+        resp, call = stub.with_call(req, timeout=TIMEOUT_S, metadata=metadata)
+        for key, value in call.initial_metadata() or ():
+            if key == TOKEN_HEADER:
+                self.token = value
+        return resp
 
 
 def enum_value(message_descriptor, field: str, name: str) -> int:

@@ -10,7 +10,8 @@
 #      ports of its own, so it never touches your own fleet; infra/local/smoke.py against it,
 #      `convoyctl status` must show the instance SERVING in etcd, the writes must reach the
 #      invalidation bus in Redis, `convoyctl cache consistency` must show them checked and
-#      consistent (every write sampled, checked after 200 ms); after a SIGKILL the
+#      consistent (every write sampled, checked after 200 ms), each shard's replica must be a
+#      standby that received the smoke's writes; after a SIGKILL the
 #      instance must leave etcd within its lease TTL; then up.sh --stop, always.
 #
 # Environment:
@@ -82,6 +83,22 @@ read -r host port < <(host_port_of "${CONVOY_TEST_LISTEN:-127.0.0.1:56051}")
 [[ "$host" == *:* ]] && host="[$host]"
 log "fleet smoke: python3 infra/local/smoke.py $host:$port"
 python3 infra/local/smoke.py "$host:$port"
+# The replicas are standbys and the smoke's conversation reached one of them.
+pg_base="${CONVOY_TEST_PG_PORT_BASE:-56432}"
+replicated=0
+for ((i = 0; i < 40; i++)); do
+    replicated=0
+    for port in $((pg_base + 100)) $((pg_base + 110)); do
+        [[ "$(pg_run psql -X -h 127.0.0.1 -p "$port" -U postgres -d convoy -tAc 'SELECT pg_is_in_recovery()')" == t ]] ||
+            die "the replica on port $port is not a standby"
+        n="$(pg_run psql -X -h 127.0.0.1 -p "$port" -U postgres -d convoy -tAc 'SELECT count(*) FROM conversations')"
+        replicated=$((replicated + n))
+    done
+    ((replicated >= 1)) && break
+    sleep 0.25
+done
+((replicated >= 1)) || die "the smoke's conversation never reached a replica"
+log "fleet smoke: the replicas are standbys and hold the smoke's conversation"
 etcd_url="http://127.0.0.1:${CONVOY_TEST_ETCD_PORT:-56379}"
 log "fleet smoke: convoyctl --etcd-endpoint $etcd_url status"
 status_table="$("${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$etcd_url" status)"

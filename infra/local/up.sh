@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Starts the convoy fleet on this machine, for real: etcd (discovery), Redis (the cache
-# tier's store and invalidation bus), two PostgreSQL shards, the conversation service
+# tier's store and invalidation bus), two PostgreSQL shards with a streaming replica each
+# (reads go to replicas; reads with a write's token only to ones that replayed it), the
+# conversation service
 # (relaying its outbox to Redis) and the cache service, both registered in etcd, with
 # persistent data under .convoy/.
 #
@@ -12,7 +14,9 @@
 #
 # Environment:
 #   CONVOY_BUILD_PROFILE  cargo profile to build: release (default), dev, or any custom one
-#   CONVOY_PG_PORT_BASE   shard-0's port; shard-1 gets the next one (default 55432)
+#   CONVOY_PG_PORT_BASE   shard-0's port; shard-1 gets the next one (default 55432); shard N's
+#                         replica R listens on base + 100 + 10N + R
+#   CONVOY_PG_REPLICAS    streaming replicas per shard (default 1; 0 for none)
 #   CONVOY_LISTEN         the service's gRPC address (default 127.0.0.1:50051)
 #   CONVOY_ETCD_PORT      etcd's client port; its peer port is the next one (default 52379)
 #   CONVOY_REDIS_PORT     Redis's port (default 53379)
@@ -22,7 +26,8 @@
 #   Other CONVOY_* variables (CONVOY_LOG_FORMAT, CONVOY_POOL_MAX_CONNECTIONS, ...) reach the
 #   conversation binary, which reads them itself (see `conversation --help`).
 #
-# State: $CONVOY_STATE_DIR/pg/shard-{0,1} (PostgreSQL data, kept between runs),
+# State: $CONVOY_STATE_DIR/pg/shard-{0,1} and shard-{0,1}-replica-R (PostgreSQL data, kept
+# between runs), $CONVOY_STATE_DIR/shard-map.toml (the shard map the service routes by),
 # $CONVOY_STATE_DIR/etcd (etcd data), $CONVOY_STATE_DIR/redis (Redis's append-only file),
 # $CONVOY_STATE_DIR/logs (postgres and service logs), $CONVOY_STATE_DIR/run (PID files of a
 # detached fleet).
@@ -54,6 +59,8 @@ while (($# > 0)); do
 done
 
 SHARDS=2
+REPLICAS="${CONVOY_PG_REPLICAS:-1}"
+[[ "$REPLICAS" =~ ^[0-9]$ ]] || die "CONVOY_PG_REPLICAS must be 0 to 9, not $REPLICAS"
 STATE_DIR="${CONVOY_STATE_DIR:-$CONVOY_ROOT/.convoy}"
 mkdir -p "$STATE_DIR"
 STATE_DIR="$(cd "$STATE_DIR" && pwd)"
@@ -90,6 +97,8 @@ if [[ "$PROBE_HOST" == *:* ]]; then CALL_ADDR="[$PROBE_HOST]:$PROBE_PORT"; else 
 
 shard_data() { printf '%s/shard-%s\n' "$PG_ROOT" "$1"; }
 shard_port() { printf '%s\n' "$((PORT_BASE + $1))"; }
+replica_data() { printf '%s/shard-%s-replica-%s\n' "$PG_ROOT" "$1" "$2"; }
+replica_port() { printf '%s\n' "$((PORT_BASE + 100 + 10 * $1 + $2))"; }
 
 # The PID recorded in PID file $1 if that process is alive and its command line contains
 # $2, or nothing (and status 1).
@@ -153,6 +162,9 @@ stop_fleet() {
     ETCD_PID=""
     local i
     for ((i = 0; i < SHARDS; i++)); do
+        for data in "$PG_ROOT/shard-$i-replica-"*; do
+            [[ -d "$data" ]] && pg_stop "$data"
+        done
         pg_stop "$(shard_data "$i")"
     done
     rm -f "$RUN_DIR"/*.pid
@@ -192,6 +204,15 @@ print_status() {
         else
             echo "shard-$i: not running, data $data"
         fi
+        for data in "$PG_ROOT/shard-$i-replica-"*; do
+            [[ -d "$data" ]] || continue
+            if pid="$(pg_pid "$data")"; then
+                echo "$(basename "$data"): running, pid $pid, data $data"
+                any=0
+            else
+                echo "$(basename "$data"): not running, data $data"
+            fi
+        done
     done
     return "$any"
 }
@@ -201,6 +222,7 @@ print_howto() {
 
 convoy is up: conversation service on $LISTEN, cache service on $CACHE_LISTEN
   shards: postgres://postgres@127.0.0.1:$(shard_port 0)/convoy, postgres://postgres@127.0.0.1:$(shard_port 1)/convoy
+          ($REPLICAS streaming replica(s) each; the map: $SHARD_MAP)
   etcd:   $ETCD_URL (the fleet as etcd sees it: $CTL_BIN --etcd-endpoint $ETCD_URL status)
   redis:  $REDIS_URL (invalidation bus: redis-cli -p $REDIS_PORT XLEN convoy:invalidations)
   logs:   $LOG_DIR
@@ -320,7 +342,6 @@ if ! pg_can_enter "$LOG_DIR"; then
     PG_LOG_DIR="$PG_ROOT/logs"
     pg_owned_dir "$PG_LOG_DIR"
 fi
-dsn_args=()
 for ((i = 0; i < SHARDS; i++)); do
     data="$(shard_data "$i")"
     port="$(shard_port "$i")"
@@ -329,8 +350,35 @@ for ((i = 0; i < SHARDS; i++)); do
     if [[ "$PG_LOG_DIR" != "$LOG_DIR" ]]; then
         ln -sfn "$PG_LOG_DIR/pg-shard-$i.log" "$LOG_DIR/pg-shard-$i.log"
     fi
-    dsn_args+=(--shard-dsn "postgres://postgres@127.0.0.1:$port/convoy")
 done
+# The shard map: slots split evenly (as --shard-dsn would), each shard with its replicas.
+SHARD_MAP="$STATE_DIR/shard-map.toml"
+{
+    echo "# Written by infra/local/up.sh at every start."
+    echo "epoch = 1"
+    for ((i = 0; i < SHARDS; i++)); do
+        replicas=()
+        for ((r = 0; r < REPLICAS; r++)); do
+            data="$(replica_data "$i" "$r")"
+            port="$(replica_port "$i" "$r")"
+            pg_init_replica "$data" "$(shard_port "$i")"
+            pg_start "$data" "$port" "$PG_LOG_DIR/pg-shard-$i-replica-$r.log"
+            if [[ "$PG_LOG_DIR" != "$LOG_DIR" ]]; then
+                ln -sfn "$PG_LOG_DIR/pg-shard-$i-replica-$r.log" "$LOG_DIR/pg-shard-$i-replica-$r.log"
+            fi
+            replicas+=("\"postgres://postgres@127.0.0.1:$port/convoy\"")
+        done
+        echo "[[shards]]"
+        echo "id = \"shard-$i\""
+        echo "primary = \"postgres://postgres@127.0.0.1:$(shard_port "$i")/convoy\""
+        echo "replicas = [$(
+            IFS=,
+            echo "${replicas[*]}"
+        )]"
+        echo "slots = [\"$((i * 1024 / SHARDS))-$(((i + 1) * 1024 / SHARDS - 1))\"]"
+    done
+} >"$SHARD_MAP"
+dsn_args=(--shard-map "$SHARD_MAP")
 
 log "starting etcd on $ETCD_URL (log: $ETCD_LOG)"
 mkdir -p "$ETCD_DATA"
@@ -406,6 +454,9 @@ if [[ "$mode" == detach ]]; then
     printf '%s\n' "$CACHE_PID" >"$CACHE_PID_FILE"
     for ((i = 0; i < SHARDS; i++)); do
         pg_pid "$(shard_data "$i")" >"$RUN_DIR/pg-shard-$i.pid" || true
+        for ((r = 0; r < REPLICAS; r++)); do
+            pg_pid "$(replica_data "$i" "$r")" >"$RUN_DIR/pg-shard-$i-replica-$r.pid" || true
+        done
     done
     COMMITTED=1
     stop_cmd="infra/local/up.sh --stop"
