@@ -26,6 +26,7 @@ pub mod keys;
 mod list;
 pub mod registration;
 mod service_set;
+pub mod shard_map;
 mod static_list;
 mod watch;
 

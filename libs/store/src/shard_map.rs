@@ -10,7 +10,7 @@
 use std::fmt;
 use std::ops::RangeInclusive;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::slots::{SLOT_COUNT, Slot};
 
@@ -111,7 +111,7 @@ pub enum ShardMapError {
 }
 
 /// The TOML form of a shard map.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ShardMapFile {
     #[serde(default = "first_epoch")]
@@ -119,7 +119,7 @@ struct ShardMapFile {
     shards: Vec<ShardFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ShardFile {
     id: String,
@@ -241,6 +241,38 @@ impl ShardMap {
         Self::new(Epoch(file.epoch), shards)
     }
 
+    /// The TOML form [`ShardMap::from_toml`] reads (each shard's slots as contiguous
+    /// ranges). It carries the DSNs as given, credentials included: for configuration and
+    /// the shard map's store, never for logs.
+    pub fn to_toml(&self) -> String {
+        let ranges = self.ranges();
+        let file = ShardMapFile {
+            epoch: self.epoch.0,
+            shards: self
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(index, shard)| ShardFile {
+                    id: shard.id.0.clone(),
+                    primary: shard.primary.clone(),
+                    replicas: shard.replicas.clone(),
+                    slots: ranges
+                        .iter()
+                        .filter(|(_, owner)| *owner == index)
+                        .map(|(range, _)| format!("{}-{}", range.start(), range.end()))
+                        .collect(),
+                })
+                .collect(),
+        };
+        toml::to_string(&file).expect("a shard map always has a TOML form")
+    }
+
+    /// The same placement at another epoch.
+    pub fn with_epoch(mut self, epoch: Epoch) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
     /// The map's epoch.
     pub fn epoch(&self) -> Epoch {
         self.epoch
@@ -342,6 +374,12 @@ mod tests {
         assert_eq!(map.epoch(), Epoch(7));
         assert_eq!(map.owner(Slot::new(150).unwrap()), 1);
         assert_eq!(map.owner(Slot::new(250).unwrap()), 0);
+
+        assert_eq!(
+            ShardMap::from_toml(&map.to_toml()).unwrap(),
+            map,
+            "round trip"
+        );
 
         let gap = ok.replace("\"100-199\"", "\"100-198\"");
         assert_eq!(
