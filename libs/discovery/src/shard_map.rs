@@ -201,7 +201,7 @@ impl ShardMapStore {
                                 .filter(|e| e.event_type() == EventType::Put)
                                 .filter_map(|e| e.kv())
                                 .filter_map(|kv| decode(kv.value(), kv.mod_revision()).ok())
-                                .last();
+                                .next_back();
                             if response.canceled() {
                                 watch = None;
                             }
