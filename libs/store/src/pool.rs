@@ -133,13 +133,10 @@ impl ShardPools {
         }
     }
 
-    /// Checks shard `index`'s replicas every `check_interval`, forever (spawn it; a shard
-    /// without replicas returns at once).
+    /// Checks shard `index`'s primary and replicas every `check_interval`, forever (spawn
+    /// it).
     pub async fn check_replicas(self, index: ShardIndex) {
         let replicas = self.replicas[index].clone();
-        if replicas.is_empty() {
-            return;
-        }
         let shard = self.map.shards()[index].id.to_string();
         let settings = replicas.settings().clone();
         let mut tick = tokio::time::interval(settings.check_interval);
@@ -149,12 +146,19 @@ impl ShardPools {
             match tokio::time::timeout(settings.check_timeout, primary_lsn(&self.pools[index]))
                 .await
             {
-                Ok(Ok(lsn)) => replicas.check(&shard, lsn).await,
+                Ok(Ok(lsn)) => {
+                    replicas.record_primary(Some(lsn));
+                    replicas.check(&shard, lsn).await;
+                }
                 // Without the primary's position lag is unknown: keep the last states.
                 Ok(Err(e)) => {
-                    tracing::debug!(%shard, error = %e, "primary WAL position unavailable")
+                    replicas.record_primary(None);
+                    tracing::debug!(%shard, error = %e, "primary WAL position unavailable");
                 }
-                Err(_) => tracing::debug!(%shard, "primary WAL position timed out"),
+                Err(_) => {
+                    replicas.record_primary(None);
+                    tracing::debug!(%shard, "primary WAL position timed out");
+                }
             }
         }
     }

@@ -92,10 +92,14 @@ struct Replica {
     in_flight: Arc<AtomicUsize>,
 }
 
-/// One shard's replicas and what is known of them.
+/// One shard's replicas and what is known of them (and of the primary, as the checks see
+/// it).
 pub struct ShardReplicas {
     settings: ReplicaSettings,
     replicas: Vec<Replica>,
+    /// Whether the primary answered the last check (`None`: not checked yet), and its WAL
+    /// position then.
+    primary: Mutex<(Option<bool>, u64)>,
 }
 
 impl std::fmt::Debug for ShardReplicas {
@@ -134,6 +138,7 @@ impl ShardReplicas {
     pub fn new(pools: Vec<PgPool>, settings: ReplicaSettings) -> Self {
         Self {
             settings,
+            primary: Mutex::new((None, 0)),
             replicas: pools
                 .into_iter()
                 .map(|pool| Replica {
@@ -143,6 +148,21 @@ impl ShardReplicas {
                 })
                 .collect(),
         }
+    }
+
+    /// Whether the primary answered its last check (`None`: not checked yet), and its WAL
+    /// position then.
+    pub fn primary_health(&self) -> (Option<bool>, u64) {
+        *lock(&self.primary)
+    }
+
+    /// Records the primary's check.
+    pub fn record_primary(&self, answered: Option<u64>) {
+        let mut primary = lock(&self.primary);
+        *primary = match answered {
+            Some(lsn) => (Some(true), lsn),
+            None => (Some(false), primary.1),
+        };
     }
 
     /// The settings they are routed by.

@@ -1,0 +1,52 @@
+//! The shard-router binary's configuration: flags with `CONVOY_*` environment fallbacks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use convoy_discovery::RegistrationArgs;
+use convoy_mesh::ServerConfig;
+use convoy_store::{ShardMap, StoreError};
+use convoy_telemetry::LogFormat;
+
+/// The name this service registers under in discovery.
+pub const SERVICE_NAME: &str = "shard-router";
+
+/// The shard-router: owns the shard map in etcd and watches the shards' health and lag.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "shard-router", version, about)]
+pub struct Config {
+    /// Address for gRPC.
+    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:50071")]
+    pub listen: SocketAddr,
+
+    /// The map to publish when etcd holds none yet (a TOML shard map); ignored once one is
+    /// published: the map in etcd is the truth.
+    #[arg(long, env = "CONVOY_SHARD_MAP")]
+    pub shard_map: Option<PathBuf>,
+
+    /// Registration in etcd, whose etcd also holds the shard map (required).
+    #[command(flatten)]
+    pub registration: RegistrationArgs,
+
+    /// Log format.
+    #[arg(long, env = "CONVOY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The seed map from `--shard-map`, if given.
+    pub fn seed_map(&self) -> anyhow::Result<Option<ShardMap>> {
+        let Some(path) = &self.shard_map else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading shard map {}: {e}", path.display()))?;
+        Ok(Some(ShardMap::from_toml(&text).map_err(StoreError::from)?))
+    }
+
+    /// Server settings.
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig::default()
+    }
+}

@@ -1,0 +1,189 @@
+//! The shard-router over real etcd and Postgres: it seeds the map in etcd, serves it (and
+//! its changes as a stream), locates teams as the services route them, and reports each
+//! node's health and replica lag.
+
+use std::time::Duration;
+
+use clap::Parser;
+use convoy_discovery::EtcdConfig;
+use convoy_discovery::shard_map::ShardMapStore;
+use convoy_proto::v1 as pb;
+use convoy_proto::v1::shard_router_service_client::ShardRouterServiceClient;
+use convoy_store::{Epoch, Shard, ShardId, ShardMap, Slot};
+use convoy_testkit::{Etcd, Postgres};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+/// Starts a router in this process; returns a client of it.
+async fn router(etcd: &Etcd, seed: &ShardMap) -> ShardRouterServiceClient<Channel> {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), seed.to_toml()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = shard_router::Config::try_parse_from([
+        "shard-router",
+        "--listen",
+        &addr.to_string(),
+        "--etcd-endpoint",
+        &etcd.endpoint(),
+        "--shard-map",
+        &file.path().display().to_string(),
+    ])
+    .unwrap();
+    tokio::spawn(async move {
+        let _file = file;
+        shard_router::serve(&config, listener, std::future::pending()).await
+    });
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            client = Some(ShardRouterServiceClient::new(channel));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.expect("the router starts")
+}
+
+fn map(epoch: u64, primary: &Postgres, replica: &Postgres, other: &Postgres) -> ShardMap {
+    ShardMap::new(
+        Epoch(epoch),
+        vec![
+            (
+                Shard {
+                    id: ShardId::new("shard-0").unwrap(),
+                    primary: primary.dsn(),
+                    replicas: vec![replica.dsn()],
+                },
+                vec![0..=511],
+            ),
+            (
+                Shard {
+                    id: ShardId::new("shard-1").unwrap(),
+                    primary: other.dsn(),
+                    replicas: Vec::new(),
+                },
+                vec![512..=1023],
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_serves_the_map_its_changes_placement_and_health() {
+    let etcd = Etcd::start().await.unwrap();
+    let primary = Postgres::start().await.unwrap();
+    let replica = primary.start_replica().await.unwrap();
+    let other = Postgres::start().await.unwrap();
+    let seed = map(1, &primary, &replica, &other);
+    let mut client = router(&etcd, &seed).await;
+
+    let wire = client
+        .get_shard_map(pb::GetShardMapRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wire.epoch, 1);
+    assert_eq!(wire.slot_count, 1024);
+    let ranges: Vec<(i32, i32, &str)> = wire
+        .ranges
+        .iter()
+        .map(|r| (r.start, r.end, r.shard.as_str()))
+        .collect();
+    assert_eq!(ranges, [(0, 511, "shard-0"), (512, 1023, "shard-1")]);
+    let node = wire.shards[0].primary.as_ref().unwrap();
+    assert_eq!(node.address, format!("127.0.0.1:{}", primary.port()));
+
+    // Locate agrees with the services' own routing.
+    let located = client
+        .locate(pb::LocateRequest {
+            team: "teams/acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let slot = Slot::for_team("acme");
+    assert_eq!(located.slot, i32::from(slot.get()));
+    assert_eq!(
+        located.shard.unwrap().id,
+        seed.shards()[seed.owner(slot)].id.to_string()
+    );
+    let bad = client
+        .locate(pb::LocateRequest {
+            team: "acme".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert_eq!(convoy_integration_tests::violated_fields(&bad), ["team"]);
+
+    // Health: every node checked, the replica with its lag.
+    let healthy = pb::NodeHealth::Healthy as i32;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let shards = client
+                .list_shards(pb::ListShardsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .shards;
+            let all = shards.iter().all(|s| {
+                s.primary.as_ref().is_some_and(|p| p.health == healthy)
+                    && s.replicas.iter().all(|r| r.health == healthy)
+            });
+            if all {
+                let replica = &shards[0].replicas[0];
+                assert!(replica.replay_lsn.contains('/'), "{replica:?}");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("every node is reported healthy");
+
+    // A change in etcd reaches watchers, and a second router adopts the stored map.
+    let mut watch = client
+        .watch_shard_map(pb::WatchShardMapRequest { after_epoch: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    assert_eq!(first.epoch, 1);
+    let store = ShardMapStore::connect(&EtcdConfig {
+        endpoints: vec![etcd.endpoint()],
+        ..EtcdConfig::default()
+    })
+    .await
+    .unwrap();
+    let stored = store.load().await.unwrap().unwrap();
+    store
+        .compare_and_swap(&stored, &map(2, &primary, &replica, &other))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("the new map is streamed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.epoch, 2);
+    let mut second = router(&etcd, &seed).await;
+    let adopted = second
+        .get_shard_map(pb::GetShardMapRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(adopted.epoch, 2, "the stored map wins over a seed");
+
+    let moving = client
+        .move_slots(pb::MoveSlotsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(moving.code(), tonic::Code::Unimplemented);
+}
