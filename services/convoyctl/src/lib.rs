@@ -1,8 +1,11 @@
 //! convoyctl's commands, as functions that return data; `main.rs` only parses arguments and
 //! prints: `status`, the fleet as etcd sees it, with each instance's gRPC health, and
-//! `cache consistency`, the consistency sampler's fleet-wide tally.
+//! `cache consistency`, the consistency sampler's fleet-wide tally, and `shards`, the shard
+//! map with every node's health and lag, from the shard-router.
 
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod shards;
 pub mod status;
+mod table;

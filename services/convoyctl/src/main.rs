@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Every registered instance with its address, version, zone and gRPC health.
     Status,
+    /// The shard map, with every node's health and replica lag (from the shard-router).
+    Shards,
     /// The cache tier.
     Cache {
         #[command(subcommand)]
@@ -58,6 +60,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Status => {
             let rows = convoyctl::status::status(&etcd).await?;
             print!("{}", convoyctl::status::render(&rows));
+        }
+        Command::Shards => {
+            let shards = convoyctl::shards::shards(&etcd).await?;
+            print!("{}", convoyctl::shards::render(&shards));
         }
         Command::Cache {
             command: CacheCommand::Consistency { redis_url },

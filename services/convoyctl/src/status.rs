@@ -55,11 +55,11 @@ pub fn render(rows: &[InstanceStatus]) -> String {
     let header = [
         "SERVICE", "INSTANCE", "ADDRESS", "VERSION", "ZONE", "HEALTH",
     ];
-    let cells: Vec<[String; 6]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             let m = &r.endpoint.metadata;
-            [
+            vec![
                 m.service.clone(),
                 m.instance.clone(),
                 r.endpoint.addr.clone(),
@@ -69,26 +69,7 @@ pub fn render(rows: &[InstanceStatus]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &cells {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
-        }
-    }
-    let line = |row: &[String]| {
-        let mut text: String = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, width)| format!("{cell:width$}  "))
-            .collect();
-        text.truncate(text.trim_end().len());
-        text.push('\n');
-        text
-    };
-    let mut out = line(&header.map(String::from));
-    for row in &cells {
-        out.push_str(&line(row));
-    }
+    let mut out = crate::table::render(&header, &cells);
     if rows.is_empty() {
         out.push_str("(no instances registered)\n");
     }
