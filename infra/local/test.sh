@@ -21,6 +21,7 @@
 #   CONVOY_TEST_ETCD_PORT       the smoke fleet's etcd client port (default 56379)
 #   CONVOY_TEST_REDIS_PORT      the smoke fleet's Redis port (default 56479)
 #   CONVOY_TEST_CACHE_LISTEN    the smoke fleet's cache service address (default 127.0.0.1:56061)
+#   CONVOY_TEST_ROUTER_LISTEN   the smoke fleet's shard-router address (default 127.0.0.1:56071)
 # Installs missing system packages (apt) and the smoke client's Python packages (pip).
 set -euo pipefail
 
@@ -52,6 +53,7 @@ smoke_env=(
     CONVOY_ETCD_PORT="${CONVOY_TEST_ETCD_PORT:-56379}"
     CONVOY_REDIS_PORT="${CONVOY_TEST_REDIS_PORT:-56479}"
     CONVOY_CACHE_LISTEN="${CONVOY_TEST_CACHE_LISTEN:-127.0.0.1:56061}"
+    CONVOY_ROUTER_LISTEN="${CONVOY_TEST_ROUTER_LISTEN:-127.0.0.1:56071}"
     # Sample every write, checked 200 ms after it: the consistency report has data at once.
     CONVOY_CONSISTENCY_SAMPLE_RATIO=1
     CONVOY_CONSISTENCY_CHECK_AFTER_MS=200
@@ -107,6 +109,20 @@ grep -q "^conversation .*SERVING$" <<<"$status_table" ||
     die "convoyctl status does not show the conversation instance as SERVING"
 grep -q "^cache .*SERVING$" <<<"$status_table" ||
     die "convoyctl status does not show the cache instance as SERVING"
+grep -q "^shard-router .*SERVING$" <<<"$status_table" ||
+    die "convoyctl status does not show the shard-router as SERVING"
+
+# The shard-router reports every node of the map healthy (primaries and replicas).
+shards_table=""
+for ((i = 0; i < 40; i++)); do
+    shards_table="$("${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$etcd_url" shards || true)"
+    (($(grep -c " HEALTHY " <<<"$shards_table") == 4)) && break
+    sleep 0.25
+done
+log "fleet smoke: convoyctl --etcd-endpoint $etcd_url shards"
+printf '%s\n' "$shards_table"
+(($(grep -c " HEALTHY " <<<"$shards_table") == 4)) ||
+    die "convoyctl shards does not show the 2 primaries and 2 replicas as HEALTHY"
 
 # The smoke's writes reached the invalidation bus through the outbox relay.
 redis_port="${CONVOY_TEST_REDIS_PORT:-56479}"

@@ -3,7 +3,8 @@
 # tier's store and invalidation bus), two PostgreSQL shards with a streaming replica each
 # (reads go to replicas; reads with a write's token only to ones that replayed it), the
 # conversation service
-# (relaying its outbox to Redis) and the cache service, both registered in etcd, with
+# (relaying its outbox to Redis), the cache service and the shard-router (the shard map
+# in etcd, node health and lag), all registered in etcd, with
 # persistent data under .convoy/.
 #
 #   infra/local/up.sh             build, start, stay in the foreground; Ctrl-C stops it all
@@ -21,6 +22,7 @@
 #   CONVOY_ETCD_PORT      etcd's client port; its peer port is the next one (default 52379)
 #   CONVOY_REDIS_PORT     Redis's port (default 53379)
 #   CONVOY_CACHE_LISTEN   the cache service's gRPC address (default 127.0.0.1:50061)
+#   CONVOY_ROUTER_LISTEN  the shard-router's gRPC address (default 127.0.0.1:50071)
 #   CONVOY_STATE_DIR      where data, logs and PID files live (default .convoy at the repo root)
 #   CONVOY_PG_BIN         folder with initdb/pg_ctl (default: newest /usr/lib/postgresql/*/bin)
 #   Other CONVOY_* variables (CONVOY_LOG_FORMAT, CONVOY_POOL_MAX_CONNECTIONS, ...) reach the
@@ -89,6 +91,11 @@ CACHE_PID_FILE="$RUN_DIR/cache.pid"
 CACHE_LOG="$LOG_DIR/cache.log"
 read -r CACHE_HOST CACHE_PORT < <(host_port_of "$CACHE_LISTEN")
 [[ "$CACHE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_CACHE_LISTEN must be HOST:PORT, got '$CACHE_LISTEN'"
+ROUTER_LISTEN="${CONVOY_ROUTER_LISTEN:-127.0.0.1:50071}"
+ROUTER_PID_FILE="$RUN_DIR/shard-router.pid"
+ROUTER_LOG="$LOG_DIR/shard-router.log"
+read -r ROUTER_HOST ROUTER_PORT < <(host_port_of "$ROUTER_LISTEN")
+[[ "$ROUTER_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_ROUTER_LISTEN must be HOST:PORT, got '$ROUTER_LISTEN'"
 [[ "$PORT_BASE" =~ ^[0-9]+$ ]] || die "CONVOY_PG_PORT_BASE must be a port number, got '$PORT_BASE'"
 read -r PROBE_HOST PROBE_PORT < <(host_port_of "$LISTEN")
 [[ "$PROBE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_LISTEN must be HOST:PORT, got '$LISTEN'"
@@ -113,6 +120,7 @@ detached_pid() {
 # The PID of each detached process of the fleet, or nothing.
 detached_service_pid() { detached_pid "$SERVICE_PID_FILE" conversation; }
 detached_cache_pid() { detached_pid "$CACHE_PID_FILE" "$CACHE_LISTEN"; }
+detached_router_pid() { detached_pid "$ROUTER_PID_FILE" "$ROUTER_LISTEN"; }
 detached_redis_pid() { detached_pid "$REDIS_PID_FILE" redis-server; }
 detached_etcd_pid() { detached_pid "$ETCD_PID_FILE" etcd; }
 
@@ -148,6 +156,12 @@ stop_fleet() {
         stop_pid "$pid" "cache service" 30
     fi
     CACHE_PID=""
+    pid="${ROUTER_PID:-}"
+    [[ -n "$pid" ]] || pid="$(detached_router_pid)" || true
+    if [[ -n "$pid" ]]; then
+        stop_pid "$pid" "shard-router" 30
+    fi
+    ROUTER_PID=""
     pid="${REDIS_PID:-}"
     [[ -n "$pid" ]] || pid="$(detached_redis_pid)" || true
     if [[ -n "$pid" ]]; then
@@ -183,6 +197,12 @@ print_status() {
         any=0
     else
         echo "cache: not running (detached)"
+    fi
+    if pid="$(detached_router_pid)"; then
+        echo "shard-router: running, pid $pid, $ROUTER_LISTEN, log $ROUTER_LOG"
+        any=0
+    else
+        echo "shard-router: not running (detached)"
     fi
     if pid="$(detached_redis_pid)"; then
         echo "redis: running, pid $pid, $REDIS_URL, data $REDIS_DATA"
@@ -220,7 +240,8 @@ print_status() {
 print_howto() {
     cat <<EOF
 
-convoy is up: conversation service on $LISTEN, cache service on $CACHE_LISTEN
+convoy is up: conversation service on $LISTEN, cache service on $CACHE_LISTEN,
+  shard-router on $ROUTER_LISTEN (the shards' health and lag: $CTL_BIN --etcd-endpoint $ETCD_URL shards)
   shards: postgres://postgres@127.0.0.1:$(shard_port 0)/convoy, postgres://postgres@127.0.0.1:$(shard_port 1)/convoy
           ($REPLICAS streaming replica(s) each; the map: $SHARD_MAP)
   etcd:   $ETCD_URL (the fleet as etcd sees it: $CTL_BIN --etcd-endpoint $ETCD_URL status)
@@ -277,6 +298,9 @@ fi
 if tcp_open "$CACHE_HOST" "$CACHE_PORT"; then
     die "$CACHE_LISTEN already accepts connections (another fleet?); stop it or set CONVOY_CACHE_LISTEN"
 fi
+if tcp_open "$ROUTER_HOST" "$ROUTER_PORT"; then
+    die "$ROUTER_LISTEN already accepts connections (another fleet?); stop it or set CONVOY_ROUTER_LISTEN"
+fi
 if tcp_open 127.0.0.1 "$REDIS_PORT"; then
     die "127.0.0.1:$REDIS_PORT already accepts connections (another Redis?); stop it or set CONVOY_REDIS_PORT"
 fi
@@ -290,8 +314,8 @@ case "$PROFILE" in
 dev | debug) cargo_profile=(--profile dev) ;;
 *) cargo_profile=(--profile "$PROFILE") ;;
 esac
-log "building the services and convoyctl (cargo build ${cargo_profile[*]} -p conversation -p cache -p convoyctl)"
-build_json="$(cargo build "${cargo_profile[@]}" -p conversation -p cache -p convoyctl --message-format=json-render-diagnostics)" ||
+log "building the services and convoyctl (cargo build ${cargo_profile[*]} -p conversation -p cache -p shard-router -p convoyctl)"
+build_json="$(cargo build "${cargo_profile[@]}" -p conversation -p cache -p shard-router -p convoyctl --message-format=json-render-diagnostics)" ||
     die "cargo build failed"
 # The path cargo reports for a built binary (or the usual place, if it reported none).
 built_binary() {
@@ -307,11 +331,13 @@ built_binary() {
 BIN="$(built_binary conversation)"
 CTL_BIN="$(built_binary convoyctl)"
 CACHE_BIN="$(built_binary cache)"
+ROUTER_BIN="$(built_binary shard-router)"
 
 SERVICE_PID=""
 ETCD_PID=""
 REDIS_PID=""
 CACHE_PID=""
+ROUTER_PID=""
 COMMITTED=0
 # shellcheck disable=SC2317 # called by the EXIT trap
 on_exit() {
@@ -409,6 +435,13 @@ env -u CONVOY_LISTEN NO_COLOR=1 \
 CACHE_PID=$!
 wait_for_port "$CACHE_PID" "$CACHE_HOST" "$CACHE_PORT" "the cache service" "$CACHE_LOG"
 
+log "starting shard-router on $ROUTER_LISTEN (log: $ROUTER_LOG)"
+env -u CONVOY_LISTEN -u CONVOY_SHARD_MAP NO_COLOR=1 \
+    setsid "$ROUTER_BIN" --listen "$ROUTER_LISTEN" --etcd-endpoint "$ETCD_URL" --shard-map "$SHARD_MAP" \
+    </dev/null >>"$ROUTER_LOG" 2>&1 &
+ROUTER_PID=$!
+wait_for_port "$ROUTER_PID" "$ROUTER_HOST" "$ROUTER_PORT" "the shard-router" "$ROUTER_LOG"
+
 log "starting conversation on $LISTEN (log: $SERVICE_LOG)"
 printf '\n==== %s: %s %s --listen %s\n' "$(date -u +%FT%TZ)" "$BIN" "${dsn_args[*]}" "$LISTEN" >>"$SERVICE_LOG"
 # Its own session: Ctrl-C reaches only this script, which then stops the service before
@@ -452,6 +485,7 @@ if [[ "$mode" == detach ]]; then
     printf '%s\n' "$ETCD_PID" >"$ETCD_PID_FILE"
     printf '%s\n' "$REDIS_PID" >"$REDIS_PID_FILE"
     printf '%s\n' "$CACHE_PID" >"$CACHE_PID_FILE"
+    printf '%s\n' "$ROUTER_PID" >"$ROUTER_PID_FILE"
     for ((i = 0; i < SHARDS; i++)); do
         pg_pid "$(shard_data "$i")" >"$RUN_DIR/pg-shard-$i.pid" || true
         for ((r = 0; r < REPLICAS; r++)); do
