@@ -5,7 +5,7 @@
 //! reads the primary's WAL position and each replica's replay position every
 //! [`ReplicaSettings::check_interval`], with a timeout. A replica's lag is the bytes it has
 //! yet to replay and, when that is not zero, the time since the last transaction it
-//! replayed. A replica that fails a check, or a read, is banned for a backoff that doubles
+//! replayed or since a check last found it caught up, whichever is shorter. A replica that fails a check, or a read, is banned for a backoff that doubles
 //! with each failure in a row (1 s to 30 s); a check that succeeds readmits it.
 //!
 //! A read goes to an eligible replica, chosen by power of two choices on reads in flight,
@@ -75,6 +75,8 @@ pub struct ReplicaHealth {
     pub banned_until: Option<Instant>,
     /// Failures in a row.
     pub failures: u32,
+    /// When a check last found it fully caught up.
+    pub caught_up_at: Option<Instant>,
 }
 
 /// Where a read goes.
@@ -295,10 +297,21 @@ impl ShardReplicas {
                 Ok(Ok((true, Some(replayed), since_last))) => {
                     let replay_lsn = u64::try_from(replayed).unwrap_or(0);
                     let lag_bytes = primary_lsn.saturating_sub(replay_lsn);
+                    let now = Instant::now();
+                    let caught_up_at = if lag_bytes == 0 {
+                        Some(now)
+                    } else {
+                        health.caught_up_at
+                    };
+                    // Behind by bytes: as long as since the last transaction it replayed,
+                    // but no longer than since it was last caught up (an idle primary writes
+                    // WAL without transactions, which would otherwise look like hours).
                     let lag = if lag_bytes == 0 {
                         Duration::ZERO
                     } else {
-                        Duration::try_from_secs_f64(since_last.max(0.0)).unwrap_or(Duration::MAX)
+                        let since_xact = Duration::try_from_secs_f64(since_last.max(0.0))
+                            .unwrap_or(Duration::MAX);
+                        caught_up_at.map_or(since_xact, |t| since_xact.min(now - t))
                     };
                     *health = ReplicaHealth {
                         healthy: true,
@@ -307,6 +320,7 @@ impl ShardReplicas {
                         lag,
                         banned_until: None,
                         failures: 0,
+                        caught_up_at,
                     };
                     let replica = n.to_string();
                     metrics::gauge!("convoy_store_replica_lag_bytes", "shard" => shard.to_owned(), "replica" => replica.clone())
@@ -377,6 +391,7 @@ mod tests {
             lag: Duration::from_millis(lag_ms),
             banned_until: None,
             failures: 0,
+            caught_up_at: None,
         }
     }
 
