@@ -29,7 +29,8 @@
 #   conversation binary, which reads them itself (see `conversation --help`).
 #
 # State: $CONVOY_STATE_DIR/pg/shard-{0,1} and shard-{0,1}-replica-R (PostgreSQL data, kept
-# between runs), $CONVOY_STATE_DIR/shard-map.toml (the shard map the service routes by),
+# between runs), $CONVOY_STATE_DIR/shard-map.toml (the map the shard-router publishes in
+# etcd when etcd has none; the conversation service routes by the map in etcd),
 # $CONVOY_STATE_DIR/etcd (etcd data), $CONVOY_STATE_DIR/redis (Redis's append-only file),
 # $CONVOY_STATE_DIR/logs (postgres and service logs), $CONVOY_STATE_DIR/run (PID files of a
 # detached fleet).
@@ -404,7 +405,8 @@ SHARD_MAP="$STATE_DIR/shard-map.toml"
         echo "slots = [\"$((i * 1024 / SHARDS))-$(((i + 1) * 1024 / SHARDS - 1))\"]"
     done
 } >"$SHARD_MAP"
-dsn_args=(--shard-map "$SHARD_MAP")
+# The shard-router seeds etcd with this map; the conversation service reads it from there.
+dsn_args=(--shard-map-from-etcd)
 
 log "starting etcd on $ETCD_URL (log: $ETCD_LOG)"
 mkdir -p "$ETCD_DATA"
@@ -447,7 +449,7 @@ printf '\n==== %s: %s %s --listen %s\n' "$(date -u +%FT%TZ)" "$BIN" "${dsn_args[
 # Its own session: Ctrl-C reaches only this script, which then stops the service before
 # the shards; a detached service survives the terminal.
 # NO_COLOR: plain text in the log file.
-env -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS -u CONVOY_MIGRATE_ONLY NO_COLOR=1 \
+env -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS -u CONVOY_MIGRATE_ONLY -u CONVOY_SHARD_MAP_FROM_ETCD NO_COLOR=1 \
     setsid "$BIN" "${dsn_args[@]}" --listen "$LISTEN" --etcd-endpoint "$ETCD_URL" --redis-url "$REDIS_URL" </dev/null >>"$SERVICE_LOG" 2>&1 &
 SERVICE_PID=$!
 

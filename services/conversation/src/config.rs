@@ -109,6 +109,12 @@ pub struct Config {
     )]
     pub consistency_check_after_ms: Vec<u64>,
 
+    /// Take the shard map from etcd (where the shard-router keeps it) instead of
+    /// `--shard-map`/`--shard-dsn`; needs `--etcd-endpoint`. Read at start-up: a new map
+    /// takes effect at the next start until services follow it live.
+    #[arg(long, env = "CONVOY_SHARD_MAP_FROM_ETCD")]
+    pub shard_map_from_etcd: bool,
+
     /// Fault injection for coherence tests: the share of bus messages the own L1's
     /// subscriber drops (it must notice each as a gap and flush). 0 in production.
     #[arg(long, hide = true, default_value_t = 0.0)]

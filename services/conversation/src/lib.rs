@@ -55,13 +55,45 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 /// every shard.
 pub async fn connect(config: &Config) -> anyhow::Result<ConversationStore> {
     let settings = config.pool_settings();
-    let pools = ShardPools::connect_lazy(config.shard_map()?, &settings)?;
+    let pools = ShardPools::connect_lazy(shard_map(config).await?, &settings)?;
     if config.migrate || config.migrate_only {
         pools.migrate().await?;
     }
     // One operation may wait for a connection, then run a few statements.
     let op_timeout = settings.acquire_timeout + settings.statement_timeout * 2;
     Ok(ConversationStore::new(pools, op_timeout))
+}
+
+/// How long start-up waits for the shard-router to publish the map in etcd.
+const MAP_WAIT: Duration = Duration::from_secs(30);
+
+/// The shard map: from etcd with `--shard-map-from-etcd` (waiting up to [`MAP_WAIT`] for
+/// the shard-router to publish one), else from `--shard-map` or `--shard-dsn`.
+pub async fn shard_map(config: &Config) -> anyhow::Result<convoy_store::ShardMap> {
+    if !config.shard_map_from_etcd {
+        return config.shard_map();
+    }
+    let etcd = config
+        .registration
+        .etcd_config()
+        .ok_or_else(|| anyhow::anyhow!("--shard-map-from-etcd needs etcd: pass --etcd-endpoint"))?;
+    let store = convoy_discovery::shard_map::ShardMapStore::connect(&etcd).await?;
+    let deadline = tokio::time::Instant::now() + MAP_WAIT;
+    loop {
+        match store.load().await {
+            Ok(Some(stored)) => {
+                tracing::info!(epoch = stored.map.epoch().0, "shard map from etcd");
+                return Ok(stored.map);
+            }
+            Ok(None) => tracing::info!("no shard map in etcd yet; waiting for the shard-router"),
+            Err(e) if e.is_transient() => tracing::warn!(error = %e, "reading the shard map"),
+            Err(e) => return Err(e.into()),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("no shard map in etcd after {MAP_WAIT:?}: is the shard-router running?");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// The gRPC service, with the contract's message-size limit.

@@ -62,7 +62,7 @@ impl Instance {
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let config = Config::try_parse_from(args).expect("config");
-        let map = config.shard_map().expect("shard map");
+        let map = conversation::shard_map(&config).await.expect("shard map");
         let store = conversation::connect(&config)
             .await
             .expect("connect and migrate");
@@ -80,6 +80,12 @@ impl Instance {
         };
         instance.wait_until_serving().await;
         (instance, map)
+    }
+
+    /// Starts an instance outside any fleet, configured by `flags` alone (its shards
+    /// included, for example `--shard-map-from-etcd`).
+    pub async fn start_with_flags(flags: &[&str]) -> Instance {
+        Instance::launch(&[], flags).await.0
     }
 
     /// Waits (at most 15 s) until the instance answers its health check with SERVING; it

@@ -192,6 +192,39 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
     let table = convoyctl::shards::render(&listed);
     assert!(table.contains("shard-0  replica-0"), "{table}");
 
+    // A conversation instance can take its map from etcd, and serves by it.
+    let etcd_url = etcd.endpoint();
+    let fleet_less = convoy_integration_tests::Instance::start_with_flags(&[
+        "--shard-map-from-etcd",
+        "--etcd-endpoint",
+        &etcd_url,
+    ])
+    .await;
+    let mut conversations = pb::conversation_service_client::ConversationServiceClient::new(
+        convoy_integration_tests::channel_to(fleet_less.addr).await,
+    );
+    let created = conversations
+        .create_conversation(convoy_integration_tests::new_conversation("acme", "t", "c"))
+        .await
+        .unwrap()
+        .into_inner();
+    let on_shard = if seed.owner(slot) == 0 {
+        &primary
+    } else {
+        &other
+    };
+    let pool = sqlx::PgPool::connect(&on_shard.dsn()).await.unwrap();
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM conversations WHERE team_id = 'acme'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored, 1,
+        "{} landed on the shard the map in etcd names",
+        created.name
+    );
+
     let moving = client
         .move_slots(pb::MoveSlotsRequest::default())
         .await
