@@ -143,23 +143,23 @@ impl ShardPools {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match tokio::time::timeout(settings.check_timeout, primary_lsn(&self.pools[index]))
-                .await
-            {
-                Ok(Ok(lsn)) => {
-                    replicas.record_primary(Some(lsn));
-                    replicas.check(&shard, lsn).await;
-                }
-                // Without the primary's position lag is unknown: keep the last states.
-                Ok(Err(e)) => {
-                    replicas.record_primary(None);
-                    tracing::debug!(%shard, error = %e, "primary WAL position unavailable");
-                }
-                Err(_) => {
-                    replicas.record_primary(None);
-                    tracing::debug!(%shard, "primary WAL position timed out");
-                }
-            }
+            let lsn =
+                match tokio::time::timeout(settings.check_timeout, primary_lsn(&self.pools[index]))
+                    .await
+                {
+                    Ok(Ok(lsn)) => Some(lsn),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%shard, error = %e, "primary WAL position unavailable");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!(%shard, "primary WAL position timed out");
+                        None
+                    }
+                };
+            replicas.record_primary(lsn);
+            // Health is checked either way; lag only with the primary's position.
+            replicas.check(&shard, lsn).await;
         }
     }
 

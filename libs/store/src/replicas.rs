@@ -69,14 +69,27 @@ pub struct ReplicaHealth {
     pub replay_lsn: u64,
     /// WAL bytes it has yet to replay.
     pub lag_bytes: u64,
-    /// Time since the last transaction it replayed, when it has WAL to replay; else zero.
+    /// How long ago the primary wrote the oldest WAL it has yet to replay; zero when caught
+    /// up. As of `measured_at`.
     pub lag: Duration,
     /// Until when it serves no reads, if banned.
     pub banned_until: Option<Instant>,
-    /// Failures in a row.
+    /// Failures in a row (reset by a good check once the ban is over).
     pub failures: u32,
-    /// When a check last found it fully caught up.
-    pub caught_up_at: Option<Instant>,
+    /// When it was last checked.
+    pub checked_at: Option<Instant>,
+    /// When its lag was last measured (the primary answered too).
+    pub measured_at: Option<Instant>,
+}
+
+impl ReplicaHealth {
+    /// Its lag as it may be by `now`: the lag last measured plus the time since (lag grows
+    /// at most that fast while unmeasured); unknown (never measured) is `Duration::MAX`.
+    pub fn lag_now(&self, now: Instant) -> Duration {
+        self.measured_at.map_or(Duration::MAX, |at| {
+            self.lag.saturating_add(now.saturating_duration_since(at))
+        })
+    }
 }
 
 /// Where a read goes.
@@ -102,7 +115,12 @@ pub struct ShardReplicas {
     /// Whether the primary answered the last check (`None`: not checked yet), and its WAL
     /// position then.
     primary: Mutex<(Option<bool>, u64)>,
+    /// The primary's WAL position at each check, oldest first (for lag in time).
+    history: Mutex<std::collections::VecDeque<(Instant, u64)>>,
 }
+
+/// Primary positions remembered: 5 minutes of checks at 250 ms, past any hard cap on lag.
+const HISTORY: usize = 1200;
 
 impl std::fmt::Debug for ShardReplicas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,6 +159,7 @@ impl ShardReplicas {
         Self {
             settings,
             primary: Mutex::new((None, 0)),
+            history: Mutex::default(),
             replicas: pools
                 .into_iter()
                 .map(|pool| Replica {
@@ -220,23 +239,27 @@ impl ShardReplicas {
         min_lsn: u64,
         now: Instant,
     ) -> Option<(usize, InFlight)> {
+        // A state older than a few checks is not trusted (the checker may be stuck).
+        let fresh = self.settings.check_interval.saturating_mul(4) + self.settings.check_timeout;
         let usable: Vec<usize> = (0..states.len())
             .filter(|&i| {
                 let s = &states[i];
                 s.healthy
+                    && s.checked_at
+                        .is_some_and(|t| now.saturating_duration_since(t) <= fresh)
                     && s.banned_until.is_none_or(|t| t <= now)
                     && s.replay_lsn >= min_lsn
-                    && s.lag <= self.settings.hard_max_lag
+                    && s.lag_now(now) <= self.settings.hard_max_lag
             })
             .collect();
         let mut eligible: Vec<usize> = usable
             .iter()
             .copied()
-            .filter(|&i| states[i].lag <= self.settings.max_lag)
+            .filter(|&i| states[i].lag_now(now) <= self.settings.max_lag)
             .collect();
         if eligible.len() < self.settings.keep_least_lagged {
             let mut by_lag = usable.clone();
-            by_lag.sort_by_key(|&i| (states[i].lag, states[i].lag_bytes));
+            by_lag.sort_by_key(|&i| (states[i].lag_now(now), states[i].lag_bytes));
             for i in by_lag {
                 if eligible.len() >= self.settings.keep_least_lagged {
                     break;
@@ -268,8 +291,13 @@ impl ShardReplicas {
         self.fail(&mut health);
     }
 
+    /// Bans after a failure; failures during a ban leave it as it is (a replica down for a
+    /// while is banned for 1 s, then 2 s, 4 s... by the checks that find it still down when
+    /// each ban ends, not by every check in between).
     fn fail(&self, health: &mut ReplicaHealth) {
-        health.healthy = false;
+        if health.banned_until.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
         health.failures = health.failures.saturating_add(1);
         let ban = self
             .settings
@@ -279,54 +307,51 @@ impl ShardReplicas {
         health.banned_until = Some(Instant::now() + ban);
     }
 
-    /// Checks every replica against the primary's current WAL position (`primary_lsn`).
-    pub async fn check(&self, shard: &str, primary_lsn: u64) {
+    /// Checks every replica; with the primary's current WAL position (`primary_lsn`) also
+    /// their lag. Without it (the primary did not answer) health is still checked, and the
+    /// last lag stands, growing with its age when read (see [`ReplicaHealth::lag_now`]).
+    pub async fn check(&self, shard: &str, primary_lsn: Option<u64>) {
+        let now = Instant::now();
+        if let Some(lsn) = primary_lsn {
+            let mut history = lock(&self.history);
+            history.push_back((now, lsn));
+            while history.len() > HISTORY {
+                history.pop_front();
+            }
+        }
         let checks = self.replicas.iter().enumerate().map(|(n, replica)| async move {
             let checked = tokio::time::timeout(
                 self.settings.check_timeout,
-                sqlx::query_as::<_, (bool, Option<i64>, f64)>(
+                sqlx::query_as::<_, (bool, Option<i64>)>(
                     "SELECT pg_is_in_recovery(), \
-                       (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint, \
-                       COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0)::float8",
+                       (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
                 )
                 .fetch_one(&replica.pool),
             )
             .await;
+            let now = Instant::now();
             let mut health = lock(&replica.health);
             match checked {
-                Ok(Ok((true, Some(replayed), since_last))) => {
+                Ok(Ok((true, Some(replayed)))) => {
                     let replay_lsn = u64::try_from(replayed).unwrap_or(0);
-                    let lag_bytes = primary_lsn.saturating_sub(replay_lsn);
-                    let now = Instant::now();
-                    let caught_up_at = if lag_bytes == 0 {
-                        Some(now)
-                    } else {
-                        health.caught_up_at
-                    };
-                    // Behind by bytes: as long as since the last transaction it replayed,
-                    // but no longer than since it was last caught up (an idle primary writes
-                    // WAL without transactions, which would otherwise look like hours).
-                    let lag = if lag_bytes == 0 {
-                        Duration::ZERO
-                    } else {
-                        let since_xact = Duration::try_from_secs_f64(since_last.max(0.0))
-                            .unwrap_or(Duration::MAX);
-                        caught_up_at.map_or(since_xact, |t| since_xact.min(now - t))
-                    };
-                    *health = ReplicaHealth {
-                        healthy: true,
-                        replay_lsn,
-                        lag_bytes,
-                        lag,
-                        banned_until: None,
-                        failures: 0,
-                        caught_up_at,
-                    };
+                    health.healthy = true;
+                    health.replay_lsn = replay_lsn;
+                    health.checked_at = Some(now);
+                    if let Some(primary_lsn) = primary_lsn {
+                        health.lag_bytes = primary_lsn.saturating_sub(replay_lsn);
+                        health.lag = self.lag_of(replay_lsn, now);
+                        health.measured_at = Some(now);
+                    }
+                    // A ban runs its course; a good check after it readmits for good.
+                    if health.banned_until.is_none_or(|t| t <= now) {
+                        health.banned_until = None;
+                        health.failures = 0;
+                    }
                     let replica = n.to_string();
                     metrics::gauge!("convoy_store_replica_lag_bytes", "shard" => shard.to_owned(), "replica" => replica.clone())
-                        .set(lag_bytes as f64);
+                        .set(health.lag_bytes as f64);
                     metrics::gauge!("convoy_store_replica_lag_seconds", "shard" => shard.to_owned(), "replica" => replica)
-                        .set(lag.as_secs_f64());
+                        .set(health.lag.as_secs_f64());
                 }
                 outcome => {
                     let why = match outcome {
@@ -337,11 +362,26 @@ impl ShardReplicas {
                     if health.healthy || health.failures == 0 {
                         tracing::warn!(shard, replica = n, why, "replica failed its check; banned");
                     }
+                    health.healthy = false;
+                    health.checked_at = Some(now);
                     self.fail(&mut health);
                 }
             }
         });
         futures::future::join_all(checks).await;
+    }
+
+    /// How long ago the primary was last at a WAL position the replica has not replayed:
+    /// the earliest recorded primary position past `replay_lsn` was written at least that
+    /// long ago. Measured on this process's clock alone (no clock skew between hosts, no
+    /// reliance on replayed transactions' timestamps, which an idle primary does not
+    /// produce). Zero when the replica is past every recorded position.
+    fn lag_of(&self, replay_lsn: u64, now: Instant) -> Duration {
+        let history = lock(&self.history);
+        history
+            .iter()
+            .find(|(_, lsn)| *lsn > replay_lsn)
+            .map_or(Duration::ZERO, |(at, _)| now.saturating_duration_since(*at))
     }
 }
 
@@ -384,6 +424,7 @@ mod tests {
     }
 
     fn ok(replay_lsn: u64, lag_ms: u64) -> ReplicaHealth {
+        let now = Instant::now();
         ReplicaHealth {
             healthy: true,
             replay_lsn,
@@ -391,7 +432,8 @@ mod tests {
             lag: Duration::from_millis(lag_ms),
             banned_until: None,
             failures: 0,
-            caught_up_at: None,
+            checked_at: Some(now),
+            measured_at: Some(now),
         }
     }
 
@@ -422,14 +464,12 @@ mod tests {
     #[tokio::test]
     async fn a_failed_replica_is_banned_and_when_all_are_banned_all_are_unbanned() {
         let r = replicas(vec![ok(0, 0), ok(0, 0)]);
+        // A failed read bans the replica; its checks still pass, but it serves nothing.
         r.report_failure(0);
-        // Its last check said healthy, but it is banned now.
-        lock(&r.replicas[0].health).healthy = true;
         for _ in 0..50 {
             assert_eq!(r.choose(0).unwrap().0, 1);
         }
         r.report_failure(1);
-        lock(&r.replicas[1].health).healthy = true;
         assert!(r.choose(0).is_some(), "all banned: all unbanned");
     }
 

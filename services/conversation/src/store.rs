@@ -303,14 +303,19 @@ impl ReadAt {
     /// What a read presenting `token` may use.
     pub fn from_token(token: Option<&ConsistencyToken>) -> Self {
         match token {
-            Some(t) if t.lsn > 0 => Self::After {
+            Some(t) => Self::After {
                 shard: t.shard.clone(),
                 lsn: t.lsn,
             },
-            _ => Self::Any,
+            None => Self::Any,
         }
     }
 }
+
+/// The share of the operation timeout a replica gets before the read moves to the primary.
+const REPLICA_SHARE: u32 = 4;
+/// How long a write's answer waits for the primary's WAL position for its token.
+const COMMIT_LSN_TIMEOUT: Duration = Duration::from_millis(200);
 
 impl ConversationStore {
     /// A store over `pools`, bounding each operation by `op_timeout`.
@@ -332,7 +337,8 @@ impl ConversationStore {
         if self.pools.replicas(index).is_empty() {
             return 0;
         }
-        match tokio::time::timeout(self.op_timeout, convoy_store::replicas::commit_lsn(pool)).await
+        match tokio::time::timeout(COMMIT_LSN_TIMEOUT, convoy_store::replicas::commit_lsn(pool))
+            .await
         {
             Ok(Ok(lsn)) => lsn,
             _ => u64::MAX,
@@ -346,10 +352,10 @@ impl ConversationStore {
     }
 
     /// Runs read `op` on a node of `team`'s shard allowed by `at`: an eligible replica when
-    /// there is one, else the primary. A replica that cannot answer (down, or cancelling the
-    /// query for a conflict with recovery) is reported and the read runs again on the
-    /// primary, so a replica's failure never fails a read; so does a NOT_FOUND, which a
-    /// replica behind a create would give.
+    /// there is one, else the primary. A replica gets a quarter of the operation timeout;
+    /// when it fails, times out or says NOT_FOUND (it may be behind a create), the read runs
+    /// again on the primary, so a replica never fails a client read. One that cannot be
+    /// reached, or times out, is reported (banned).
     async fn on_shard_read<'a, T, F, Fut>(
         &'a self,
         team: &'a TeamId,
@@ -365,9 +371,11 @@ impl ConversationStore {
         let min_lsn = match at {
             ReadAt::Primary => return self.on_shard(team, op).await,
             ReadAt::Any => 0,
-            ReadAt::After { shard: on, lsn } if on == shard => *lsn,
-            // A token from another shard says nothing about this one's replicas.
-            ReadAt::After { .. } => 0,
+            ReadAt::After { shard: on, lsn } if on == shard && *lsn > 0 => *lsn,
+            // A token from another shard (or from before this shard had replicas) says
+            // nothing of what this shard's replicas have replayed: only the primary is sure
+            // to hold every write the token's session made here.
+            ReadAt::After { .. } => return self.on_shard(team, op).await,
         };
         let (node, pool, in_flight) = self.pools.read_target(index, min_lsn);
         let Node::Replica(n) = node else {
@@ -378,35 +386,29 @@ impl ConversationStore {
         };
         metrics::counter!("convoy_conversation_shard_reads_total", "node" => "replica")
             .increment(1);
-        let result = tokio::time::timeout(self.op_timeout, op(pool)).await;
+        let result = tokio::time::timeout(self.op_timeout / REPLICA_SHARE, op(pool)).await;
         drop(in_flight);
-        match result {
-            Ok(Ok(value)) => Ok(value),
+        let why = match result {
+            Ok(Ok(value)) => return Ok(value),
             // A replica may not have replayed the row yet: only the primary says it is gone.
-            Ok(Err(OpError::Api(ApiError::NotFound(_)))) => {
-                metrics::counter!("convoy_conversation_replica_fallbacks_total").increment(1);
-                self.on_shard(team, op).await
-            }
-            Ok(Err(OpError::Api(e))) => Err(e),
-            Ok(Err(OpError::Db(e))) => match DbFailure::classify(&e) {
-                failure @ (DbFailure::Unavailable | DbFailure::Conflict) => {
-                    if failure == DbFailure::Unavailable {
-                        self.pools.replicas(index).report_failure(n);
-                    }
-                    tracing::debug!(shard, replica = n, error = %e, "replica read failed; reading the primary");
-                    metrics::counter!("convoy_conversation_replica_fallbacks_total").increment(1);
-                    self.on_shard(team, op).await
+            Ok(Err(OpError::Api(ApiError::NotFound(_)))) => "not found",
+            Ok(Err(OpError::Api(e))) => return Err(e),
+            // Down, cancelled for a recovery conflict, blocked behind replay: the primary
+            // answers instead; only a replica that cannot be reached is banned.
+            Ok(Err(OpError::Db(e))) => {
+                if DbFailure::classify(&e) == DbFailure::Unavailable {
+                    self.pools.replicas(index).report_failure(n);
                 }
-                _ => Err(ApiError::from_db(shard, e)),
-            },
+                tracing::debug!(shard, replica = n, error = %e, "replica read failed; reading the primary");
+                "failed"
+            }
             Err(_) => {
                 self.pools.replicas(index).report_failure(n);
-                Err(ApiError::DeadlineExceeded(format!(
-                    "shard {shard}'s replica did not answer within {:?}",
-                    self.op_timeout
-                )))
+                "timed out"
             }
-        }
+        };
+        metrics::counter!("convoy_conversation_replica_fallbacks_total", "why" => why).increment(1);
+        self.on_shard(team, op).await
     }
 
     /// Runs `op` on `team`'s shard, bounded by the operation timeout, mapping database errors.
@@ -504,6 +506,10 @@ impl ConversationStore {
                     .await?)
             })
             .await?;
+        // Some missing: a replica may be behind a create; only the primary says it is gone.
+        if rows.len() < ids.len() && *at != ReadAt::Primary {
+            return Box::pin(self.batch_get(team, names, &ReadAt::Primary)).await;
+        }
         let mut by_id = std::collections::HashMap::with_capacity(rows.len());
         for row in rows {
             let conversation = row.into_model()?;

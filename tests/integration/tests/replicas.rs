@@ -167,3 +167,34 @@ async fn a_replica_killed_under_load_costs_no_read_and_serves_again_when_back() 
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_another_shard_still_reads_the_sessions_writes() {
+    let fleet = Fleet::start_with_replicas(2, 1, &[]).await;
+    let mut client = fleet.client().await;
+    let team_on = |shard: usize| {
+        (0..)
+            .map(|i| format!("cross-{i}"))
+            .find(|t| fleet.map.owner_of_team(t) == shard)
+            .unwrap()
+    };
+    let (first, second) = (team_on(0), team_on(1));
+    for replicas in &fleet.replicas {
+        let replica = PgPool::connect(&replicas[0].dsn()).await.unwrap();
+        sqlx::query("SELECT pg_wal_replay_pause()")
+            .execute(&replica)
+            .await
+            .unwrap();
+    }
+    // A session writes on shard 0, then on shard 1: it holds only the second token.
+    let (written, _) = create(&mut client, &first, 0).await;
+    let (_, token) = create(&mut client, &second, 0).await;
+    for _ in 0..10 {
+        assert!(
+            list(&mut client, &first, Some(&token))
+                .await
+                .contains(&written),
+            "a read on shard 0 with shard 1's token sees the session's shard-0 write"
+        );
+    }
+}
