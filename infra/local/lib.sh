@@ -223,7 +223,9 @@ pg_start() {
         if tcp_open 127.0.0.1 "$port"; then
             die "port 127.0.0.1:$port is taken by another process; pick other ports with CONVOY_PG_PORT_BASE"
         fi
-        printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\n" "$port" "$sock" |
+        # wal_keep_size: WAL kept for a replica that was down (without it, one stopped while
+        # its primary recycled the WAL it needs never streams again).
+        printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\nwal_keep_size = '512MB'\n" "$port" "$sock" |
             as_pg tee "$data/convoy.conf" >/dev/null
         mkdir -p "$(dirname "$logfile")"
         touch "$logfile"

@@ -29,8 +29,9 @@
 #   conversation binary, which reads them itself (see `conversation --help`).
 #
 # State: $CONVOY_STATE_DIR/pg/shard-{0,1} and shard-{0,1}-replica-R (PostgreSQL data, kept
-# between runs), $CONVOY_STATE_DIR/shard-map.toml (the map the shard-router publishes in
-# etcd when etcd has none; the conversation service routes by the map in etcd),
+# between runs), $CONVOY_STATE_DIR/shard-map.toml (written at every start from the ports
+# and replica count; the shard-router publishes it in etcd when it differs from the stored
+# map, and the conversation service routes by the map in etcd),
 # $CONVOY_STATE_DIR/etcd (etcd data), $CONVOY_STATE_DIR/redis (Redis's append-only file),
 # $CONVOY_STATE_DIR/logs (postgres and service logs), $CONVOY_STATE_DIR/run (PID files of a
 # detached fleet).
@@ -439,7 +440,7 @@ wait_for_port "$CACHE_PID" "$CACHE_HOST" "$CACHE_PORT" "the cache service" "$CAC
 
 log "starting shard-router on $ROUTER_LISTEN (log: $ROUTER_LOG)"
 env -u CONVOY_LISTEN -u CONVOY_SHARD_MAP NO_COLOR=1 \
-    setsid "$ROUTER_BIN" --listen "$ROUTER_LISTEN" --etcd-endpoint "$ETCD_URL" --shard-map "$SHARD_MAP" \
+    setsid "$ROUTER_BIN" --listen "$ROUTER_LISTEN" --etcd-endpoint "$ETCD_URL" --shard-map "$SHARD_MAP" --publish-shard-map \
     </dev/null >>"$ROUTER_LOG" 2>&1 &
 ROUTER_PID=$!
 wait_for_port "$ROUTER_PID" "$ROUTER_HOST" "$ROUTER_PORT" "the shard-router" "$ROUTER_LOG"

@@ -1,5 +1,6 @@
 //! GetConversation through the caches: this instance's own small L1 for hot keys, then the
-//! cache tier (the key's owning instance, found by consistent hashing), then the primary.
+//! cache tier (the key's owning instance, found by consistent hashing), then the database
+//! (a replica the read may use, or the primary; "primary" below means that source).
 //!
 //! Fills are leased: on a miss the cache tier gives one caller a lease token; that caller
 //! reads the primary and stores the row with the token, while concurrent callers for the

@@ -25,6 +25,12 @@ pub struct Config {
     #[arg(long, env = "CONVOY_SHARD_MAP")]
     pub shard_map: Option<PathBuf>,
 
+    /// Publish `--shard-map` even over a stored map that differs from it (as the next
+    /// epoch): for fleets whose configuration file is the truth, like the local one, whose
+    /// ports may change between runs. Off: the map in etcd wins.
+    #[arg(long, env = "CONVOY_PUBLISH_SHARD_MAP")]
+    pub publish_shard_map: bool,
+
     /// Registration in etcd, whose etcd also holds the shard map (required).
     #[command(flatten)]
     pub registration: RegistrationArgs,

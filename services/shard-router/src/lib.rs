@@ -55,7 +55,10 @@ pub async fn follow(
                 Ok((placement, checks)) => {
                     tracing::info!(epoch = placement.stored.map.epoch().0, "new shard map");
                     _checks = checks;
-                    if tx.send(Arc::new(placement)).is_err() {
+                    let old = tx.send_replace(Arc::new(placement));
+                    // The old map's connections close once no call holds them.
+                    tokio::spawn(async move { old.pools.close().await });
+                    if tx.is_closed() {
                         return;
                     }
                 }
@@ -93,6 +96,17 @@ pub async fn serve(
         .ok_or_else(|| anyhow::anyhow!("the shard-router needs etcd: pass --etcd-endpoint"))?;
     let store = ShardMapStore::connect(&etcd).await?;
     let stored = match (store.load().await?, config.seed_map()?) {
+        (Some(stored), Some(seed))
+            if config.publish_shard_map
+                && seed.clone().with_epoch(stored.map.epoch()) != stored.map =>
+        {
+            let next = seed.with_epoch(convoy_store::Epoch(stored.map.epoch().0 + 1));
+            tracing::warn!(
+                epoch = next.epoch().0,
+                "publishing --shard-map over the stored map"
+            );
+            store.compare_and_swap(&stored, &next).await?
+        }
         (Some(stored), _) => stored,
         (None, Some(seed)) => store.create_if_absent(&seed).await?,
         (None, None) => {

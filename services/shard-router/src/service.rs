@@ -182,7 +182,12 @@ impl ShardRouterService for RouterApi {
         let team = name
             .strip_prefix("teams/")
             .filter(|t| !t.is_empty() && t.len() <= MAX_TEAM_BYTES && !t.contains('/'))
-            .ok_or_else(|| invalid("team", format!("must be teams/{{team}}, not {name:?}")))?;
+            .ok_or_else(|| {
+                invalid(
+                    "team",
+                    format!("must be teams/{{team}} with a team of 1 to {MAX_TEAM_BYTES} bytes"),
+                )
+            })?;
         let placement = self.current();
         let slot = Slot::for_team(team);
         let owner = placement.stored.map.owner(slot);

@@ -16,21 +16,22 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 /// Starts a router in this process; returns a client of it.
-async fn router(etcd: &Etcd, seed: &ShardMap) -> ShardRouterServiceClient<Channel> {
+async fn router(etcd: &Etcd, seed: &ShardMap, extra: &[&str]) -> ShardRouterServiceClient<Channel> {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), seed.to_toml()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = shard_router::Config::try_parse_from([
-        "shard-router",
-        "--listen",
-        &addr.to_string(),
-        "--etcd-endpoint",
-        &etcd.endpoint(),
-        "--shard-map",
-        &file.path().display().to_string(),
-    ])
-    .unwrap();
+    let mut args = vec![
+        "shard-router".to_owned(),
+        "--listen".into(),
+        addr.to_string(),
+        "--etcd-endpoint".into(),
+        etcd.endpoint(),
+        "--shard-map".into(),
+        file.path().display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let config = shard_router::Config::try_parse_from(args).unwrap();
     tokio::spawn(async move {
         let _file = file;
         shard_router::serve(&config, listener, std::future::pending()).await
@@ -82,7 +83,7 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
     let replica = primary.start_replica().await.unwrap();
     let other = Postgres::start().await.unwrap();
     let seed = map(1, &primary, &replica, &other);
-    let mut client = router(&etcd, &seed).await;
+    let mut client = router(&etcd, &seed, &[]).await;
 
     let wire = client
         .get_shard_map(pb::GetShardMapRequest {})
@@ -173,7 +174,7 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
         .unwrap()
         .unwrap();
     assert_eq!(next.epoch, 2);
-    let mut second = router(&etcd, &seed).await;
+    let mut second = router(&etcd, &seed, &[]).await;
     let adopted = second
         .get_shard_map(pb::GetShardMapRequest {})
         .await
@@ -224,6 +225,38 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
         "{} landed on the shard the map in etcd names",
         created.name
     );
+
+    // With --publish-shard-map, a router's file wins when it differs (as the next epoch).
+    let moved = ShardMap::new(
+        Epoch(1),
+        vec![
+            (
+                Shard {
+                    id: ShardId::new("shard-0").unwrap(),
+                    primary: primary.dsn(),
+                    replicas: vec![replica.dsn()],
+                },
+                vec![0..=99],
+            ),
+            (
+                Shard {
+                    id: ShardId::new("shard-1").unwrap(),
+                    primary: other.dsn(),
+                    replicas: Vec::new(),
+                },
+                vec![100..=1023],
+            ),
+        ],
+    )
+    .unwrap();
+    let mut publishing = router(&etcd, &moved, &["--publish-shard-map"]).await;
+    let published = publishing
+        .get_shard_map(pb::GetShardMapRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(published.epoch, 3);
+    assert_eq!(published.ranges[0].end, 99);
 
     let moving = client
         .move_slots(pb::MoveSlotsRequest::default())
