@@ -69,29 +69,7 @@ impl Postgres {
     /// Same as [`Postgres::start`], with extra `postgresql.conf` lines
     /// (e.g. `"wal_level = replica"`), which win over the defaults.
     pub async fn start_with(conf: &[&str]) -> Result<Postgres> {
-        let bin_dir = pg_bin_dir()?;
-        let run_as = RunAs::detect()?;
-        let dir = make_tempdir("convoy-pg-")?;
-        let data = dir.path().join("data");
-        let log = dir.path().join("postgres.log");
-        if is_root() {
-            let mut chown = std::process::Command::new("chown");
-            chown.arg("-R").arg("postgres:postgres").arg(dir.path());
-            run(
-                chown.into(),
-                &format!("chown -R postgres:postgres {}", dir.path().display()),
-            )
-            .await?;
-        }
-
-        let mut pg = Postgres {
-            port: 0,
-            bin_dir,
-            data,
-            log,
-            run_as,
-            dir,
-        };
+        let mut pg = Postgres::unstarted("convoy-pg-", pg_bin_dir()?, RunAs::detect()?).await?;
         let mut initdb = pg.command("initdb");
         initdb.arg("-D").arg(&pg.data).args([
             "-U",
@@ -126,20 +104,7 @@ impl Postgres {
         settings.extend(conf.iter().map(|line| (*line).to_owned()));
         pg.append_conf(&settings)?;
 
-        for attempt in 1..=PORT_ATTEMPTS {
-            pg.port = free_port();
-            pg.append_conf(&[format!("port = {}", pg.port)])?;
-            match pg.pg_ctl_start().await {
-                Ok(()) => break,
-                Err(e) if attempt < PORT_ATTEMPTS && e.is_address_in_use() => {
-                    warn!(
-                        port = pg.port,
-                        "postgres port taken by someone else; trying another"
-                    );
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        pg.start_on_a_free_port().await?;
         pg.create_database(DATABASE).await?;
         debug!(port = pg.port, dir = %pg.dir.path().display(), "postgres started");
         Ok(pg)
@@ -149,26 +114,12 @@ impl Postgres {
     /// also writes the standby settings) in a temporary folder of its own, started on a free
     /// loopback port, read-only, replaying this server's WAL as it comes.
     pub async fn start_replica(&self) -> Result<Postgres> {
-        let dir = make_tempdir("convoy-pg-replica-")?;
-        let data = dir.path().join("data");
-        let log = dir.path().join("postgres.log");
-        if is_root() {
-            let mut chown = std::process::Command::new("chown");
-            chown.arg("-R").arg("postgres:postgres").arg(dir.path());
-            run(
-                chown.into(),
-                &format!("chown -R postgres:postgres {}", dir.path().display()),
-            )
-            .await?;
-        }
-        let mut replica = Postgres {
-            port: 0,
-            bin_dir: self.bin_dir.clone(),
-            data,
-            log,
-            run_as: self.run_as.clone(),
-            dir,
-        };
+        let mut replica = Postgres::unstarted(
+            "convoy-pg-replica-",
+            self.bin_dir.clone(),
+            self.run_as.clone(),
+        )
+        .await?;
         let mut backup = replica.command("pg_basebackup");
         backup
             .args([
@@ -197,20 +148,7 @@ impl Postgres {
             ),
             "hot_standby = on".to_owned(),
         ])?;
-        for attempt in 1..=PORT_ATTEMPTS {
-            replica.port = free_port();
-            replica.append_conf(&[format!("port = {}", replica.port)])?;
-            match replica.pg_ctl_start().await {
-                Ok(()) => break,
-                Err(e) if attempt < PORT_ATTEMPTS && e.is_address_in_use() => {
-                    warn!(
-                        port = replica.port,
-                        "replica port taken by someone else; trying another"
-                    );
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        replica.start_on_a_free_port().await?;
         debug!(port = replica.port, primary = self.port, "replica started");
         Ok(replica)
     }
@@ -290,6 +228,49 @@ impl Postgres {
         self.pg_ctl_start().await?;
         debug!(port = self.port, "postgres restarted");
         Ok(())
+    }
+
+    /// A server not yet created: a temporary folder (owned by the postgres user when run
+    /// as root) for its data and log.
+    async fn unstarted(prefix: &str, bin_dir: PathBuf, run_as: RunAs) -> Result<Postgres> {
+        let dir = make_tempdir(prefix)?;
+        if is_root() {
+            let mut chown = std::process::Command::new("chown");
+            chown.arg("-R").arg("postgres:postgres").arg(dir.path());
+            run(
+                chown.into(),
+                &format!("chown -R postgres:postgres {}", dir.path().display()),
+            )
+            .await?;
+        }
+        Ok(Postgres {
+            port: 0,
+            bin_dir,
+            data: dir.path().join("data"),
+            log: dir.path().join("postgres.log"),
+            run_as,
+            dir,
+        })
+    }
+
+    /// Starts the cluster on a free loopback port, trying another if someone else takes
+    /// the one picked first.
+    async fn start_on_a_free_port(&mut self) -> Result<()> {
+        let mut attempt = 1;
+        loop {
+            self.port = free_port();
+            self.append_conf(&[format!("port = {}", self.port)])?;
+            match self.pg_ctl_start().await {
+                Err(e) if attempt < PORT_ATTEMPTS && e.is_address_in_use() => {
+                    warn!(
+                        port = self.port,
+                        "postgres port taken by someone else; trying another"
+                    );
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// `pg_ctl start`, then waits until the port accepts connections.

@@ -41,26 +41,35 @@ async fn tally_of(url: &str, writes: u64) -> convoy_cache::consistency::Consiste
     .expect("every sampled write is checked at both delays")
 }
 
-#[tokio::test]
-async fn sampled_writes_are_checked_and_a_stale_layer_is_reported() {
+/// Redis, a cache instance and a fleet (with `extra` flags) sampling every write, checked
+/// at both delays.
+async fn sampled_fleet(extra: &[&str]) -> (Redis, CacheInstance, Fleet) {
     let redis = Redis::start().await.unwrap();
     let url = redis.url();
     let cache = CacheInstance::start(&url, &[]).await;
     let cache_addr = cache.addr.to_string();
-    let fleet = Fleet::start_with(
-        2,
+    let flags = [
         &[
             "--redis-url",
-            &url,
+            url.as_str(),
             "--cache-addr",
             &cache_addr,
             "--consistency-sample-ratio",
             "1",
             "--consistency-check-after-ms",
             "200,2000",
-        ],
-    )
-    .await;
+        ][..],
+        extra,
+    ]
+    .concat();
+    let fleet = Fleet::start_with(2, &flags).await;
+    (redis, cache, fleet)
+}
+
+#[tokio::test]
+async fn sampled_writes_are_checked_and_a_stale_layer_is_reported() {
+    let (redis, _cache, fleet) = sampled_fleet(&[]).await;
+    let url = redis.url();
     let mut client = fleet.client().await;
     let name = client
         .create_conversation(new_conversation("acme", "t", "c"))
@@ -98,25 +107,8 @@ async fn sampled_writes_are_checked_and_a_stale_layer_is_reported() {
 #[tokio::test]
 async fn caches_left_stale_by_a_missing_relay_are_reported_by_layer() {
     // No instance relays the outbox: nothing invalidates the caches after a write.
-    let redis = Redis::start().await.unwrap();
+    let (redis, _cache, fleet) = sampled_fleet(&["--fault-no-relay"]).await;
     let url = redis.url();
-    let cache = CacheInstance::start(&url, &[]).await;
-    let cache_addr = cache.addr.to_string();
-    let fleet = Fleet::start_with(
-        2,
-        &[
-            "--redis-url",
-            &url,
-            "--cache-addr",
-            &cache_addr,
-            "--consistency-sample-ratio",
-            "1",
-            "--consistency-check-after-ms",
-            "200,2000",
-            "--fault-no-relay",
-        ],
-    )
-    .await;
     // The own L1 takes copies only while its subscriber is current.
     tokio::time::timeout(Duration::from_secs(10), async {
         while !convoy_cache::subscriber::live()
