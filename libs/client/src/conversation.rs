@@ -1,11 +1,14 @@
 //! The typed client of `convoy.v1.ConversationService`.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 
 use convoy_mesh::RetryPolicy;
+use convoy_proto::consistency::HEADER;
 use convoy_proto::methods::idempotency;
 use convoy_proto::v1 as pb;
 use convoy_proto::v1::conversation_service_client::ConversationServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{IntoRequest, Response, Status};
 use tower::ServiceExt;
 use tower::retry::Retry;
@@ -17,12 +20,18 @@ use crate::{Stack, Transport};
 pub struct ConversationClient {
     stack: Stack,
     inner: ConversationServiceClient<Transport>,
+    /// The newest consistency token a write of this session returned (shared by clones).
+    session: Arc<Mutex<Option<MetadataValue<Ascii>>>>,
 }
 
 impl ConversationClient {
     pub(crate) fn new(stack: Stack) -> Self {
         let inner = ConversationServiceClient::new(stack.transport.clone());
-        Self { stack, inner }
+        Self {
+            stack,
+            inner,
+            session: Arc::default(),
+        }
     }
 
     /// Requests made, retries spent and retries refused by the budget, so far.
@@ -46,6 +55,19 @@ impl ConversationClient {
         Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
     {
         let mut request = request.into_request();
+        // Session consistency: a call without a token of its own carries the newest one
+        // this session's writes returned, so it reads them (replicas that have not replayed
+        // them are skipped).
+        if self.stack.config.session_consistency && request.metadata().get(HEADER).is_none() {
+            let token = self
+                .session
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(token) = token {
+                request.metadata_mut().insert(HEADER, token);
+            }
+        }
         let deadline = self.stack.deadline_for(&request);
         request.extensions_mut().insert(deadline);
         let policy = RetryPolicy::new(
@@ -60,7 +82,14 @@ impl ConversationClient {
         match tokio::time::timeout_at(deadline.0, Retry::new(policy, attempt).oneshot(request))
             .await
         {
-            Ok(result) => result,
+            Ok(result) => {
+                if let Ok(response) = &result
+                    && let Some(token) = response.metadata().get(HEADER)
+                {
+                    *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+                }
+                result
+            }
             Err(_) => Err(Status::deadline_exceeded(
                 "the call's deadline passed (all attempts included)",
             )),

@@ -6,7 +6,8 @@
 //! deadline, covering every attempt), retries for idempotent methods paid from a shared
 //! budget, power-of-two-choices balancing over peak-EWMA load, a circuit breaker and a
 //! connection-aware readiness gate per endpoint. Creates get a `request_id` when the caller
-//! gave none (AIP-155), so retrying them is safe.
+//! gave none (AIP-155), so retrying them is safe. A client is a session: its reads carry the
+//! newest consistency token its writes returned, so it reads its own writes.
 
 #![forbid(unsafe_code)]
 
@@ -46,6 +47,10 @@ pub struct ClientConfig {
     pub retry: RetryConfig,
     /// Balancing, breakers and endpoint connections.
     pub balance: BalanceConfig,
+    /// Reads carry the newest consistency token this client's writes returned (unless the
+    /// call brings its own), so a client always reads its own writes, replicas or not.
+    /// On by default.
+    pub session_consistency: bool,
 }
 
 impl Default for ClientConfig {
@@ -55,6 +60,7 @@ impl Default for ClientConfig {
             deadline_margin: Duration::from_millis(5),
             retry: RetryConfig::default(),
             balance: BalanceConfig::default(),
+            session_consistency: true,
         }
     }
 }

@@ -331,3 +331,68 @@ async fn a_stalled_instance_costs_callers_their_deadline_at_most_and_p2c_moves_a
         "{after} of 200 reads still went to the stalled instance (during the burst: {during} of 64)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_client_reads_its_own_writes_past_a_lagging_replica() {
+    let fleet = Fleet::start_with_replicas(1, 1, &[]).await;
+    let replica = sqlx::PgPool::connect(&fleet.replicas[0][0].dsn())
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&replica)
+        .await
+        .unwrap();
+    let addr = fleet.addr.to_string();
+    let session = ConvoyClient::connect(
+        Discovery::Static(vec![addr.clone()]),
+        ClientConfig::default(),
+    )
+    .unwrap()
+    .conversations();
+    let other = ConvoyClient::connect(
+        Discovery::Static(vec![addr]),
+        ClientConfig {
+            session_consistency: false,
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap()
+    .conversations();
+    let created = session
+        .create_conversation(convoy_integration_tests::new_conversation(
+            "session", "t", "c",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let list = |client: convoy_client::ConversationClient| async move {
+        client
+            .list_conversations(pb::ListConversationsRequest {
+                parent: "teams/session".into(),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .conversations
+            .into_iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..10 {
+        assert!(
+            list(session.clone()).await.contains(&created.name),
+            "the writing client reads its write"
+        );
+    }
+    // A client without the session's token may read the paused replica (and miss it).
+    let mut missed = false;
+    for _ in 0..20 {
+        missed |= !list(other.clone()).await.contains(&created.name);
+    }
+    assert!(
+        missed,
+        "reads without the token were served by the lagging replica"
+    );
+}
