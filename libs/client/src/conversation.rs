@@ -1,5 +1,6 @@
 //! The typed client of `convoy.v1.ConversationService`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
@@ -20,8 +21,53 @@ use crate::{Stack, Transport};
 pub struct ConversationClient {
     stack: Stack,
     inner: ConversationServiceClient<Transport>,
-    /// The newest consistency token a write of this session returned (shared by clones).
-    session: Arc<Mutex<Option<MetadataValue<Ascii>>>>,
+    /// What this session's writes returned (shared by clones).
+    session: Arc<Mutex<Session>>,
+}
+
+/// Conversations whose latest write token a session remembers, at most.
+const SESSION_CONVERSATIONS: usize = 4096;
+
+/// The consistency tokens a session's writes returned.
+#[derive(Debug, Default)]
+struct Session {
+    /// The newest, for reads across a team (List, Search, BatchGet).
+    newest: Option<MetadataValue<Ascii>>,
+    /// Per conversation, the token of the session's latest write to it, for reads of that
+    /// conversation: a token names one conversation's version, which the caches check.
+    by_conversation: HashMap<String, MetadataValue<Ascii>>,
+}
+
+impl Session {
+    fn record(&mut self, scope: &Scope, token: &MetadataValue<Ascii>) {
+        self.newest = Some(token.clone());
+        if let Scope::Conversation(name) = scope {
+            if self.by_conversation.len() >= SESSION_CONVERSATIONS
+                && !self.by_conversation.contains_key(name)
+                && let Some(evicted) = self.by_conversation.keys().next().cloned()
+            {
+                self.by_conversation.remove(&evicted);
+            }
+            self.by_conversation.insert(name.clone(), token.clone());
+        }
+    }
+
+    fn token_for(&self, scope: &Scope) -> Option<MetadataValue<Ascii>> {
+        match scope {
+            Scope::Conversation(name) => self.by_conversation.get(name).cloned(),
+            Scope::Team => self.newest.clone(),
+        }
+    }
+}
+
+/// What a call reads or writes, for the session's tokens.
+#[derive(Clone, Debug)]
+enum Scope {
+    /// One conversation (by name): it carries that conversation's latest token, if the
+    /// session wrote it (a conversation it never wrote has nothing of its to read back).
+    Conversation(String),
+    /// A team's conversations: the newest token.
+    Team,
 }
 
 impl ConversationClient {
@@ -39,10 +85,15 @@ impl ConversationClient {
         self.stack.retry_counts()
     }
 
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Runs one call: deadline over every attempt, retries by the method's idempotency.
     async fn call<M, R, F, Fut>(
         &self,
         path: &'static str,
+        scope: Scope,
         request: impl IntoRequest<M>,
         send: F,
     ) -> Result<Response<R>, Status>
@@ -58,12 +109,9 @@ impl ConversationClient {
         // Session consistency: a call without a token of its own carries the newest one
         // this session's writes returned, so it reads them (replicas that have not replayed
         // them are skipped).
-        if self.stack.config.session_consistency && request.metadata().get(HEADER).is_none() {
-            let token = self
-                .session
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+        let session = self.stack.config.session_consistency;
+        if session && request.metadata().get(HEADER).is_none() {
+            let token = self.session().token_for(&scope);
             if let Some(token) = token {
                 request.metadata_mut().insert(HEADER, token);
             }
@@ -83,10 +131,11 @@ impl ConversationClient {
             .await
         {
             Ok(result) => {
-                if let Ok(response) = &result
+                if session
+                    && let Ok(response) = &result
                     && let Some(token) = response.metadata().get(HEADER)
                 {
-                    *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+                    self.session().record(&scope, token);
                 }
                 result
             }
@@ -98,14 +147,18 @@ impl ConversationClient {
 }
 
 macro_rules! rpc {
-    ($(#[$doc:meta])* $name:ident, $path:literal, $req:ty => $res:ty) => {
+    ($(#[$doc:meta])* $name:ident, $path:literal, $req:ty => $res:ty, $scope:expr) => {
         $(#[$doc])*
         pub async fn $name(
             &self,
             request: impl IntoRequest<$req>,
         ) -> Result<Response<$res>, Status> {
+            let request = request.into_request();
+            let scope: fn(&$req) -> Scope = $scope;
+            let scope = scope(request.get_ref());
             self.call(
                 concat!("/convoy.v1.ConversationService/", $path),
+                scope,
                 request,
                 |mut client, request| async move { client.$name(request).await },
             )
@@ -125,47 +178,65 @@ impl ConversationClient {
         if request.get_ref().request_id.is_empty() {
             request.get_mut().request_id = uuid::Uuid::now_v7().to_string();
         }
-        self.call(
-            "/convoy.v1.ConversationService/CreateConversation",
-            request,
-            |mut client, request| async move { client.create_conversation(request).await },
-        )
-        .await
+        let response = self
+            .call(
+                "/convoy.v1.ConversationService/CreateConversation",
+                Scope::Team,
+                request,
+                |mut client, request| async move { client.create_conversation(request).await },
+            )
+            .await?;
+        // The new conversation's own token, for reads of it.
+        if self.stack.config.session_consistency
+            && let Some(token) = response.metadata().get(HEADER)
+        {
+            let scope = Scope::Conversation(response.get_ref().name.clone());
+            self.session().record(&scope, token);
+        }
+        Ok(response)
     }
 
     rpc!(
         /// GetConversation.
-        get_conversation, "GetConversation", pb::GetConversationRequest => pb::Conversation
+        get_conversation, "GetConversation", pb::GetConversationRequest => pb::Conversation,
+        |r| Scope::Conversation(r.name.clone())
     );
     rpc!(
         /// BatchGetConversations.
         batch_get_conversations, "BatchGetConversations",
-        pb::BatchGetConversationsRequest => pb::BatchGetConversationsResponse
+        pb::BatchGetConversationsRequest => pb::BatchGetConversationsResponse,
+        |_| Scope::Team
     );
     rpc!(
         /// ListConversations.
         list_conversations, "ListConversations",
-        pb::ListConversationsRequest => pb::ListConversationsResponse
+        pb::ListConversationsRequest => pb::ListConversationsResponse,
+        |_| Scope::Team
     );
     rpc!(
         /// SearchConversations.
         search_conversations, "SearchConversations",
-        pb::SearchConversationsRequest => pb::SearchConversationsResponse
+        pb::SearchConversationsRequest => pb::SearchConversationsResponse,
+        |_| Scope::Team
     );
     rpc!(
         /// UpdateConversation (not retried: not declared idempotent).
-        update_conversation, "UpdateConversation", pb::UpdateConversationRequest => pb::Conversation
+        update_conversation, "UpdateConversation", pb::UpdateConversationRequest => pb::Conversation,
+        |r| Scope::Conversation(r.conversation.as_ref().map(|c| c.name.clone()).unwrap_or_default())
     );
     rpc!(
         /// DeleteConversation.
-        delete_conversation, "DeleteConversation", pb::DeleteConversationRequest => ()
+        delete_conversation, "DeleteConversation", pb::DeleteConversationRequest => (),
+        |r| Scope::Conversation(r.name.clone())
     );
     rpc!(
         /// AppendEvents (not retried: not declared idempotent).
-        append_events, "AppendEvents", pb::AppendEventsRequest => pb::AppendEventsResponse
+        append_events, "AppendEvents", pb::AppendEventsRequest => pb::AppendEventsResponse,
+        |r| Scope::Conversation(r.parent.clone())
     );
     rpc!(
         /// ListEvents.
-        list_events, "ListEvents", pb::ListEventsRequest => pb::ListEventsResponse
+        list_events, "ListEvents", pb::ListEventsRequest => pb::ListEventsResponse,
+        |r| Scope::Conversation(r.parent.clone())
     );
 }

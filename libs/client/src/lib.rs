@@ -6,8 +6,10 @@
 //! deadline, covering every attempt), retries for idempotent methods paid from a shared
 //! budget, power-of-two-choices balancing over peak-EWMA load, a circuit breaker and a
 //! connection-aware readiness gate per endpoint. Creates get a `request_id` when the caller
-//! gave none (AIP-155), so retrying them is safe. A client is a session: its reads carry the
-//! newest consistency token its writes returned, so it reads its own writes.
+//! gave none (AIP-155), so retrying them is safe. A client is a session: a read of one
+//! conversation carries the token of the session's latest write to it (if any: the caches
+//! check it against their versions), a read across a team the newest token its writes
+//! returned, so it reads its own writes.
 
 #![forbid(unsafe_code)]
 
@@ -47,9 +49,10 @@ pub struct ClientConfig {
     pub retry: RetryConfig,
     /// Balancing, breakers and endpoint connections.
     pub balance: BalanceConfig,
-    /// Reads carry the newest consistency token this client's writes returned (unless the
-    /// call brings its own), so a client always reads its own writes, replicas or not.
-    /// On by default.
+    /// Reads carry consistency tokens of this client's writes (unless the call brings its
+    /// own): a read of one conversation its latest write to it, a read across a team the
+    /// newest. So a client always reads its own writes, caches and replicas or not, and
+    /// reads of conversations it never wrote stay cache-friendly. On by default.
     pub session_consistency: bool,
 }
 
