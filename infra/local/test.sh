@@ -16,12 +16,15 @@
 #
 # Environment:
 #   CONVOY_SKIP_CARGO_TESTS=1   skip step 1 (run only the fleet smoke)
-#   CONVOY_TEST_PG_PORT_BASE    the smoke fleet's first PostgreSQL port (default 56432)
-#   CONVOY_TEST_LISTEN          the smoke fleet's gRPC address (default 127.0.0.1:56051)
-#   CONVOY_TEST_ETCD_PORT       the smoke fleet's etcd client port (default 56379)
-#   CONVOY_TEST_REDIS_PORT      the smoke fleet's Redis port (default 56479)
-#   CONVOY_TEST_CACHE_LISTEN    the smoke fleet's cache service address (default 127.0.0.1:56061)
-#   CONVOY_TEST_ROUTER_LISTEN   the smoke fleet's shard-router address (default 127.0.0.1:56071)
+# The smoke's ports sit below Linux's ephemeral range (32768-60999): a port in it may be held
+# for a while by one of the tests' own outgoing connections (TIME_WAIT), and etcd once failed
+# to bind its peer port there.
+#   CONVOY_TEST_PG_PORT_BASE    the smoke fleet's first PostgreSQL port (default 26432)
+#   CONVOY_TEST_LISTEN          the smoke fleet's gRPC address (default 127.0.0.1:26051)
+#   CONVOY_TEST_ETCD_PORT       the smoke fleet's etcd client port (default 26379)
+#   CONVOY_TEST_REDIS_PORT      the smoke fleet's Redis port (default 26479)
+#   CONVOY_TEST_CACHE_LISTEN    the smoke fleet's cache service address (default 127.0.0.1:26061)
+#   CONVOY_TEST_ROUTER_LISTEN   the smoke fleet's shard-router address (default 127.0.0.1:26071)
 # Installs missing system packages (apt) and the smoke client's Python packages (pip).
 set -euo pipefail
 
@@ -48,12 +51,12 @@ chmod 0755 "$smoke_state"
 smoke_env=(
     CONVOY_STATE_DIR="$smoke_state"
     CONVOY_BUILD_PROFILE=dev
-    CONVOY_PG_PORT_BASE="${CONVOY_TEST_PG_PORT_BASE:-56432}"
-    CONVOY_LISTEN="${CONVOY_TEST_LISTEN:-127.0.0.1:56051}"
-    CONVOY_ETCD_PORT="${CONVOY_TEST_ETCD_PORT:-56379}"
-    CONVOY_REDIS_PORT="${CONVOY_TEST_REDIS_PORT:-56479}"
-    CONVOY_CACHE_LISTEN="${CONVOY_TEST_CACHE_LISTEN:-127.0.0.1:56061}"
-    CONVOY_ROUTER_LISTEN="${CONVOY_TEST_ROUTER_LISTEN:-127.0.0.1:56071}"
+    CONVOY_PG_PORT_BASE="${CONVOY_TEST_PG_PORT_BASE:-26432}"
+    CONVOY_LISTEN="${CONVOY_TEST_LISTEN:-127.0.0.1:26051}"
+    CONVOY_ETCD_PORT="${CONVOY_TEST_ETCD_PORT:-26379}"
+    CONVOY_REDIS_PORT="${CONVOY_TEST_REDIS_PORT:-26479}"
+    CONVOY_CACHE_LISTEN="${CONVOY_TEST_CACHE_LISTEN:-127.0.0.1:26061}"
+    CONVOY_ROUTER_LISTEN="${CONVOY_TEST_ROUTER_LISTEN:-127.0.0.1:26071}"
     CONVOY_PG_REPLICAS=1
     # Sample every write, checked 200 ms after it: the consistency report has data at once.
     CONVOY_CONSISTENCY_SAMPLE_RATIO=1
@@ -82,12 +85,12 @@ trap 'exit 129' HUP
 
 log "fleet smoke: starting a detached fleet in $smoke_state"
 env "${smoke_env[@]}" bash infra/local/up.sh --detach
-read -r host port < <(host_port_of "${CONVOY_TEST_LISTEN:-127.0.0.1:56051}")
+read -r host port < <(host_port_of "${CONVOY_TEST_LISTEN:-127.0.0.1:26051}")
 [[ "$host" == *:* ]] && host="[$host]"
 log "fleet smoke: python3 infra/local/smoke.py $host:$port"
 python3 infra/local/smoke.py "$host:$port"
 # The replicas are standbys and the smoke's conversation reached one of them.
-pg_base="${CONVOY_TEST_PG_PORT_BASE:-56432}"
+pg_base="${CONVOY_TEST_PG_PORT_BASE:-26432}"
 replicated=0
 for ((i = 0; i < 40; i++)); do
     replicated=0
@@ -102,7 +105,7 @@ for ((i = 0; i < 40; i++)); do
 done
 ((replicated >= 1)) || die "the smoke's conversation never reached a standby replica"
 log "fleet smoke: the replicas are standbys and hold the smoke's conversation"
-etcd_url="http://127.0.0.1:${CONVOY_TEST_ETCD_PORT:-56379}"
+etcd_url="http://127.0.0.1:${CONVOY_TEST_ETCD_PORT:-26379}"
 log "fleet smoke: convoyctl --etcd-endpoint $etcd_url status"
 status_table="$("${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$etcd_url" status)"
 printf '%s\n' "$status_table"
@@ -126,7 +129,7 @@ printf '%s\n' "$shards_table"
     die "convoyctl shards does not show the 2 primaries and 2 replicas as HEALTHY"
 
 # The smoke's writes reached the invalidation bus through the outbox relay.
-redis_port="${CONVOY_TEST_REDIS_PORT:-56479}"
+redis_port="${CONVOY_TEST_REDIS_PORT:-26479}"
 bus_len=0
 for ((i = 0; i < 40; i++)); do
     bus_len="$(redis-cli -p "$redis_port" XLEN convoy:invalidations)"
