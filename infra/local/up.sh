@@ -140,42 +140,28 @@ wait_for_port() {
     exit 1
 }
 
+# stop_one VAR DETACHED_FN NAME TIMEOUT: stops the process whose PID is in variable VAR
+# (started by this run) or, failing that, the detached one DETACHED_FN finds, then clears VAR.
+stop_one() {
+    local var="$1" pid
+    pid="${!var:-}"
+    [[ -n "$pid" ]] || pid="$("$2")" || true
+    if [[ -n "$pid" ]]; then
+        stop_pid "$pid" "$3" "$4"
+    fi
+    printf -v "$var" '%s' ""
+}
+
 # Stops the services (SERVICE_PID, or the detached one; they deregister from etcd on the
 # way out), then Redis and etcd, then every shard of this state folder, and removes the PID
 # files.
 stop_fleet() {
-    local pid
-    pid="${SERVICE_PID:-}"
-    [[ -n "$pid" ]] || pid="$(detached_service_pid)" || true
-    # The service drains in-flight calls for up to --drain-timeout-secs (20 s by default).
-    if [[ -n "$pid" ]]; then
-        stop_pid "$pid" "conversation service" 30
-    fi
-    SERVICE_PID=""
-    pid="${CACHE_PID:-}"
-    [[ -n "$pid" ]] || pid="$(detached_cache_pid)" || true
-    if [[ -n "$pid" ]]; then
-        stop_pid "$pid" "cache service" 30
-    fi
-    CACHE_PID=""
-    pid="${ROUTER_PID:-}"
-    [[ -n "$pid" ]] || pid="$(detached_router_pid)" || true
-    if [[ -n "$pid" ]]; then
-        stop_pid "$pid" "shard-router" 30
-    fi
-    ROUTER_PID=""
-    pid="${REDIS_PID:-}"
-    [[ -n "$pid" ]] || pid="$(detached_redis_pid)" || true
-    if [[ -n "$pid" ]]; then
-        stop_pid "$pid" "redis" 10
-    fi
-    REDIS_PID=""
-    pid="${ETCD_PID:-}"
-    [[ -n "$pid" ]] || pid="$(detached_etcd_pid)" || true
-    if [[ -n "$pid" ]]; then
-        stop_pid "$pid" "etcd" 10
-    fi
-    ETCD_PID=""
+    # The services drain in-flight calls for up to --drain-timeout-secs (20 s by default).
+    stop_one SERVICE_PID detached_service_pid "conversation service" 30
+    stop_one CACHE_PID detached_cache_pid "cache service" 30
+    stop_one ROUTER_PID detached_router_pid "shard-router" 30
+    stop_one REDIS_PID detached_redis_pid "redis" 10
+    stop_one ETCD_PID detached_etcd_pid "etcd" 10
     local i
     for ((i = 0; i < SHARDS; i++)); do
         for data in "$PG_ROOT/shard-$i-replica-"*; do

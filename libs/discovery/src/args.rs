@@ -124,11 +124,24 @@ impl RegistrationArgs {
         }
         Ok(Some(registration))
     }
+
+    /// Registers `service` as [`RegistrationArgs::register`] does and returns the future to
+    /// run as the server's drain hook: it deregisters (if registered), so peers drop this
+    /// instance at once when it starts draining.
+    pub async fn register_until_drained(
+        &self,
+        service: &str,
+        version: &str,
+        listening: SocketAddr,
+    ) -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
+        let registration = self.register(service, version, listening).await?;
+        Ok(deregister_if_any(registration))
+    }
 }
 
 /// Deregisters `registration`, if there is one, logging instead of failing: at shutdown a
-/// lease that cannot be revoked simply expires. The future services run as their drain hook.
-pub async fn deregister_if_any(registration: Option<Registration>) {
+/// lease that cannot be revoked simply expires.
+async fn deregister_if_any(registration: Option<Registration>) {
     if let Some(registration) = registration
         && let Err(e) = registration.deregister().await
     {

@@ -35,7 +35,7 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use tower::discover::Change;
 
-pub use args::{RegistrationArgs, deregister_if_any};
+pub use args::RegistrationArgs;
 pub use config::{Backoff, EtcdConfig, RegistrationConfig};
 pub use endpoint::{Endpoint, Metadata};
 pub use list::list_services;

@@ -47,15 +47,14 @@ pub async fn serve(
     );
     // Stopped however `serve` ends (an error below, or the future dropped).
     let subscription = AbortOnDropHandle::new(subscription);
-    let registration = config
+    let deregister = config
         .registration
-        .register(
+        .register_until_drained(
             config::SERVICE_NAME,
             env!("CARGO_PKG_VERSION"),
             listener.local_addr()?,
         )
         .await?;
-    let deregister = convoy_discovery::deregister_if_any(registration);
     let api = CacheApi::new(l1, l2, bus, config.max_ttl(), capacity);
     let result = ServerBuilder::new(config.server_config())
         .add_service(CacheServiceServer::new(api))

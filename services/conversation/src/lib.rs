@@ -150,17 +150,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let store = Arc::new(store);
-    let registration = config
+    // Shutdown order: health NOT_SERVING, then deregister (peers drop us at once), then
+    // stop accepting and drain.
+    let deregister = config
         .registration
-        .register(
+        .register_until_drained(
             config::SERVICE_NAME,
             env!("CARGO_PKG_VERSION"),
             listener.local_addr()?,
         )
         .await?;
-    // Shutdown order: health NOT_SERVING, then deregister (peers drop us at once), then
-    // stop accepting and drain.
-    let deregister = convoy_discovery::deregister_if_any(registration);
     let mut tasks = Tasks::default();
     tasks.spawn(purge_old_rows(store.clone()));
     for index in 0..store.pools().map().shards().len() {

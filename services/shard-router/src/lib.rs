@@ -115,15 +115,14 @@ pub async fn serve(
     };
     tracing::info!(epoch = stored.map.epoch().0, "shard map in force");
     let (placement, _following) = follow(store, stored).await?;
-    let registration = config
+    let deregister = config
         .registration
-        .register(
+        .register_until_drained(
             config::SERVICE_NAME,
             env!("CARGO_PKG_VERSION"),
             listener.local_addr()?,
         )
         .await?;
-    let deregister = convoy_discovery::deregister_if_any(registration);
     let result = ServerBuilder::new(config.server_config())
         .add_service(ShardRouterServiceServer::new(RouterApi::new(placement)))
         .serve_with_drain_hook(listener, shutdown, deregister)

@@ -75,40 +75,36 @@ fn cache(c: &mut Criterion) {
     });
 
     let mut group = c.benchmark_group("cache_get_1KiB");
-    group.bench_function("cache service Get, L1 hit", |b| {
-        b.to_async(&runtime).iter(|| {
-            let mut client = l1_instance.clone();
-            async move {
-                let r = client
-                    .get(pb::CacheGetRequest {
-                        key: "conv:bench:1".into(),
-                        min_version: 0,
-                        peek: false,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                assert_eq!(r.layer, pb::CacheLayer::L1 as i32);
-            }
-        })
-    });
-    group.bench_function("cache service Get, L2 hit", |b| {
-        b.to_async(&runtime).iter(|| {
-            let mut client = l2_instance.clone();
-            async move {
-                let r = client
-                    .get(pb::CacheGetRequest {
-                        key: "conv:bench:1".into(),
-                        min_version: 0,
-                        peek: false,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                assert_eq!(r.layer, pb::CacheLayer::L2 as i32);
-            }
-        })
-    });
+    for (label, instance, layer) in [
+        (
+            "cache service Get, L1 hit",
+            &l1_instance,
+            pb::CacheLayer::L1,
+        ),
+        (
+            "cache service Get, L2 hit",
+            &l2_instance,
+            pb::CacheLayer::L2,
+        ),
+    ] {
+        group.bench_function(label, |b| {
+            b.to_async(&runtime).iter(|| {
+                let mut client = instance.clone();
+                async move {
+                    let r = client
+                        .get(pb::CacheGetRequest {
+                            key: "conv:bench:1".into(),
+                            min_version: 0,
+                            peek: false,
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert_eq!(r.layer, layer as i32);
+                }
+            })
+        });
+    }
     let fills = std::sync::atomic::AtomicU64::new(0);
     group.bench_function(
         "cache service miss path: Lease (granted) + Set with the token",
