@@ -52,3 +52,57 @@ pub(crate) async fn bounded<T>(
         Err(_) => Err(Error::Timeout { op, after: limit }),
     }
 }
+
+/// Why [`keep_lease`] stopped.
+pub(crate) enum LeaseEnd {
+    /// etcd no longer has the lease (it expired or was revoked).
+    Gone,
+    /// etcd could not be reached or answered with an error.
+    Failed(Error),
+}
+
+/// Refreshes `lease` every `period` (each round bounded by `limit`), calling `refreshed`
+/// once the keepalive stream is open; returns why it stopped.
+pub(crate) async fn keep_lease(
+    client: &mut Client,
+    lease: i64,
+    period: Duration,
+    limit: Duration,
+    mut refreshed: impl FnMut(),
+) -> LeaseEnd {
+    let (mut keeper, mut responses) =
+        match tokio::time::timeout(limit, client.lease_keep_alive(lease)).await {
+            Ok(Ok(pair)) => pair,
+            // etcd-client's answer to a first response with TTL 0: no such lease.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => return LeaseEnd::Gone,
+            Ok(Err(e)) => return LeaseEnd::Failed(Error::etcd("keepalive", e)),
+            Err(_) => {
+                return LeaseEnd::Failed(Error::Timeout {
+                    op: "keepalive",
+                    after: limit,
+                });
+            }
+        };
+    // Opening the stream refreshed the lease.
+    refreshed();
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let round = async {
+            keeper.keep_alive().await?;
+            responses.message().await
+        };
+        match bounded("keepalive", limit, round).await {
+            Ok(Some(response)) if response.ttl() > 0 => {}
+            Ok(Some(_)) => return LeaseEnd::Gone,
+            Ok(None) => {
+                return LeaseEnd::Failed(Error::etcd(
+                    "keepalive",
+                    "etcd closed the keepalive stream",
+                ));
+            }
+            Err(error) => return LeaseEnd::Failed(error),
+        }
+    }
+}

@@ -23,6 +23,7 @@ pub mod config;
 mod connection;
 pub mod endpoint;
 pub mod keys;
+pub mod leader;
 mod list;
 pub mod registration;
 mod service_set;

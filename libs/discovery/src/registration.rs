@@ -12,12 +12,12 @@ use std::time::Duration;
 use etcd_client::{Client, PutOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior};
+
 use tracing::{debug, info, warn};
 
 use crate::backoff::Delays;
 use crate::config::{EtcdConfig, RegistrationConfig};
-use crate::connection::{bounded, connect};
+use crate::connection::{LeaseEnd, bounded, connect, keep_lease};
 use crate::endpoint::Endpoint;
 use crate::{Error, Result};
 
@@ -299,44 +299,26 @@ impl Keeper {
     /// Refreshes `lease` every keepalive interval; returns why that stopped. A lease etcd no
     /// longer has is forgotten, so the next attempt registers anew.
     async fn keep_alive(&mut self, lease: i64) -> Error {
-        let limit = self.etcd.request_timeout;
         let mut client = match self.client().await {
             Ok(client) => client,
             Err(error) => return error,
         };
-        let (mut keeper, mut responses) =
-            match tokio::time::timeout(limit, client.lease_keep_alive(lease)).await {
-                Ok(Ok(pair)) => pair,
-                // etcd-client's answer to a first response with TTL 0: no such lease.
-                Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => {
-                    return self.lease_gone(lease);
-                }
-                Ok(Err(e)) => return Error::etcd("keepalive", e),
-                Err(_) => {
-                    return Error::Timeout {
-                        op: "keepalive",
-                        after: limit,
-                    };
-                }
-            };
-        // Opening the stream refreshed the lease.
-        self.shared.set_status(RegistrationStatus::Registered, None);
-        self.delays.reset();
-        let period = self.keepalive_interval;
-        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            ticks.tick().await;
-            let round = async {
-                keeper.keep_alive().await?;
-                responses.message().await
-            };
-            match bounded("keepalive", limit, round).await {
-                Ok(Some(response)) if response.ttl() > 0 => {}
-                Ok(Some(_)) => return self.lease_gone(lease),
-                Ok(None) => return Error::etcd("keepalive", "etcd closed the keepalive stream"),
-                Err(error) => return error,
-            }
+        let shared = self.shared.clone();
+        let delays = &mut self.delays;
+        let ended = keep_lease(
+            &mut client,
+            lease,
+            self.keepalive_interval,
+            self.etcd.request_timeout,
+            || {
+                shared.set_status(RegistrationStatus::Registered, None);
+                delays.reset();
+            },
+        )
+        .await;
+        match ended {
+            LeaseEnd::Gone => self.lease_gone(lease),
+            LeaseEnd::Failed(error) => error,
         }
     }
 

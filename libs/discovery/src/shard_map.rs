@@ -12,10 +12,14 @@
 
 use std::time::Duration;
 
-use convoy_store::ShardMap;
+use std::sync::Arc;
+
+use convoy_store::{LivePools, ShardMap, ShardPools};
 use etcd_client::{Client, Compare, CompareOp, EventType, Txn, TxnOp, WatchOptions};
 use futures::stream::BoxStream;
 use futures::{StreamExt, stream};
+use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::EtcdConfig;
 use crate::connection::{bounded, connect};
@@ -240,4 +244,34 @@ impl ShardMapStore {
             }
         }
     }
+}
+
+/// Follows the map stored in `store` from `pools` (built for the map in force): every newer
+/// map gets pools rebuilt from the previous ones ([`ShardPools::rebuild`]: unchanged shards
+/// keep their connections and replica state) with fresh node checks, and is published on
+/// the returned channel. The old map's removed pools close once no call holds them. The
+/// task ends with the returned guard.
+pub fn follow(store: &ShardMapStore, pools: ShardPools) -> (LivePools, AbortOnDropHandle<()>) {
+    let mut maps = store.watch();
+    let (tx, rx) = watch::channel(Arc::new(pools));
+    let task = tokio::spawn(async move {
+        let mut _checks = tx.borrow().spawn_checks();
+        while let Some(stored) = maps.next().await {
+            let current = tx.borrow().clone();
+            if stored.map.epoch() <= current.map().epoch() {
+                continue;
+            }
+            match current.rebuild(stored.map) {
+                Ok(next) => {
+                    tracing::info!(epoch = next.map().epoch().0, "following a new shard map");
+                    _checks = next.spawn_checks();
+                    let next = Arc::new(next);
+                    tx.send_replace(next.clone());
+                    tokio::spawn(async move { current.close_unkept(&next).await });
+                }
+                Err(e) => tracing::error!(error = %e, "a stored shard map cannot be used"),
+            }
+        }
+    });
+    (rx, AbortOnDropHandle::new(task))
 }

@@ -14,6 +14,9 @@ pub enum DbFailure {
     UniqueViolation(String),
     /// A serialization failure or deadlock: the transaction may be retried as a whole.
     Conflict,
+    /// The write fence refused the write: the caller's map is stale, or the slot is
+    /// frozen for a move.
+    Fenced(crate::ownership::Fence),
     /// Anything else: a bug or a schema mismatch.
     Internal,
 }
@@ -21,6 +24,9 @@ pub enum DbFailure {
 impl DbFailure {
     /// Classifies an error from sqlx.
     pub fn classify(error: &sqlx::Error) -> Self {
+        if let Some(fence) = crate::ownership::Fence::from_error(error) {
+            return Self::Fenced(fence);
+        }
         match error {
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed

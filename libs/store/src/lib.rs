@@ -7,13 +7,15 @@
 #![forbid(unsafe_code)]
 
 pub mod failure;
+pub mod ownership;
 pub mod pool;
 pub mod replicas;
 pub mod shard_map;
 pub mod slots;
 
 pub use failure::DbFailure;
-pub use pool::{PoolSettings, ShardPools};
+pub use ownership::{Fence, SlotState};
+pub use pool::{LivePools, PoolSettings, ShardPools};
 pub use replicas::{Node, ReplicaSettings};
 pub use shard_map::{Epoch, Shard, ShardId, ShardIndex, ShardMap, ShardMapError};
 pub use slots::{SLOT_COUNT, Slot};
@@ -44,5 +46,13 @@ pub enum StoreError {
         shard: String,
         /// Why.
         source: sqlx::migrate::MigrateError,
+    },
+    /// Seeding a shard's slot ownership failed.
+    #[error("shard {shard}: seeding slot ownership failed: {source}")]
+    Seed {
+        /// The shard.
+        shard: String,
+        /// Why.
+        source: sqlx::Error,
     },
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::replicas::{InFlight, Node, ReplicaSettings, ShardReplicas, primary_lsn};
 
@@ -77,14 +78,34 @@ pub struct ShardPools {
     map: Arc<ShardMap>,
     pools: Vec<PgPool>,
     replicas: Vec<Arc<ShardReplicas>>,
+    settings: Arc<PoolSettings>,
 }
+
+/// Pools that follow the shard map as it changes: each read of the channel is the map in
+/// force with its pools (see `convoy_discovery::shard_map::follow`). A fixed map is a
+/// channel that never changes ([`ShardPools::fixed`]).
+pub type LivePools = tokio::sync::watch::Receiver<Arc<ShardPools>>;
 
 impl ShardPools {
     /// Builds a pool per shard without connecting: a shard that is down at start-up makes
     /// its requests fail with UNAVAILABLE instead of stopping the process.
     pub fn connect_lazy(map: ShardMap, settings: &PoolSettings) -> Result<Self, StoreError> {
+        Self::build(map, Arc::new(settings.clone()), None)
+    }
+
+    /// Pools for `map`, keeping (with their replica state) the pools of every shard whose
+    /// id and servers are unchanged, so a new epoch that moves slots costs no connections.
+    pub fn rebuild(&self, map: ShardMap) -> Result<Self, StoreError> {
+        Self::build(map, self.settings.clone(), Some(self))
+    }
+
+    fn build(
+        map: ShardMap,
+        settings: Arc<PoolSettings>,
+        previous: Option<&ShardPools>,
+    ) -> Result<Self, StoreError> {
         let pool = |shard: &crate::Shard, dsn: &str| {
-            let options = connect_options(dsn, settings).map_err(|source| StoreError::Dsn {
+            let options = connect_options(dsn, &settings).map_err(|source| StoreError::Dsn {
                 shard: shard.id.to_string(),
                 dsn: redact_dsn(dsn),
                 source,
@@ -101,6 +122,18 @@ impl ShardPools {
         let mut pools = Vec::new();
         let mut replicas = Vec::new();
         for shard in map.shards() {
+            let kept = previous.and_then(|p| {
+                p.pools
+                    .iter()
+                    .zip(&p.replicas)
+                    .zip(p.map.shards())
+                    .find(|(_, old)| *old == shard)
+            });
+            if let Some(((primary, shard_replicas), _)) = kept {
+                pools.push(primary.clone());
+                replicas.push(shard_replicas.clone());
+                continue;
+            }
             pools.push(pool(shard, &shard.primary)?);
             let replica_pools = shard
                 .replicas
@@ -116,7 +149,35 @@ impl ShardPools {
             map: Arc::new(map),
             pools,
             replicas,
+            settings,
         })
+    }
+
+    /// These pools as a [`LivePools`] that never changes.
+    pub fn fixed(self) -> LivePools {
+        tokio::sync::watch::channel(Arc::new(self)).1
+    }
+
+    /// Checks every shard's nodes (see [`ShardPools::check_replicas`]), until the returned
+    /// guards drop.
+    pub fn spawn_checks(&self) -> Vec<AbortOnDropHandle<()>> {
+        (0..self.pools.len())
+            .map(|index| AbortOnDropHandle::new(tokio::spawn(self.clone().check_replicas(index))))
+            .collect()
+    }
+
+    /// Closes the pools of `self` that `next` does not keep (a shard removed or whose
+    /// servers changed), waiting for connections in use to be returned.
+    pub async fn close_unkept(&self, next: &ShardPools) {
+        for (primary, replicas) in self.pools.iter().zip(&self.replicas) {
+            if next.replicas.iter().any(|r| Arc::ptr_eq(r, replicas)) {
+                continue;
+            }
+            primary.close().await;
+            for n in 0..replicas.len() {
+                replicas.pool(n).close().await;
+            }
+        }
     }
 
     /// Shard `index`'s replicas.
@@ -164,9 +225,10 @@ impl ShardPools {
     }
 
     /// Applies the schema migrations to every shard (concurrent callers are serialized by
-    /// sqlx's advisory lock).
+    /// sqlx's advisory lock), then seeds each shard's slot ownership from the map if the
+    /// shard has none yet (see [`crate::ownership::seed`]).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        for (shard, pool) in self.map.shards().iter().zip(&self.pools) {
+        for (index, (shard, pool)) in self.map.shards().iter().zip(&self.pools).enumerate() {
             crate::MIGRATOR
                 .run(pool)
                 .await
@@ -174,8 +236,19 @@ impl ShardPools {
                     shard: shard.id.to_string(),
                     source,
                 })?;
+            crate::ownership::seed(pool, &self.map, index)
+                .await
+                .map_err(|source| StoreError::Seed {
+                    shard: shard.id.to_string(),
+                    source,
+                })?;
         }
         Ok(())
+    }
+
+    /// The index of shard `id` in this map.
+    pub fn index_of(&self, id: &str) -> Option<ShardIndex> {
+        self.map.shards().iter().position(|s| s.id.as_str() == id)
     }
 
     /// The shard map these pools serve.

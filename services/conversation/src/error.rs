@@ -95,6 +95,10 @@ impl ApiError {
             DbFailure::Timeout => {
                 Self::DeadlineExceeded(format!("a statement on shard {shard} ran past its timeout"))
             }
+            DbFailure::Fenced(fence) => Self::Unavailable {
+                shard: shard.to_owned(),
+                detail: format!("the team's slot is moving ({fence:?}); retry"),
+            },
             DbFailure::Conflict => Self::Unavailable {
                 shard: shard.to_owned(),
                 detail: "transaction conflict; retry".into(),

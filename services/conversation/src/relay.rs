@@ -144,7 +144,8 @@ pub async fn reconcile(
     index: usize,
     run_id: &str,
 ) -> Result<u64, sqlx::Error> {
-    let mut tx = store.pools().pool(index).begin().await?;
+    let pools = store.pools();
+    let mut tx = pools.pool(index).begin().await?;
     let known: String =
         sqlx::query_scalar("SELECT redis_run_id FROM relay_state WHERE id = 1 FOR UPDATE")
             .fetch_one(&mut *tx)
@@ -178,8 +179,11 @@ pub async fn relay_once(
     index: usize,
     bus: &L2,
 ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
-    let shard = store.pools().map().shards()[index].id.to_string();
-    let pool = store.pools().pool(index);
+    let pools = store.pools();
+    let Some(shard) = pools.map().shards().get(index).map(|s| s.id.to_string()) else {
+        return Ok(0);
+    };
+    let pool = pools.pool(index);
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, String, Uuid, i64, Vec<String>)> = sqlx::query_as(
         "SELECT id, team_id, conversation_id, version, tags FROM outbox \

@@ -82,9 +82,8 @@ impl ConversationApi {
     /// The token of a write of `name` that made `version`: with the primary's WAL position
     /// after it when the shard has replicas, so reads with it skip replicas behind it.
     async fn token(&self, name: &ConversationName, version: Version) -> ConsistencyToken {
-        let (shard, _) = self.store.shard(&name.team);
         ConsistencyToken {
-            shard: shard.to_owned(),
+            shard: self.store.shard(&name.team),
             lsn: self.store.commit_lsn(&name.team).await,
             conversation: name.id,
             version: version.0,

@@ -14,9 +14,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use convoy_proto::consistency::ConsistencyToken;
-use convoy_store::{DbFailure, Node, ShardPools};
+use std::sync::Arc;
+
+use convoy_store::ownership::{self, Fence};
+use convoy_store::{DbFailure, Epoch, LivePools, Node, ShardPools, Slot};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
+use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -273,10 +277,12 @@ pub struct Appended {
     pub duplicates: usize,
 }
 
-/// The conversation store over every shard.
+/// The conversation store over every shard of the map in force.
 #[derive(Clone, Debug)]
 pub struct ConversationStore {
-    pools: ShardPools,
+    pools: LivePools,
+    /// Tasks that keep `pools` current (map following, node checks), ended with the store.
+    background: Arc<Vec<AbortOnDropHandle<()>>>,
     /// Longest time one operation may take on a shard.
     op_timeout: Duration,
 }
@@ -316,16 +322,46 @@ impl ReadAt {
 const REPLICA_SHARE: u32 = 4;
 /// How long a write's answer waits for the primary's WAL position for its token.
 const COMMIT_LSN_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long a fenced operation waits for a newer map before it tries again anyway (a move
+/// cancelled while frozen unfreezes without a new map).
+const FENCE_PAUSE: Duration = Duration::from_millis(50);
 
 impl ConversationStore {
-    /// A store over `pools`, bounding each operation by `op_timeout`.
-    pub fn new(pools: ShardPools, op_timeout: Duration) -> Self {
-        Self { pools, op_timeout }
+    /// A store over the pools of the map in force, bounding each operation by `op_timeout`.
+    pub fn new(pools: LivePools, op_timeout: Duration) -> Self {
+        Self {
+            pools,
+            background: Arc::default(),
+            op_timeout,
+        }
     }
 
-    /// The pools (for migrations and shutdown).
-    pub fn pools(&self) -> &ShardPools {
-        &self.pools
+    /// The store, owning `tasks` that keep its pools current: they end when the store (and
+    /// every clone of it) is dropped.
+    pub fn with_background(mut self, tasks: Vec<AbortOnDropHandle<()>>) -> Self {
+        self.background = Arc::new(tasks);
+        self
+    }
+
+    /// The pools of the map in force.
+    pub fn pools(&self) -> Arc<ShardPools> {
+        self.pools.borrow().clone()
+    }
+
+    /// After the fence refused an operation routed by `used`: the pools of a map that can
+    /// route it (at least the epoch the fence named), waiting at most [`FENCE_PAUSE`] for
+    /// one; the newest map either way.
+    async fn after_fence(&self, used: &ShardPools, fence: Fence) -> Arc<ShardPools> {
+        let needs = fence.needs_epoch().max(Epoch(used.map().epoch().0 + 1));
+        let mut pools = self.pools.clone();
+        let _ =
+            tokio::time::timeout(FENCE_PAUSE, pools.wait_for(|p| p.map().epoch() >= needs)).await;
+        metrics::counter!("convoy_conversation_fenced_total", "why" => match fence {
+            Fence::Moved { .. } => "moved",
+            Fence::Frozen { .. } => "frozen",
+        })
+        .increment(1);
+        self.pools()
     }
 
     /// A WAL position at or after every write acknowledged so far on `team`'s shard, for its
@@ -333,8 +369,9 @@ impl ConversationStore {
     /// primary). If the primary cannot say, the position is unknowable: `u64::MAX`, so
     /// reads with the token go to the primary.
     pub async fn commit_lsn(&self, team: &TeamId) -> u64 {
-        let (index, pool) = self.pools.for_team(team.as_str());
-        if self.pools.replicas(index).is_empty() {
+        let pools = self.pools();
+        let (index, pool) = pools.for_team(team.as_str());
+        if pools.replicas(index).is_empty() {
             return 0;
         }
         match tokio::time::timeout(COMMIT_LSN_TIMEOUT, convoy_store::replicas::commit_lsn(pool))
@@ -345,10 +382,11 @@ impl ConversationStore {
         }
     }
 
-    /// The shard id and pool that hold `team`.
-    pub fn shard(&self, team: &TeamId) -> (&str, &PgPool) {
-        let (index, pool) = self.pools.for_team(team.as_str());
-        (self.pools.map().shards()[index].id.as_str(), pool)
+    /// The id of the shard that holds `team` in the map in force.
+    pub fn shard(&self, team: &TeamId) -> String {
+        let pools = self.pools();
+        let (index, _) = pools.for_team(team.as_str());
+        pools.map().shards()[index].id.to_string()
     }
 
     /// Runs read `op` on a node of `team`'s shard allowed by `at`: an eligible replica when
@@ -356,18 +394,19 @@ impl ConversationStore {
     /// when it fails, times out or says NOT_FOUND (it may be behind a create), the read runs
     /// again on the primary, so a replica never fails a client read. One that cannot be
     /// reached, or times out, is reported (banned).
-    async fn on_shard_read<'a, T, F, Fut>(
-        &'a self,
-        team: &'a TeamId,
+    async fn on_shard_read<T, F, Fut>(
+        &self,
+        team: &TeamId,
         at: &ReadAt,
         op: F,
     ) -> Result<T, ApiError>
     where
-        F: Fn(&'a PgPool) -> Fut,
-        Fut: Future<Output = Result<T, OpError>> + 'a,
+        F: Fn(PgPool) -> Fut,
+        Fut: Future<Output = Result<T, OpError>>,
     {
-        let (index, _) = self.pools.for_team(team.as_str());
-        let shard = self.pools.map().shards()[index].id.as_str();
+        let pools = self.pools();
+        let (index, _) = pools.for_team(team.as_str());
+        let shard = pools.map().shards()[index].id.as_str();
         let min_lsn = match at {
             ReadAt::Primary => return self.on_shard(team, op).await,
             ReadAt::Any => 0,
@@ -377,7 +416,7 @@ impl ConversationStore {
             // to hold every write the token's session made here.
             ReadAt::After { .. } => return self.on_shard(team, op).await,
         };
-        let (node, pool, in_flight) = self.pools.read_target(index, min_lsn);
+        let (node, pool, in_flight) = pools.read_target(index, min_lsn);
         let Node::Replica(n) = node else {
             drop(in_flight);
             metrics::counter!("convoy_conversation_shard_reads_total", "node" => "primary")
@@ -386,7 +425,7 @@ impl ConversationStore {
         };
         metrics::counter!("convoy_conversation_shard_reads_total", "node" => "replica")
             .increment(1);
-        let result = tokio::time::timeout(self.op_timeout / REPLICA_SHARE, op(pool)).await;
+        let result = tokio::time::timeout(self.op_timeout / REPLICA_SHARE, op(pool.clone())).await;
         drop(in_flight);
         let why = match result {
             Ok(Ok(value)) => return Ok(value),
@@ -397,13 +436,13 @@ impl ConversationStore {
             // answers instead; only a replica that cannot be reached is banned.
             Ok(Err(OpError::Db(e))) => {
                 if DbFailure::classify(&e) == DbFailure::Unavailable {
-                    self.pools.replicas(index).report_failure(n);
+                    pools.replicas(index).report_failure(n);
                 }
                 tracing::debug!(shard, replica = n, error = %e, "replica read failed; reading the primary");
                 "failed"
             }
             Err(_) => {
-                self.pools.replicas(index).report_failure(n);
+                pools.replicas(index).report_failure(n);
                 "timed out"
             }
         };
@@ -411,21 +450,50 @@ impl ConversationStore {
         self.on_shard(team, op).await
     }
 
-    /// Runs `op` on `team`'s shard, bounded by the operation timeout, mapping database errors.
-    async fn on_shard<'a, T, F, Fut>(&'a self, team: &'a TeamId, op: F) -> Result<T, ApiError>
+    /// Runs `op` on the primary of `team`'s shard, within the operation timeout, mapping
+    /// database errors. When the write fence refuses it (the slot moved, or is frozen for a
+    /// move), the operation runs again on the shard a newer map names, as long as time
+    /// remains: a refused write committed nothing, and the client never sees the move.
+    /// A NOT_FOUND from a shard that no longer owns the slot is a refusal too.
+    async fn on_shard<T, F, Fut>(&self, team: &TeamId, op: F) -> Result<T, ApiError>
     where
-        F: FnOnce(&'a PgPool) -> Fut,
-        Fut: Future<Output = Result<T, OpError>> + 'a,
+        F: Fn(PgPool) -> Fut,
+        Fut: Future<Output = Result<T, OpError>>,
     {
-        let (shard, pool) = self.shard(team);
-        match tokio::time::timeout(self.op_timeout, op(pool)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(OpError::Api(e))) => Err(e),
-            Ok(Err(OpError::Db(e))) => Err(ApiError::from_db(shard, e)),
-            Err(_) => Err(ApiError::DeadlineExceeded(format!(
-                "shard {shard} did not answer within {:?}",
-                self.op_timeout
-            ))),
+        let deadline = tokio::time::Instant::now() + self.op_timeout;
+        let mut pools = self.pools();
+        loop {
+            let (index, pool) = pools.for_team(team.as_str());
+            let shard = pools.map().shards()[index].id.as_str();
+            let fence = match tokio::time::timeout_at(deadline, op(pool.clone())).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(OpError::Api(ApiError::NotFound(what)))) => {
+                    match moved_away(pool, team).await {
+                        Some(fence) => fence,
+                        None => return Err(ApiError::NotFound(what)),
+                    }
+                }
+                Ok(Err(OpError::Api(e))) => return Err(e),
+                Ok(Err(OpError::Db(e))) => match DbFailure::classify(&e) {
+                    DbFailure::Fenced(fence) => fence,
+                    _ => return Err(ApiError::from_db(shard, e)),
+                },
+                Err(_) => {
+                    return Err(ApiError::DeadlineExceeded(format!(
+                        "shard {shard} did not answer within {:?}",
+                        self.op_timeout
+                    )));
+                }
+            };
+            if tokio::time::Instant::now() + FENCE_PAUSE >= deadline {
+                return Err(ApiError::Unavailable {
+                    shard: shard.to_owned(),
+                    detail: format!(
+                        "team {team}'s slot is moving ({fence:?}) and no map routes it yet; retry"
+                    ),
+                });
+            }
+            pools = self.after_fence(&pools, fence).await;
         }
     }
 
@@ -434,9 +502,11 @@ impl ConversationStore {
     /// commit together.
     pub async fn create(&self, new: NewConversation) -> Result<Created, ApiError> {
         let team = new.name.team.clone();
-        self.on_shard(&team, |pool| async move {
+        let new = &new;
+        self.on_shard(&team, |pool: PgPool| async move {
+            let pool = &pool;
             let Some((request_id, fingerprint)) = new.request else {
-                let row = insert_conversation(pool, &new).await?;
+                let row = insert_conversation(pool, new).await?;
                 return Ok(Created {
                     conversation: row.into_model()?,
                     fresh: true,
@@ -457,7 +527,7 @@ impl ConversationStore {
                 tx.rollback().await?;
                 return replay(pool, &new.name.team, request_id, &fingerprint).await;
             }
-            let row = insert_conversation(&mut *tx, &new).await?;
+            let row = insert_conversation(&mut *tx, new).await?;
             tx.commit().await?;
             Ok(Created {
                 conversation: row.into_model()?,
@@ -473,7 +543,8 @@ impl ConversationStore {
         name: &ConversationName,
         at: &ReadAt,
     ) -> Result<Conversation, ApiError> {
-        self.on_shard_read(&name.team, at, |pool| async move {
+        self.on_shard_read(&name.team, at, |pool: PgPool| async move {
+            let pool = &pool;
             let row: Option<ConversationRow> = sqlx::query_as(GET_SQL)
                 .bind(name.team.as_str())
                 .bind(name.id)
@@ -498,7 +569,8 @@ impl ConversationStore {
         let ids: Vec<Uuid> = names.iter().map(|n| n.id).collect();
         let ids = &ids;
         let rows: Vec<ConversationRow> = self
-            .on_shard_read(team, at, |pool| async move {
+            .on_shard_read(team, at, |pool: PgPool| async move {
+                let pool = &pool;
                 Ok(sqlx::query_as(BATCH_GET_SQL)
                     .bind(team.as_str())
                     .bind(ids)
@@ -529,7 +601,8 @@ impl ConversationStore {
     /// Lists a page of a team's conversations.
     pub async fn list(&self, q: &ListQuery, at: &ReadAt) -> Result<Page<Conversation>, ApiError> {
         let rows: Vec<ConversationRow> = self
-            .on_shard_read(&q.team, at, |pool| async move {
+            .on_shard_read(&q.team, at, |pool: PgPool| async move {
+                let pool = &pool;
                 Ok(list_query("", q).build_query_as().fetch_all(pool).await?)
             })
             .await?;
@@ -549,7 +622,8 @@ impl ConversationStore {
             rank: f32,
         }
         let rows: Vec<Hit> = self
-            .on_shard_read(&q.team, at, |pool| async move {
+            .on_shard_read(&q.team, at, |pool: PgPool| async move {
+                let pool = &pool;
                 Ok(search_query("", q).build_query_as().fetch_all(pool).await?)
             })
             .await?;
@@ -565,7 +639,8 @@ impl ConversationStore {
         patch: &ConversationPatch,
         expected: Option<Version>,
     ) -> Result<Conversation, ApiError> {
-        self.on_shard(&name.team, |pool| async move {
+        self.on_shard(&name.team, |pool: PgPool| async move {
+            let pool = &pool;
             // The update, wrapped as `with_outbox` does (QueryBuilder needs it inline).
             let mut qb =
                 QueryBuilder::<Postgres>::new("WITH changed AS (UPDATE conversations SET ");
@@ -622,7 +697,8 @@ impl ConversationStore {
         name: &ConversationName,
         expected: Option<Version>,
     ) -> Result<Version, ApiError> {
-        self.on_shard(&name.team, |pool| async move {
+        self.on_shard(&name.team, |pool: PgPool| async move {
+            let pool = &pool;
             // The deletion's outbox row carries the version after the last one the row had.
             let version: Option<i64> = sqlx::query_scalar(
                 "WITH deleted AS (DELETE FROM conversations WHERE team_id = $1 AND id = $2 \
@@ -652,7 +728,9 @@ impl ConversationStore {
         name: &ConversationName,
         events: Vec<NewEvent>,
     ) -> Result<Appended, ApiError> {
-        self.on_shard(&name.team, |pool| async move {
+        let events = &events;
+        self.on_shard(&name.team, |pool: PgPool| async move {
+            let pool = &pool;
             let mut tx = pool.begin().await?;
             // The row lock serializes appends to one conversation, so sequences are
             // gap-free and the duplicate check below cannot race.
@@ -684,8 +762,9 @@ impl ConversationStore {
             let mut seen: HashSet<String> = stored.into_iter().collect();
             let total = events.len();
             let fresh: Vec<NewEvent> = events
-                .into_iter()
+                .iter()
                 .filter(|e| e.event_id.as_ref().is_none_or(|id| seen.insert(id.clone())))
+                .cloned()
                 .collect();
             let duplicates = total - fresh.len();
 
@@ -762,7 +841,8 @@ impl ConversationStore {
     pub async fn list_events(&self, q: &EventsQuery, at: &ReadAt) -> Result<Page<Event>, ApiError> {
         let name = &q.conversation;
         let rows: Vec<EventRow> = self
-            .on_shard_read(&name.team, at, |pool| async move {
+            .on_shard_read(&name.team, at, |pool: PgPool| async move {
+                let pool = &pool;
                 let rows: Vec<EventRow> = sqlx::query_as(LIST_EVENTS_SQL)
                     .bind(name.team.as_str())
                     .bind(name.id)
@@ -801,10 +881,11 @@ impl ConversationStore {
     /// Runs a `DELETE ... $1 seconds` statement on every shard; returns the rows deleted.
     async fn purge(&self, statement: &'static str, age: Duration) -> Result<u64, sqlx::Error> {
         let mut purged = 0;
-        for index in 0..self.pools.map().shards().len() {
+        let pools = self.pools();
+        for index in 0..pools.map().shards().len() {
             purged += sqlx::query(statement)
                 .bind(age.as_secs_f64())
-                .execute(self.pools.pool(index))
+                .execute(pools.pool(index))
                 .await?
                 .rows_affected();
         }
@@ -1009,4 +1090,16 @@ async fn insert_events(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Whether `team`'s slot has left (or not yet reached) the shard of `pool`: a NOT_FOUND
+/// there means nothing. Asked only after a NOT_FOUND; an error counts as "no".
+async fn moved_away(pool: &PgPool, team: &TeamId) -> Option<Fence> {
+    let slot = Slot::for_team(team.as_str()).get();
+    let states = ownership::states(pool, &(slot..=slot)).await.ok()?;
+    match states.first() {
+        Some((_, state, _)) if state.takes_reads() => None,
+        Some((_, _, epoch)) => Some(Fence::Moved { epoch: *epoch }),
+        None => Some(Fence::Moved { epoch: Epoch(0) }),
+    }
 }

@@ -13,75 +13,26 @@ pub mod config;
 pub mod service;
 
 use std::future::Future;
-use std::sync::Arc;
 
-use convoy_discovery::shard_map::{ShardMapStore, StoredMap};
+use convoy_discovery::shard_map::ShardMapStore;
 use convoy_mesh::ServerBuilder;
 use convoy_proto::v1::shard_router_service_server::ShardRouterServiceServer;
 use convoy_store::{PoolSettings, ShardPools};
-use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_util::task::AbortOnDropHandle;
 
 pub use config::Config;
 pub use service::RouterApi;
 
-/// The map in force and the pools that check its nodes.
-#[derive(Clone, Debug)]
-pub struct Placement {
-    /// The stored map.
-    pub stored: StoredMap,
-    /// Pools over its nodes (for health checks), each shard checked by a task of its own.
-    pub pools: ShardPools,
-}
-
-/// Follows the stored map from `store`, publishing each one (with fresh pools and checks)
-/// on the returned channel; the task ends with the returned guard.
-pub async fn follow(
-    store: ShardMapStore,
-    first: StoredMap,
-) -> anyhow::Result<(watch::Receiver<Arc<Placement>>, AbortOnDropHandle<()>)> {
-    let (placement, checks) = place(first)?;
-    let (tx, rx) = watch::channel(Arc::new(placement));
-    let task = tokio::spawn(async move {
-        let mut _checks = checks;
-        let mut maps = store.watch();
-        while let Some(stored) = maps.next().await {
-            if stored.map.epoch() <= tx.borrow().stored.map.epoch() {
-                continue;
-            }
-            match place(stored) {
-                Ok((placement, checks)) => {
-                    tracing::info!(epoch = placement.stored.map.epoch().0, "new shard map");
-                    _checks = checks;
-                    let old = tx.send_replace(Arc::new(placement));
-                    // The old map's connections close once no call holds them.
-                    tokio::spawn(async move { old.pools.close().await });
-                    if tx.is_closed() {
-                        return;
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "a stored shard map cannot be used"),
-            }
-        }
-    });
-    Ok((rx, AbortOnDropHandle::new(task)))
-}
-
-fn place(stored: StoredMap) -> anyhow::Result<(Placement, Vec<AbortOnDropHandle<()>>)> {
-    let pools = ShardPools::connect_lazy(
-        stored.map.clone(),
+/// Pools for the router's own work over a map: node checks and moves need few connections.
+pub fn router_pools(map: convoy_store::ShardMap) -> anyhow::Result<ShardPools> {
+    Ok(ShardPools::connect_lazy(
+        map,
         &PoolSettings {
-            max_connections: 2,
+            max_connections: 4,
             application_name: "convoy-shard-router".into(),
             ..PoolSettings::default()
         },
-    )?;
-    let checks = (0..stored.map.shards().len())
-        .map(|index| AbortOnDropHandle::new(tokio::spawn(pools.clone().check_replicas(index))))
-        .collect();
-    Ok((Placement { stored, pools }, checks))
+    )?)
 }
 
 /// Serves the router on `listener` until `shutdown` completes.
@@ -114,7 +65,8 @@ pub async fn serve(
         }
     };
     tracing::info!(epoch = stored.map.epoch().0, "shard map in force");
-    let (placement, _following) = follow(store, stored).await?;
+    let (pools, _following) =
+        convoy_discovery::shard_map::follow(&store, router_pools(stored.map)?);
     let deregister = config
         .registration
         .register_until_drained(
@@ -124,7 +76,7 @@ pub async fn serve(
         )
         .await?;
     let result = ServerBuilder::new(config.server_config())
-        .add_service(ShardRouterServiceServer::new(RouterApi::new(placement)))
+        .add_service(ShardRouterServiceServer::new(RouterApi::new(pools)))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
     Ok(result?)

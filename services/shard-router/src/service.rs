@@ -14,12 +14,11 @@ use convoy_store::replicas::ReplicaHealth;
 use convoy_store::{SLOT_COUNT, Slot};
 use futures::{Stream, StreamExt};
 use sqlx::postgres::PgConnectOptions;
-use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::Placement;
+use convoy_store::{LivePools, ShardPools};
 
 /// Longest team id, in bytes.
 const MAX_TEAM_BYTES: usize = 128;
@@ -27,17 +26,17 @@ const MAX_TEAM_BYTES: usize = 128;
 /// The ShardRouterService implementation.
 #[derive(Clone, Debug)]
 pub struct RouterApi {
-    placement: watch::Receiver<Arc<Placement>>,
+    pools: LivePools,
 }
 
 impl RouterApi {
-    /// A service answering from the placement `placement` follows.
-    pub fn new(placement: watch::Receiver<Arc<Placement>>) -> Self {
-        Self { placement }
+    /// A service answering from the map in force (and its pools' node checks).
+    pub fn new(pools: LivePools) -> Self {
+        Self { pools }
     }
 
-    fn current(&self) -> Arc<Placement> {
-        self.placement.borrow().clone()
+    fn current(&self) -> Arc<ShardPools> {
+        self.pools.borrow().clone()
     }
 }
 
@@ -90,9 +89,9 @@ fn replica_node(dsn: &str, health: &ReplicaHealth) -> pb::Node {
     }
 }
 
-fn shard(placement: &Placement, index: usize) -> pb::Shard {
-    let shard = &placement.stored.map.shards()[index];
-    let replicas = placement.pools.replicas(index);
+fn shard(pools: &ShardPools, index: usize) -> pb::Shard {
+    let shard = &pools.map().shards()[index];
+    let replicas = pools.replicas(index);
     let (primary_ok, _) = replicas.primary_health();
     let primary = pb::Node {
         address: address(&shard.primary),
@@ -115,8 +114,8 @@ fn shard(placement: &Placement, index: usize) -> pb::Shard {
     }
 }
 
-fn wire_map(placement: &Placement) -> pb::ShardMap {
-    let map = &placement.stored.map;
+fn wire_map(pools: &ShardPools) -> pb::ShardMap {
+    let map = pools.map();
     pb::ShardMap {
         epoch: map.epoch().0 as i64,
         slot_count: i32::from(SLOT_COUNT),
@@ -130,9 +129,7 @@ fn wire_map(placement: &Placement) -> pb::ShardMap {
                 frozen: false,
             })
             .collect(),
-        shards: (0..map.shards().len())
-            .map(|i| shard(placement, i))
-            .collect(),
+        shards: (0..map.shards().len()).map(|i| shard(pools, i)).collect(),
         update_time: None,
     }
 }
@@ -168,8 +165,8 @@ impl ShardRouterService for RouterApi {
         request: Request<pb::WatchShardMapRequest>,
     ) -> Result<Response<MapStream>, Status> {
         let after = request.into_inner().after_epoch;
-        let maps = WatchStream::new(self.placement.clone())
-            .filter(move |p| std::future::ready(p.stored.map.epoch().0 as i64 > after))
+        let maps = WatchStream::new(self.pools.clone())
+            .filter(move |p| std::future::ready(p.map().epoch().0 as i64 > after))
             .map(|p| Ok(wire_map(&p)));
         Ok(Response::new(Box::pin(maps)))
     }
@@ -188,13 +185,13 @@ impl ShardRouterService for RouterApi {
                     format!("must be teams/{{team}} with a team of 1 to {MAX_TEAM_BYTES} bytes"),
                 )
             })?;
-        let placement = self.current();
+        let pools = self.current();
         let slot = Slot::for_team(team);
-        let owner = placement.stored.map.owner(slot);
+        let owner = pools.map().owner(slot);
         Ok(Response::new(pb::LocateResponse {
             slot: i32::from(slot.get()),
-            shard: Some(shard(&placement, owner)),
-            epoch: placement.stored.map.epoch().0 as i64,
+            shard: Some(shard(&pools, owner)),
+            epoch: pools.map().epoch().0 as i64,
         }))
     }
 
@@ -202,12 +199,12 @@ impl ShardRouterService for RouterApi {
         &self,
         _request: Request<pb::ListShardsRequest>,
     ) -> Result<Response<pb::ListShardsResponse>, Status> {
-        let placement = self.current();
+        let pools = self.current();
         Ok(Response::new(pb::ListShardsResponse {
-            shards: (0..placement.stored.map.shards().len())
-                .map(|i| shard(&placement, i))
+            shards: (0..pools.map().shards().len())
+                .map(|i| shard(&pools, i))
                 .collect(),
-            epoch: placement.stored.map.epoch().0 as i64,
+            epoch: pools.map().epoch().0 as i64,
         }))
     }
 

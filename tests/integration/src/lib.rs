@@ -62,10 +62,10 @@ impl Instance {
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let config = Config::try_parse_from(args).expect("config");
-        let map = conversation::shard_map(&config).await.expect("shard map");
         let store = conversation::connect(&config)
             .await
             .expect("connect and migrate");
+        let map = store.pools().map().clone();
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(async move {
             conversation::serve(&config, store, listener, async {
