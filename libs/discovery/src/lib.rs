@@ -25,6 +25,7 @@ pub mod endpoint;
 pub mod keys;
 pub mod leader;
 mod list;
+pub mod records;
 pub mod registration;
 mod service_set;
 pub mod shard_map;

@@ -246,11 +246,6 @@ impl ShardPools {
         Ok(())
     }
 
-    /// The index of shard `id` in this map.
-    pub fn index_of(&self, id: &str) -> Option<ShardIndex> {
-        self.map.shards().iter().position(|s| s.id.as_str() == id)
-    }
-
     /// The shard map these pools serve.
     pub fn map(&self) -> &ShardMap {
         &self.map

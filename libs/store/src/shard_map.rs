@@ -273,6 +273,69 @@ impl ShardMap {
         self
     }
 
+    /// The next epoch's map with `shard` added, owning no slots yet.
+    pub fn with_shard(&self, shard: Shard) -> Result<Self, ShardMapError> {
+        let mut shards = self.placement();
+        shards.push((shard, Vec::new()));
+        Self::new(Epoch(self.epoch.0 + 1), shards)
+    }
+
+    /// The next epoch's map with the slots of `range` owned by shard `to`.
+    pub fn with_range_moved(
+        &self,
+        range: RangeInclusive<u16>,
+        to: ShardIndex,
+    ) -> Result<Self, ShardMapError> {
+        if range.start() > range.end() || *range.end() >= SLOT_COUNT || to >= self.shards.len() {
+            return Err(ShardMapError::BadRange(format!(
+                "{}-{}",
+                range.start(),
+                range.end()
+            )));
+        }
+        let mut next = self.clone();
+        for slot in range {
+            next.owner[usize::from(slot)] = to as u16;
+        }
+        next.epoch = Epoch(self.epoch.0 + 1);
+        Ok(next)
+    }
+
+    /// The shards with the ranges each owns, as [`ShardMap::new`] takes them.
+    fn placement(&self) -> Vec<(Shard, Vec<RangeInclusive<u16>>)> {
+        let ranges = self.ranges();
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(index, shard)| {
+                let owned = ranges
+                    .iter()
+                    .filter(|(_, owner)| *owner == index)
+                    .map(|(range, _)| range.clone())
+                    .collect();
+                (shard.clone(), owned)
+            })
+            .collect()
+    }
+
+    /// The index of shard `id`.
+    pub fn index_of(&self, id: &str) -> Option<ShardIndex> {
+        self.shards.iter().position(|s| s.id.as_str() == id)
+    }
+
+    /// The one shard owning every slot of `range`, if a single shard does.
+    pub fn sole_owner(&self, range: &RangeInclusive<u16>) -> Option<ShardIndex> {
+        let first = usize::from(*self.owner.get(usize::from(*range.start()))?);
+        range
+            .clone()
+            .all(|slot| {
+                self.owner
+                    .get(usize::from(slot))
+                    .is_some_and(|&o| usize::from(o) == first)
+            })
+            .then_some(first)
+    }
+
     /// The map's epoch.
     pub fn epoch(&self) -> Epoch {
         self.epoch
@@ -372,6 +435,22 @@ mod tests {
         "#;
         let map = ShardMap::from_toml(ok).unwrap();
         assert_eq!(map.epoch(), Epoch(7));
+        assert_eq!(map.sole_owner(&(0..=99)), Some(0));
+        assert_eq!(map.sole_owner(&(90..=110)), None);
+        let moved = map.with_range_moved(50..=99, 1).unwrap();
+        assert_eq!(moved.epoch(), Epoch(8));
+        assert_eq!(moved.owner(Slot::new(50).unwrap()), 1);
+        assert_eq!(moved.owner(Slot::new(49).unwrap()), 0);
+        let grown = map
+            .with_shard(Shard {
+                id: ShardId::new("shard-c").unwrap(),
+                primary: "postgres://c".into(),
+                replicas: Vec::new(),
+            })
+            .unwrap();
+        assert_eq!(grown.shards().len(), 3);
+        assert_eq!(grown.ranges(), map.ranges());
+        assert_eq!(ShardMap::from_toml(&grown.to_toml()).unwrap(), grown);
         assert_eq!(map.owner(Slot::new(150).unwrap()), 1);
         assert_eq!(map.owner(Slot::new(250).unwrap()), 0);
 

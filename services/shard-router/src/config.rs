@@ -35,6 +35,25 @@ pub struct Config {
     #[command(flatten)]
     pub registration: RegistrationArgs,
 
+    /// Catch-up passes of a move stop, and its cut-over begins, once a pass re-syncs at
+    /// most this many conversations (they are applied while the range is frozen).
+    #[arg(long, env = "CONVOY_MOVE_TAIL_THRESHOLD", default_value_t = 20)]
+    pub move_tail_threshold: usize,
+
+    /// Milliseconds between a move's cut-over and deleting its rows from the source.
+    #[arg(long, env = "CONVOY_MOVE_CLEANUP_GRACE_MS", default_value_t = 2000)]
+    pub move_cleanup_grace_ms: u64,
+
+    /// Fault injection for tests: pause this many milliseconds after each step of a move,
+    /// so a test can interrupt it in a given phase.
+    #[arg(
+        long,
+        env = "CONVOY_FAULT_MOVE_STEP_PAUSE_MS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub fault_move_step_pause_ms: u64,
+
     /// Log format.
     #[arg(long, env = "CONVOY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -49,6 +68,16 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading shard map {}: {e}", path.display()))?;
         Ok(Some(ShardMap::from_toml(&text).map_err(StoreError::from)?))
+    }
+
+    /// How moves run.
+    pub fn move_settings(&self) -> crate::operations::MoveSettings {
+        crate::operations::MoveSettings {
+            tail_threshold: self.move_tail_threshold,
+            cleanup_grace: std::time::Duration::from_millis(self.move_cleanup_grace_ms),
+            step_pause: std::time::Duration::from_millis(self.fault_move_step_pause_ms),
+            ..Default::default()
+        }
     }
 
     /// Server settings.

@@ -10,15 +10,21 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod mover;
+pub mod operations;
 pub mod service;
 
 use std::future::Future;
 
+use convoy_discovery::EtcdConfig;
+use convoy_discovery::records::Records;
 use convoy_discovery::shard_map::ShardMapStore;
 use convoy_mesh::ServerBuilder;
 use convoy_proto::v1::shard_router_service_server::ShardRouterServiceServer;
 use convoy_store::{PoolSettings, ShardPools};
+use operations::Driver;
 use tokio::net::TcpListener;
+use tokio_util::task::AbortOnDropHandle;
 
 pub use config::Config;
 pub use service::RouterApi;
@@ -67,6 +73,15 @@ pub async fn serve(
     tracing::info!(epoch = stored.map.epoch().0, "shard map in force");
     let (pools, _following) =
         convoy_discovery::shard_map::follow(&store, router_pools(stored.map)?);
+    let records = Records::connect(&etcd, operations::KIND).await?;
+    let driver = Driver {
+        records: records.clone(),
+        maps: store.clone(),
+        pools: pools.clone(),
+        settings: config.move_settings(),
+    };
+    let candidate = format!("{}", listener.local_addr()?);
+    let _leading = AbortOnDropHandle::new(tokio::spawn(lead(etcd.clone(), candidate, driver)));
     let deregister = config
         .registration
         .register_until_drained(
@@ -76,8 +91,29 @@ pub async fn serve(
         )
         .await?;
     let result = ServerBuilder::new(config.server_config())
-        .add_service(ShardRouterServiceServer::new(RouterApi::new(pools)))
+        .add_service(ShardRouterServiceServer::new(RouterApi::new(
+            pools, store, records,
+        )))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
     Ok(result?)
+}
+
+/// Campaigns for leadership among the routers and, while leading, drives the moves; a
+/// leader that loses its lease stops at once and campaigns again.
+async fn lead(etcd: EtcdConfig, candidate: String, driver: Driver) {
+    loop {
+        match convoy_discovery::leader::campaign(&etcd, config::SERVICE_NAME, &candidate).await {
+            Ok(leadership) => {
+                tokio::select! {
+                    () = leadership.lost() => tracing::warn!("lost leadership; moves pause until re-elected"),
+                    () = driver.run() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "campaigning for leadership failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
 }

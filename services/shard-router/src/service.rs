@@ -18,7 +18,11 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use convoy_store::{LivePools, ShardPools};
+use convoy_discovery::records::Records;
+use convoy_discovery::shard_map::ShardMapStore;
+use convoy_store::{LivePools, Shard, ShardId, ShardPools};
+
+use crate::operations::{MoveOp, Phase};
 
 /// Longest team id, in bytes.
 const MAX_TEAM_BYTES: usize = 128;
@@ -27,12 +31,19 @@ const MAX_TEAM_BYTES: usize = 128;
 #[derive(Clone, Debug)]
 pub struct RouterApi {
     pools: LivePools,
+    maps: ShardMapStore,
+    operations: Records,
 }
 
 impl RouterApi {
-    /// A service answering from the map in force (and its pools' node checks).
-    pub fn new(pools: LivePools) -> Self {
-        Self { pools }
+    /// A service answering from the map in force (and its pools' node checks), changing
+    /// the map in `maps` and recording moves in `operations`.
+    pub fn new(pools: LivePools, maps: ShardMapStore, operations: Records) -> Self {
+        Self {
+            pools,
+            maps,
+            operations,
+        }
     }
 
     fn current(&self) -> Arc<ShardPools> {
@@ -143,8 +154,32 @@ fn invalid(field: &str, description: impl Into<String>) -> Status {
     )
 }
 
-fn not_yet() -> Status {
-    Status::unimplemented("online resharding is not built yet: the map changes only by CAS in etcd")
+fn etcd_error(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("etcd: {e}"))
+}
+
+/// `host:port` with a non-empty host and a numeric port.
+fn valid_address(address: &str) -> bool {
+    address.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(['/', '@', '?']) && port.parse::<u16>().is_ok()
+    })
+}
+
+/// `template` (a DSN) pointing at `address` instead: same user, database and options.
+fn dsn_at(template: &str, address: &str) -> Option<String> {
+    let (scheme, rest) = template.split_once("://")?;
+    let (userinfo, hostpart) = match rest.split_once('@') {
+        Some((user, host)) => (format!("{user}@"), host),
+        None => (String::new(), rest),
+    };
+    let tail = hostpart.find(['/', '?']).map_or("", |at| &hostpart[at..]);
+    Some(format!("{scheme}://{userinfo}{address}{tail}"))
+}
+
+fn operation_id(name: &str) -> Result<&str, Status> {
+    name.strip_prefix("operations/")
+        .filter(|id| !id.is_empty() && id.len() <= 64 && !id.contains('/'))
+        .ok_or_else(|| invalid("name", "must be operations/{id}"))
 }
 
 type MapStream = Pin<Box<dyn Stream<Item = Result<pb::ShardMap, Status>> + Send>>;
@@ -210,37 +245,231 @@ impl ShardRouterService for RouterApi {
 
     async fn add_shard(
         &self,
-        _request: Request<pb::AddShardRequest>,
+        request: Request<pb::AddShardRequest>,
     ) -> Result<Response<pb::Shard>, Status> {
-        Err(not_yet())
+        let request = request.into_inner();
+        let id = ShardId::new(request.shard_id.clone())
+            .map_err(|e| invalid("shard_id", e.to_string()))?;
+        for (field, address) in std::iter::once(("primary_address", &request.primary_address))
+            .chain(
+                request
+                    .replica_addresses
+                    .iter()
+                    .map(|a| ("replica_addresses", a)),
+            )
+        {
+            if !valid_address(address) {
+                return Err(invalid(field, format!("{address:?} is not host:port")));
+            }
+        }
+        let stored = self
+            .maps
+            .load()
+            .await
+            .map_err(etcd_error)?
+            .ok_or_else(|| Status::failed_precondition("etcd holds no shard map yet"))?;
+        let template = &stored.map.shards()[0].primary;
+        let dsn = |address: &str| {
+            dsn_at(template, address).ok_or_else(|| Status::internal("the map's DSNs do not parse"))
+        };
+        let shard = Shard {
+            id: id.clone(),
+            primary: dsn(&request.primary_address)?,
+            replicas: request
+                .replica_addresses
+                .iter()
+                .map(|a| dsn(a))
+                .collect::<Result<_, _>>()?,
+        };
+        if let Some(index) = stored.map.index_of(id.as_str()) {
+            if stored.map.shards()[index] == shard {
+                return Ok(Response::new(shard_of(&self.current(), id.as_str())));
+            }
+            return Err(Status::already_exists(format!(
+                "shard {id} exists with other servers"
+            )));
+        }
+        // The schema first: a shard in the map is ready for moves.
+        let pools = crate::router_pools(
+            stored
+                .map
+                .with_shard(shard.clone())
+                .map_err(|e| invalid("shard_id", e.to_string()))?,
+        )
+        .map_err(|e| invalid("primary_address", e.to_string()))?;
+        pools
+            .migrate()
+            .await
+            .map_err(|e| Status::unavailable(format!("preparing shard {id}: {e}")))?;
+        let next = stored
+            .map
+            .with_shard(shard)
+            .map_err(|e| invalid("shard_id", e.to_string()))?;
+        self.maps
+            .compare_and_swap(&stored, &next)
+            .await
+            .map_err(|e| Status::aborted(format!("the shard map changed meanwhile; retry: {e}")))?;
+        pools.close().await;
+        tracing::info!(shard = %id, epoch = next.epoch().0, "shard added");
+        let mut waiting = self.pools.clone();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            waiting.wait_for(|p| p.map().epoch() >= next.epoch()),
+        )
+        .await;
+        Ok(Response::new(shard_of(&self.current(), id.as_str())))
     }
 
     async fn move_slots(
         &self,
-        _request: Request<pb::MoveSlotsRequest>,
+        request: Request<pb::MoveSlotsRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        Err(not_yet())
+        let request = request.into_inner();
+        let slot = |field: &str, n: i32| {
+            u16::try_from(n)
+                .ok()
+                .filter(|n| *n < SLOT_COUNT)
+                .ok_or_else(|| invalid(field, format!("must be a slot in 0-{}", SLOT_COUNT - 1)))
+        };
+        let (start, end) = (slot("start", request.start)?, slot("end", request.end)?);
+        if start > end {
+            return Err(invalid("end", "must be at least start"));
+        }
+        if self.current().map().index_of(&request.to_shard).is_none() {
+            return Err(Status::with_error_details(
+                Code::FailedPrecondition,
+                format!(
+                    "shard {:?} is not in the map: AddShard it first",
+                    request.to_shard
+                ),
+                ErrorDetails::with_precondition_failure_violation(
+                    "SHARD",
+                    request.to_shard.clone(),
+                    "add the shard with AddShard",
+                ),
+            ));
+        }
+        let id = if request.request_id.is_empty() {
+            uuid::Uuid::now_v7()
+        } else {
+            uuid::Uuid::parse_str(&request.request_id)
+                .map_err(|_| invalid("request_id", "must be a UUID"))?
+        }
+        .to_string();
+        let op = MoveOp::new(id.clone(), start..=end, request.to_shard);
+        let stored = self.operations.create(&id, &op).await.map_err(etcd_error)?;
+        let same = (stored.value.start, stored.value.end, &stored.value.to_shard)
+            == (op.start, op.end, &op.to_shard);
+        if !same {
+            return Err(Status::already_exists(format!(
+                "request_id {id} was used for another move"
+            )));
+        }
+        Ok(Response::new(stored.value.wire()))
     }
 
     async fn get_operation(
         &self,
-        _request: Request<pb::GetOperationRequest>,
+        request: Request<pb::GetOperationRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        Err(not_yet())
+        let name = request.into_inner().name;
+        let id = operation_id(&name)?;
+        let op = self
+            .operations
+            .get::<MoveOp>(id)
+            .await
+            .map_err(etcd_error)?
+            .ok_or_else(|| Status::not_found(format!("{name} not found")))?;
+        Ok(Response::new(op.value.wire()))
     }
 
     async fn list_operations(
         &self,
-        _request: Request<pb::ListOperationsRequest>,
+        request: Request<pb::ListOperationsRequest>,
     ) -> Result<Response<pb::ListOperationsResponse>, Status> {
-        Err(not_yet())
+        let request = request.into_inner();
+        let size = match request.page_size {
+            n if n <= 0 => 50,
+            n => n.min(500) as usize,
+        };
+        let mut ops: Vec<MoveOp> = self
+            .operations
+            .list::<MoveOp>(10_000)
+            .await
+            .map_err(etcd_error)?
+            .into_iter()
+            .map(|s| s.value)
+            .collect();
+        ops.sort_by(|a, b| (b.create_ms, &b.id).cmp(&(a.create_ms, &a.id)));
+        let skip = if request.page_token.is_empty() {
+            0
+        } else {
+            ops.iter()
+                .position(|op| op.id == request.page_token)
+                .map(|at| at + 1)
+                .ok_or_else(|| invalid("page_token", "is not a token this method returned"))?
+        };
+        let page: Vec<&MoveOp> = ops.iter().skip(skip).take(size).collect();
+        let next_page_token = match page.last() {
+            Some(last) if skip + page.len() < ops.len() => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListOperationsResponse {
+            operations: page.into_iter().map(MoveOp::wire).collect(),
+            next_page_token,
+        }))
     }
 
     async fn cancel_operation(
         &self,
-        _request: Request<pb::CancelOperationRequest>,
+        request: Request<pb::CancelOperationRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        Err(not_yet())
+        let name = request.into_inner().name;
+        let id = operation_id(&name)?;
+        for _ in 0..5 {
+            let stored = self
+                .operations
+                .get::<MoveOp>(id)
+                .await
+                .map_err(etcd_error)?
+                .ok_or_else(|| Status::not_found(format!("{name} not found")))?;
+            let op = &stored.value;
+            if op.phase.is_done() || op.cancel_requested {
+                return Ok(Response::new(op.wire()));
+            }
+            if matches!(op.phase, Phase::CuttingOver | Phase::CleaningUp) {
+                return Err(Status::with_error_details(
+                    Code::FailedPrecondition,
+                    format!("{name} is past its cut-over and will finish"),
+                    ErrorDetails::with_precondition_failure_violation(
+                        "PHASE",
+                        name.clone(),
+                        "a move can be cancelled only before its cut-over",
+                    ),
+                ));
+            }
+            let mut next = op.clone();
+            next.cancel_requested = true;
+            if let Some(saved) = self
+                .operations
+                .swap(id, stored.revision, &next)
+                .await
+                .map_err(etcd_error)?
+            {
+                return Ok(Response::new(saved.value.wire()));
+            }
+        }
+        Err(Status::aborted("the operation kept changing; retry"))
+    }
+}
+
+fn shard_of(pools: &ShardPools, id: &str) -> pb::Shard {
+    match pools.map().index_of(id) {
+        Some(index) => shard(pools, index),
+        None => pb::Shard {
+            id: id.to_owned(),
+            ..Default::default()
+        },
     }
 }
 
@@ -256,5 +485,25 @@ mod tests {
         );
         assert_eq!(lsn_text(0x16_B374_D848), "16/B374D848");
         assert_eq!(lsn_text(0), "0/0");
+    }
+
+    #[test]
+    fn new_shards_take_the_template_dsn_with_their_own_address() {
+        assert_eq!(
+            dsn_at(
+                "postgres://convoy:pw@10.0.0.1:5432/convoy?sslmode=disable",
+                "db-3:6432"
+            )
+            .as_deref(),
+            Some("postgres://convoy:pw@db-3:6432/convoy?sslmode=disable")
+        );
+        assert_eq!(
+            dsn_at("postgres://127.0.0.1:5432/convoy", "127.0.0.1:7000").as_deref(),
+            Some("postgres://127.0.0.1:7000/convoy")
+        );
+        assert!(valid_address("db:5432"));
+        assert!(!valid_address("db"));
+        assert!(!valid_address("user@db:5432"));
+        assert!(!valid_address(":5432"));
     }
 }

@@ -15,6 +15,7 @@ use conversation::Config;
 use convoy_proto::v1 as pb;
 use convoy_proto::v1::cache_service_client::CacheServiceClient;
 use convoy_proto::v1::conversation_service_client::ConversationServiceClient;
+use convoy_proto::v1::shard_router_service_client::ShardRouterServiceClient;
 use convoy_store::ShardMap;
 use convoy_testkit::Postgres;
 use sqlx::PgPool;
@@ -358,4 +359,66 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
         .get_details_bad_request()
         .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default()
+}
+
+/// A shard-router running in this process until dropped (dropping it is a crash: no
+/// graceful shutdown).
+pub struct Router {
+    /// A client of it.
+    pub client: ShardRouterServiceClient<Channel>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    _task: tokio_util::task::AbortOnDropHandle<anyhow::Result<()>>,
+    _seed: tempfile::NamedTempFile,
+}
+
+impl Router {
+    /// Starts a router on the etcd at `etcd_endpoint`, seeding `seed` if etcd holds no map,
+    /// with `extra` flags.
+    pub async fn start(etcd_endpoint: &str, seed: &ShardMap, extra: &[&str]) -> Router {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), seed.to_toml()).expect("write the seed map");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let mut args = vec![
+            "shard-router".to_owned(),
+            "--listen".into(),
+            addr.to_string(),
+            "--etcd-endpoint".into(),
+            etcd_endpoint.to_owned(),
+            "--shard-map".into(),
+            file.path().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let config = shard_router::Config::try_parse_from(args).expect("router config");
+        let task = tokio::spawn(async move {
+            shard_router::serve(&config, listener, std::future::pending()).await
+        });
+        // Serving once the map is read (the listener accepts connections before that).
+        let mut client = None;
+        for _ in 0..200 {
+            if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
+                .expect("uri")
+                .connect()
+                .await
+            {
+                let mut candidate = ShardRouterServiceClient::new(channel);
+                if candidate
+                    .get_shard_map(pb::GetShardMapRequest {})
+                    .await
+                    .is_ok()
+                {
+                    client = Some(candidate);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Router {
+            client: client.expect("the router starts"),
+            addr,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+            _seed: file,
+        }
+    }
 }

@@ -4,51 +4,23 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use convoy_discovery::EtcdConfig;
 use convoy_discovery::shard_map::ShardMapStore;
+use convoy_integration_tests::Router;
 use convoy_proto::v1 as pb;
 use convoy_proto::v1::shard_router_service_client::ShardRouterServiceClient;
 use convoy_store::{Epoch, Shard, ShardId, ShardMap, Slot};
 use convoy_testkit::{Etcd, Postgres};
-use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 /// Starts a router in this process; returns a client of it.
 async fn router(etcd: &Etcd, seed: &ShardMap, extra: &[&str]) -> ShardRouterServiceClient<Channel> {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), seed.to_toml()).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut args = vec![
-        "shard-router".to_owned(),
-        "--listen".into(),
-        addr.to_string(),
-        "--etcd-endpoint".into(),
-        etcd.endpoint(),
-        "--shard-map".into(),
-        file.path().display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let config = shard_router::Config::try_parse_from(args).unwrap();
-    tokio::spawn(async move {
-        let _file = file;
-        shard_router::serve(&config, listener, std::future::pending()).await
-    });
-    let mut client = None;
-    for _ in 0..100 {
-        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            client = Some(ShardRouterServiceClient::new(channel));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    client.expect("the router starts")
+    let router = Router::start(&etcd.endpoint(), seed, extra).await;
+    let client = router.client.clone();
+    // The router runs for the rest of the test.
+    std::mem::forget(router);
+    client
 }
 
 fn map(epoch: u64, primary: &Postgres, replica: &Postgres, other: &Postgres) -> ShardMap {

@@ -1,0 +1,467 @@
+//! Online resharding against real etcd and Postgres: a slot range moves to a new shard while
+//! clients write and read through a conversation instance that follows the map in etcd.
+//! Afterwards every acknowledged write is stored exactly once, on the shard that owns it,
+//! and no client call failed: fenced writes were retried inside the service.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use convoy_integration_tests::{Instance, Router, message, new_conversation};
+use convoy_proto::v1 as pb;
+use convoy_proto::v1::conversation_service_client::ConversationServiceClient;
+use convoy_proto::v1::shard_router_service_client::ShardRouterServiceClient;
+use convoy_store::{Epoch, Shard, ShardId, ShardMap, Slot};
+use convoy_testkit::{Etcd, Postgres};
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+const MOVED: std::ops::RangeInclusive<u16> = 0..=255;
+
+fn seed(shards: &[Postgres]) -> ShardMap {
+    ShardMap::new(
+        Epoch(1),
+        vec![
+            (
+                Shard {
+                    id: ShardId::new("shard-0").unwrap(),
+                    primary: shards[0].dsn(),
+                    replicas: Vec::new(),
+                },
+                vec![0..=511],
+            ),
+            (
+                Shard {
+                    id: ShardId::new("shard-1").unwrap(),
+                    primary: shards[1].dsn(),
+                    replicas: Vec::new(),
+                },
+                vec![512..=1023],
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+/// Teams, half of them in the moved range.
+fn teams() -> Vec<String> {
+    let (mut moved, mut staying) = (Vec::new(), Vec::new());
+    for i in 0.. {
+        let team = format!("team-{i}");
+        if MOVED.contains(&Slot::for_team(&team).get()) {
+            if moved.len() < 12 {
+                moved.push(team);
+            }
+        } else if staying.len() < 12 {
+            staying.push(team);
+        }
+        if moved.len() == 12 && staying.len() == 12 {
+            break;
+        }
+    }
+    moved.into_iter().chain(staying).collect()
+}
+
+/// What clients were told: each acknowledged conversation and how many events it holds.
+#[derive(Default)]
+struct Acked {
+    events: HashMap<String, i64>,
+    failures: Vec<String>,
+    /// Slowest acknowledged write to a team in the moved range.
+    slowest_moved_write: Duration,
+}
+
+async fn write_loop(
+    mut client: ConversationServiceClient<Channel>,
+    teams: Arc<Vec<String>>,
+    acked: Arc<Mutex<Acked>>,
+    worker: usize,
+    until: Arc<tokio::sync::Notify>,
+) {
+    let mut round = 0usize;
+    let stop = until.notified();
+    tokio::pin!(stop);
+    loop {
+        let team = &teams[(worker * 7 + round) % teams.len()];
+        let moved = MOVED.contains(&Slot::for_team(team).get());
+        round += 1;
+        let started = Instant::now();
+        let mut create = new_conversation(team, &format!("w{worker} r{round}"), "body");
+        create.request_id = uuid::Uuid::now_v7().to_string();
+        let written = async {
+            let c = client.create_conversation(create).await?.into_inner();
+            client
+                .append_events(pb::AppendEventsRequest {
+                    parent: c.name.clone(),
+                    events: vec![message(1, "a"), message(2, "b")],
+                })
+                .await?;
+            Ok::<_, tonic::Status>(c.name)
+        }
+        .await;
+        let elapsed = started.elapsed();
+        {
+            let mut acked = acked.lock().unwrap();
+            match written {
+                Ok(name) => {
+                    acked.events.insert(name, 2);
+                    if moved {
+                        acked.slowest_moved_write = acked.slowest_moved_write.max(elapsed / 2);
+                    }
+                }
+                Err(status) => acked.failures.push(format!("write: {status}")),
+            }
+        }
+        if tokio::time::timeout(Duration::from_millis(5), &mut stop)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+async fn read_loop(
+    mut client: ConversationServiceClient<Channel>,
+    acked: Arc<Mutex<Acked>>,
+    until: Arc<tokio::sync::Notify>,
+) -> usize {
+    let mut reads = 0;
+    let stop = until.notified();
+    tokio::pin!(stop);
+    loop {
+        let names: Vec<String> = acked
+            .lock()
+            .unwrap()
+            .events
+            .keys()
+            .take(50)
+            .cloned()
+            .collect();
+        for name in names {
+            match client
+                .get_conversation(pb::GetConversationRequest { name: name.clone() })
+                .await
+            {
+                Ok(_) => reads += 1,
+                Err(status) => acked
+                    .lock()
+                    .unwrap()
+                    .failures
+                    .push(format!("read {name}: {status}")),
+            }
+        }
+        if tokio::time::timeout(Duration::from_millis(5), &mut stop)
+            .await
+            .is_ok()
+        {
+            return reads;
+        }
+    }
+}
+
+/// How many rows of conversation `name` (and of its events) shard `pool` holds.
+async fn stored(pool: &PgPool, name: &str) -> (i64, i64) {
+    let parts: Vec<&str> = name.split('/').collect();
+    let (team, id) = (parts[1], uuid::Uuid::parse_str(parts[3]).unwrap());
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM conversations WHERE team_id = $1 AND id = $2), \
+                (SELECT count(*) FROM conversation_events WHERE team_id = $1 AND conversation_id = $2)",
+    )
+    .bind(team)
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn wait_done(router: &mut ShardRouterServiceClient<Channel>, name: &str) -> pb::Operation {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        // A router being replaced answers UNAVAILABLE for a moment.
+        if let Ok(op) = router
+            .get_operation(pb::GetOperationRequest { name: name.into() })
+            .await
+        {
+            let op = op.into_inner();
+            if op.done {
+                return op;
+            }
+        }
+        assert!(Instant::now() < deadline, "the move did not finish in 90 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn phase(router: &mut ShardRouterServiceClient<Channel>, name: &str) -> Option<i32> {
+    router
+        .get_operation(pb::GetOperationRequest { name: name.into() })
+        .await
+        .ok()
+        .map(|op| op.into_inner().phase)
+}
+
+struct Setup {
+    etcd: Etcd,
+    shards: Vec<Postgres>,
+    pools: Vec<PgPool>,
+    seed: ShardMap,
+    instance: Instance,
+    client: ConversationServiceClient<Channel>,
+}
+
+async fn setup() -> Setup {
+    let etcd = Etcd::start().await.unwrap();
+    let shards = convoy_testkit::start_postgres_shards(3).await.unwrap();
+    let seed = seed(&shards);
+    let endpoint = etcd.endpoint();
+    // A first router publishes the map; the instance follows it.
+    let publisher = Router::start(&endpoint, &seed, &[]).await;
+    drop(publisher);
+    let instance =
+        Instance::start_with_flags(&["--shard-map-from-etcd", "--etcd-endpoint", &endpoint]).await;
+    let client =
+        ConversationServiceClient::new(convoy_integration_tests::channel_to(instance.addr).await);
+    let mut pools = Vec::new();
+    for shard in &shards {
+        pools.push(PgPool::connect(&shard.dsn()).await.unwrap());
+    }
+    Setup {
+        etcd,
+        shards,
+        pools,
+        seed,
+        instance,
+        client,
+    }
+}
+
+/// Every acknowledged conversation is stored exactly once, on its owner, with its events.
+async fn assert_placed(pools: &[PgPool], acked: &Acked) {
+    for (name, events) in &acked.events {
+        let team = name.split('/').nth(1).unwrap();
+        let owner = if MOVED.contains(&Slot::for_team(team).get()) {
+            2
+        } else if Slot::for_team(team).get() < 512 {
+            0
+        } else {
+            1
+        };
+        for (index, pool) in pools.iter().enumerate() {
+            let (rows, stored_events) = stored(pool, name).await;
+            if index == owner {
+                assert_eq!(
+                    (rows, stored_events),
+                    (1, *events),
+                    "{name} on its owner shard-{index}"
+                );
+            } else {
+                assert_eq!(
+                    (rows, stored_events),
+                    (0, 0),
+                    "{name} also on shard-{index}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moving_half_of_shard_0_under_load_loses_nothing_and_no_client_call_fails() {
+    let s = setup().await;
+    let mut router = Router::start(
+        &s.etcd.endpoint(),
+        &s.seed,
+        &["--move-cleanup-grace-ms", "300"],
+    )
+    .await;
+    let teams = Arc::new(teams());
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut load = JoinSet::new();
+    for worker in 0..4 {
+        load.spawn(write_loop(
+            s.client.clone(),
+            teams.clone(),
+            acked.clone(),
+            worker,
+            stop.clone(),
+        ));
+    }
+    let reader = tokio::spawn(read_loop(s.client.clone(), acked.clone(), stop.clone()));
+    // Some data before the move.
+    while acked.lock().unwrap().events.len() < 200 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let added = router
+        .client
+        .add_shard(pb::AddShardRequest {
+            shard_id: "shard-2".into(),
+            primary_address: format!("127.0.0.1:{}", s.shards[2].port()),
+            replica_addresses: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(added.id, "shard-2");
+    let op = router
+        .client
+        .move_slots(pb::MoveSlotsRequest {
+            start: i32::from(*MOVED.start()),
+            end: i32::from(*MOVED.end()),
+            to_shard: "shard-2".into(),
+            request_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let done = wait_done(&mut router.client, &op.name).await;
+    // Load goes on a little on the new map, then stops.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.notify_waiters();
+    while load.join_next().await.is_some() {}
+    let reads = reader.await.unwrap();
+
+    assert_eq!(done.phase, pb::operation::Phase::Done as i32, "{done:?}");
+    let pause = done.write_pause.expect("the write pause is reported");
+    let pause = Duration::new(pause.seconds as u64, pause.nanos as u32);
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    println!(
+        "moved slots {MOVED:?}: {} rows copied, write pause {pause:?}, slowest acknowledged \
+         write to the moved range {:?}, {} writes and {reads} reads acknowledged",
+        done.rows_copied,
+        acked.slowest_moved_write,
+        acked.events.len()
+    );
+    assert!(
+        acked.failures.is_empty(),
+        "client calls failed: {:?}",
+        acked.failures
+    );
+    assert!(reads > 0);
+    assert_placed(&s.pools, &acked).await;
+
+    // The map routes the range to shard-2, and the service follows it.
+    let map = router
+        .client
+        .get_shard_map(pb::GetShardMapRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        map.ranges
+            .iter()
+            .any(|r| (r.start, r.end, r.shard.as_str()) == (0, 255, "shard-2"))
+    );
+    drop(s.instance);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_survives_a_router_and_etcd_restart_and_a_cancelled_one_changes_nothing() {
+    let mut s = setup().await;
+    let endpoint = s.etcd.endpoint();
+    let slow = [
+        "--move-cleanup-grace-ms",
+        "100",
+        "--fault-move-step-pause-ms",
+        "150",
+    ];
+    let mut first = Router::start(&endpoint, &s.seed, &slow).await;
+    let teams = Arc::new(teams());
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut load = JoinSet::new();
+    for worker in 0..2 {
+        load.spawn(write_loop(
+            s.client.clone(),
+            teams.clone(),
+            acked.clone(),
+            worker,
+            stop.clone(),
+        ));
+    }
+    while acked.lock().unwrap().events.len() < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first
+        .client
+        .add_shard(pb::AddShardRequest {
+            shard_id: "shard-2".into(),
+            primary_address: format!("127.0.0.1:{}", s.shards[2].port()),
+            replica_addresses: Vec::new(),
+        })
+        .await
+        .unwrap();
+
+    // A move cancelled before its cut-over leaves everything where it was.
+    let cancelled = first
+        .client
+        .move_slots(pb::MoveSlotsRequest {
+            start: 0,
+            end: 255,
+            to_shard: "shard-2".into(),
+            request_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while phase(&mut first.client, &cancelled.name).await
+        != Some(pb::operation::Phase::Copying as i32)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first
+        .client
+        .cancel_operation(pb::CancelOperationRequest {
+            name: cancelled.name.clone(),
+        })
+        .await
+        .unwrap();
+    let over = wait_done(&mut first.client, &cancelled.name).await;
+    assert_eq!(
+        over.phase,
+        pb::operation::Phase::Cancelled as i32,
+        "{over:?}"
+    );
+    let on_target: i64 = sqlx::query_scalar("SELECT count(*) FROM conversations")
+        .fetch_one(&s.pools[2])
+        .await
+        .unwrap();
+    assert_eq!(on_target, 0, "a cancelled move leaves no copies");
+
+    // A move interrupted mid-copy by a router crash and an etcd restart is resumed by the
+    // next leader.
+    let op = first
+        .client
+        .move_slots(pb::MoveSlotsRequest {
+            start: 0,
+            end: 255,
+            to_shard: "shard-2".into(),
+            request_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while phase(&mut first.client, &op.name).await != Some(pb::operation::Phase::Copying as i32) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(first);
+    s.etcd.restart().await.unwrap();
+    let mut second = Router::start(&endpoint, &s.seed, &["--move-cleanup-grace-ms", "100"]).await;
+    let done = wait_done(&mut second.client, &op.name).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.notify_waiters();
+    while load.join_next().await.is_some() {}
+
+    assert_eq!(done.phase, pb::operation::Phase::Done as i32, "{done:?}");
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(
+        acked.failures.is_empty(),
+        "client calls failed: {:?}",
+        acked.failures
+    );
+    assert_placed(&s.pools, &acked).await;
+    drop(s.instance);
+}
