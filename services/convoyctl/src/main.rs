@@ -27,6 +27,25 @@ enum Command {
     Status,
     /// The shard map, with every node's health and replica lag (from the shard-router).
     Shards,
+    /// Moves slots START..=END to shard TO online, with a progress bar (adds TO first with
+    /// --add-primary).
+    Reshard {
+        /// First slot to move.
+        #[arg(long)]
+        start: u16,
+        /// Last slot to move, inclusive.
+        #[arg(long)]
+        end: u16,
+        /// The shard that receives them.
+        #[arg(long)]
+        to: String,
+        /// Add TO as a new shard first, with this primary `host:port`.
+        #[arg(long)]
+        add_primary: Option<String>,
+        /// The new shard's replicas, `host:port` (repeat).
+        #[arg(long)]
+        add_replica: Vec<String>,
+    },
     /// The cache tier.
     Cache {
         #[command(subcommand)]
@@ -64,6 +83,38 @@ async fn main() -> anyhow::Result<()> {
         Command::Shards => {
             let shards = convoyctl::shards::shards(&etcd).await?;
             print!("{}", convoyctl::shards::render(&shards));
+        }
+        Command::Reshard {
+            start,
+            end,
+            to,
+            add_primary,
+            add_replica,
+        } => {
+            let plan = convoyctl::reshard::Reshard {
+                start,
+                end,
+                to,
+                add_primary,
+                add_replicas: add_replica,
+            };
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{bar:40}] {pos}/{len} rows {msg}",
+                )
+                .expect("a valid template"),
+            );
+            let done = convoyctl::reshard::reshard(&etcd, &plan, |op| {
+                bar.set_length(op.rows_total.max(op.rows_copied).max(0) as u64);
+                bar.set_position(op.rows_copied.max(0) as u64);
+                bar.set_message(convoyctl::reshard::phase(op));
+            })
+            .await?;
+            bar.finish_and_clear();
+            println!("{}", convoyctl::reshard::summary(&done));
+            if !matches!(convoyctl::reshard::phase(&done), "done") {
+                std::process::exit(1);
+            }
         }
         Command::Cache {
             command: CacheCommand::Consistency { redis_url },

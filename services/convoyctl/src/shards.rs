@@ -6,14 +6,18 @@ use convoy_discovery::EtcdConfig;
 use convoy_proto::v1 as pb;
 use convoy_proto::v1::shard_router_service_client::ShardRouterServiceClient;
 
-/// The shards (and the map's epoch) from a shard-router found in etcd.
-pub async fn shards(etcd: &EtcdConfig) -> anyhow::Result<pb::ListShardsResponse> {
-    let transport = convoy_client::transport(
+/// A client of the shard-routers found in etcd.
+pub fn router(etcd: &EtcdConfig) -> ShardRouterServiceClient<convoy_client::Transport> {
+    ShardRouterServiceClient::new(convoy_client::transport(
         &Discovery::Etcd(etcd.clone()),
         "shard-router",
         ClientConfig::default(),
-    );
-    Ok(ShardRouterServiceClient::new(transport)
+    ))
+}
+
+/// The shards (and the map's epoch) from a shard-router found in etcd.
+pub async fn shards(etcd: &EtcdConfig) -> anyhow::Result<pb::ListShardsResponse> {
+    Ok(router(etcd)
         .list_shards(pb::ListShardsRequest {})
         .await?
         .into_inner())
