@@ -62,6 +62,14 @@ pub async fn serve(
                 epoch = next.epoch().0,
                 "publishing --shard-map over the stored map"
             );
+            // The file is the truth: each shard's ownership follows it, so writes are
+            // fenced by the published placement.
+            let pools = router_pools(next.clone())?;
+            pools.migrate().await?;
+            for index in 0..next.shards().len() {
+                convoy_store::ownership::reset(pools.pool(index), &next, index).await?;
+            }
+            pools.close().await;
             store.compare_and_swap(&stored, &next).await?
         }
         (Some(stored), _) => stored,

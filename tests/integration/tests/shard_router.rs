@@ -230,9 +230,29 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
     assert_eq!(published.epoch, 3);
     assert_eq!(published.ranges[0].end, 99);
 
-    let moving = client
-        .move_slots(pb::MoveSlotsRequest::default())
+    // Moves are checked before they are recorded.
+    let backwards = client
+        .move_slots(pb::MoveSlotsRequest {
+            start: 10,
+            end: 5,
+            to_shard: "shard-1".into(),
+            request_id: String::new(),
+        })
         .await
         .unwrap_err();
-    assert_eq!(moving.code(), tonic::Code::Unimplemented);
+    assert_eq!(backwards.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        convoy_integration_tests::violated_fields(&backwards),
+        ["end"]
+    );
+    let nowhere = client
+        .move_slots(pb::MoveSlotsRequest {
+            start: 0,
+            end: 5,
+            to_shard: "shard-9".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(nowhere.code(), tonic::Code::FailedPrecondition);
 }
