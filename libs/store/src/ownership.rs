@@ -122,27 +122,6 @@ pub async fn seed(pool: &PgPool, map: &ShardMap, index: ShardIndex) -> Result<u6
     Ok(seeded)
 }
 
-/// Makes shard `index`'s ownership exactly what `map` says (slots it owns `owned`, others
-/// `gone`): for an operator who publishes a map by force, never for moves.
-pub async fn reset(pool: &PgPool, map: &ShardMap, index: ShardIndex) -> Result<(), sqlx::Error> {
-    let slots = owned_slots(map, index);
-    let mut tx = pool.begin().await?;
-    sqlx::query("LOCK TABLE slot_ownership IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "INSERT INTO slot_ownership (slot, epoch, state) \
-         SELECT s, $2, CASE WHEN s = ANY($1) THEN 'owned' ELSE 'gone' END \
-         FROM generate_series(0, 1023) AS s \
-         ON CONFLICT (slot) DO UPDATE SET epoch = EXCLUDED.epoch, state = EXCLUDED.state",
-    )
-    .bind(&slots)
-    .bind(map.epoch().0 as i64)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await
-}
-
 fn owned_slots(map: &ShardMap, index: ShardIndex) -> Vec<i16> {
     map.ranges()
         .into_iter()

@@ -301,6 +301,24 @@ impl ShardMap {
         Ok(next)
     }
 
+    /// This placement with the servers (primary and replicas) `other` gives each shard of
+    /// the same id, at the next epoch: a configuration file's addresses, never its slots
+    /// (only moves change placement).
+    pub fn with_servers_of(&self, other: &ShardMap) -> Result<Self, ShardMapError> {
+        let placement = self
+            .placement()
+            .into_iter()
+            .map(|(mut shard, ranges)| {
+                if let Some(o) = other.shards.iter().find(|o| o.id == shard.id) {
+                    shard.primary = o.primary.clone();
+                    shard.replicas = o.replicas.clone();
+                }
+                (shard, ranges)
+            })
+            .collect();
+        Self::new(Epoch(self.epoch.0 + 1), placement)
+    }
+
     /// The shards with the ranges each owns, as [`ShardMap::new`] takes them.
     fn placement(&self) -> Vec<(Shard, Vec<RangeInclusive<u16>>)> {
         let ranges = self.ranges();

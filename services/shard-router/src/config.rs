@@ -25,9 +25,11 @@ pub struct Config {
     #[arg(long, env = "CONVOY_SHARD_MAP")]
     pub shard_map: Option<PathBuf>,
 
-    /// Publish `--shard-map` even over a stored map that differs from it (as the next
-    /// epoch): for fleets whose configuration file is the truth, like the local one, whose
-    /// ports may change between runs. Off: the map in etcd wins.
+    /// Publish the servers (addresses) of `--shard-map` over a stored map whose servers
+    /// differ, as the next epoch: for fleets whose configuration file knows the addresses,
+    /// like the local one, whose ports may change between runs. The placement of slots is
+    /// never taken from the file once a map is stored: only moves change it. Off: the map
+    /// in etcd wins entirely.
     #[arg(long, env = "CONVOY_PUBLISH_SHARD_MAP")]
     pub publish_shard_map: bool,
 

@@ -53,24 +53,19 @@ pub async fn serve(
         .ok_or_else(|| anyhow::anyhow!("the shard-router needs etcd: pass --etcd-endpoint"))?;
     let store = ShardMapStore::connect(&etcd).await?;
     let stored = match (store.load().await?, config.seed_map()?) {
-        (Some(stored), Some(seed))
-            if config.publish_shard_map
-                && seed.clone().with_epoch(stored.map.epoch()) != stored.map =>
-        {
-            let next = seed.with_epoch(convoy_store::Epoch(stored.map.epoch().0 + 1));
-            tracing::warn!(
-                epoch = next.epoch().0,
-                "publishing --shard-map over the stored map"
-            );
-            // The file is the truth: each shard's ownership follows it, so writes are
-            // fenced by the published placement.
-            let pools = router_pools(next.clone())?;
-            pools.migrate().await?;
-            for index in 0..next.shards().len() {
-                convoy_store::ownership::reset(pools.pool(index), &next, index).await?;
+        (Some(stored), Some(seed)) if config.publish_shard_map => {
+            // The file's servers win; the placement stays the stored one, which only moves
+            // change (a file written before a move must not undo it).
+            let next = stored.map.with_servers_of(&seed)?;
+            if next.clone().with_epoch(stored.map.epoch()) == stored.map {
+                stored
+            } else {
+                tracing::warn!(
+                    epoch = next.epoch().0,
+                    "publishing the servers of --shard-map over the stored map"
+                );
+                store.compare_and_swap(&stored, &next).await?
             }
-            pools.close().await;
-            store.compare_and_swap(&stored, &next).await?
         }
         (Some(stored), _) => stored,
         (None, Some(seed)) => store.create_if_absent(&seed).await?,

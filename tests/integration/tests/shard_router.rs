@@ -198,7 +198,8 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
         created.name
     );
 
-    // With --publish-shard-map, a router's file wins when it differs (as the next epoch).
+    // With --publish-shard-map, a router's file gives the servers (as the next epoch), never
+    // the placement: a file written before a move must not undo it.
     let moved = ShardMap::new(
         Epoch(1),
         vec![
@@ -206,7 +207,7 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
                 Shard {
                     id: ShardId::new("shard-0").unwrap(),
                     primary: primary.dsn(),
-                    replicas: vec![replica.dsn()],
+                    replicas: Vec::new(),
                 },
                 vec![0..=99],
             ),
@@ -228,7 +229,11 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
         .unwrap()
         .into_inner();
     assert_eq!(published.epoch, 3);
-    assert_eq!(published.ranges[0].end, 99);
+    assert_eq!(published.ranges[0].end, 511, "the stored placement stays");
+    assert!(
+        published.shards[0].replicas.is_empty(),
+        "the file's servers are published"
+    );
 
     // Moves are checked before they are recorded.
     let backwards = client
