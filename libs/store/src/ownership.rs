@@ -169,6 +169,20 @@ pub async fn set_state(
     .rows_affected())
 }
 
+/// [`set_state`] in a transaction of its own on `pool`.
+pub async fn set_state_on(
+    pool: &PgPool,
+    range: &RangeInclusive<u16>,
+    from: &[SlotState],
+    state: SlotState,
+    epoch: Epoch,
+) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let changed = set_state(&mut tx, range, from, state, epoch).await?;
+    tx.commit().await?;
+    Ok(changed)
+}
+
 /// Freezes the owned slots of `range`: takes the fence's locks exclusively, which waits
 /// out every in-flight writer of the range (at most `lock_timeout`), then marks the slots
 /// frozen. When this returns, no write to the range is in flight and none can start.

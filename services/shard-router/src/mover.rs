@@ -113,17 +113,16 @@ impl Mover {
 
     /// Marks the range incoming on the target (only the mover writes there).
     pub async fn prepare(&self, epoch: Epoch) -> Result<(), sqlx::Error> {
-        let mut tx = self.target.begin().await?;
         // A slot the target owns already cannot be moved onto it; others become incoming.
-        ownership::set_state(
-            &mut tx,
+        ownership::set_state_on(
+            &self.target,
             &self.range,
             &[SlotState::Gone, SlotState::Incoming],
             SlotState::Incoming,
             epoch,
         )
         .await?;
-        tx.commit().await
+        Ok(())
     }
 
     /// A safe watermark of the source's outbox (see the module docs).

@@ -492,16 +492,14 @@ impl Driver {
         .await?;
         let swapped = async {
             mover.catch_up(op.watermark, None).await?;
-            let mut tx = mover.target.begin().await?;
-            ownership::set_state(
-                &mut tx,
+            ownership::set_state_on(
+                &mover.target,
                 &range,
                 &[SlotState::Incoming],
                 SlotState::Owned,
                 epoch,
             )
             .await?;
-            tx.commit().await?;
             let next = stored
                 .map
                 .with_range_moved(range.clone(), to)
@@ -528,16 +526,14 @@ impl Driver {
                 None => return Err(e),
             }
         }
-        let mut tx = mover.source.begin().await?;
-        ownership::set_state(
-            &mut tx,
+        ownership::set_state_on(
+            &mover.source,
             &range,
             &[SlotState::Frozen],
             SlotState::Gone,
             epoch,
         )
         .await?;
-        tx.commit().await?;
         let pause = frozen_at.elapsed();
         metrics::histogram!("convoy_shard_router_write_pause_seconds").record(pause.as_secs_f64());
         tracing::info!(op = %op.id, pause_us = pause.as_micros() as u64, epoch = epoch.0, "cut over");
@@ -546,52 +542,44 @@ impl Driver {
 
     /// The hand-over's ownership changes, idempotently.
     async fn hand_over(&self, mover: &Mover, epoch: Epoch) -> Result<(), StepError> {
-        let mut tx = mover.target.begin().await?;
-        ownership::set_state(
-            &mut tx,
+        ownership::set_state_on(
+            &mover.target,
             &mover.range,
             &[SlotState::Incoming],
             SlotState::Owned,
             epoch,
         )
         .await?;
-        tx.commit().await?;
-        let mut tx = mover.source.begin().await?;
-        ownership::set_state(
-            &mut tx,
+        ownership::set_state_on(
+            &mover.source,
             &mover.range,
             &[SlotState::Frozen, SlotState::Owned],
             SlotState::Gone,
             epoch,
         )
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
     /// Undoes a freeze that did not hand over: the source owns the range again, the
     /// target's copy is incoming again.
     async fn unfreeze(&self, mover: &Mover, epoch: Epoch) -> Result<(), StepError> {
-        let mut tx = mover.target.begin().await?;
-        ownership::set_state(
-            &mut tx,
+        ownership::set_state_on(
+            &mover.target,
             &mover.range,
             &[SlotState::Owned],
             SlotState::Incoming,
             epoch,
         )
         .await?;
-        tx.commit().await?;
-        let mut tx = mover.source.begin().await?;
-        ownership::set_state(
-            &mut tx,
+        ownership::set_state_on(
+            &mover.source,
             &mover.range,
             &[SlotState::Frozen],
             SlotState::Owned,
             epoch,
         )
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -601,16 +589,14 @@ impl Driver {
         let epoch = self.current_map().await?.epoch();
         self.unfreeze(mover, epoch).await?;
         mover.delete_range(&mover.target).await?;
-        let mut tx = mover.target.begin().await?;
-        ownership::set_state(
-            &mut tx,
+        ownership::set_state_on(
+            &mover.target,
             &mover.range,
             &[SlotState::Incoming],
             SlotState::Gone,
             epoch,
         )
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 }
