@@ -91,11 +91,6 @@ impl Leadership {
     pub async fn lost(&self) {
         self.lost.cancelled().await
     }
-
-    /// Whether leadership is still held.
-    pub fn is_held(&self) -> bool {
-        !self.lost.is_cancelled()
-    }
 }
 
 impl Drop for Leadership {

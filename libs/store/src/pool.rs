@@ -228,21 +228,26 @@ impl ShardPools {
     /// sqlx's advisory lock), then seeds each shard's slot ownership from the map if the
     /// shard has none yet (see [`crate::ownership::seed`]).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        for (index, (shard, pool)) in self.map.shards().iter().zip(&self.pools).enumerate() {
-            crate::MIGRATOR
-                .run(pool)
-                .await
-                .map_err(|source| StoreError::Migrate {
-                    shard: shard.id.to_string(),
-                    source,
-                })?;
-            crate::ownership::seed(pool, &self.map, index)
-                .await
-                .map_err(|source| StoreError::Seed {
-                    shard: shard.id.to_string(),
-                    source,
-                })?;
+        for index in 0..self.pools.len() {
+            self.migrate_shard(index).await?;
         }
+        Ok(())
+    }
+
+    /// [`ShardPools::migrate`] for shard `index` alone.
+    pub async fn migrate_shard(&self, index: ShardIndex) -> Result<(), StoreError> {
+        let shard = self.map.shards()[index].id.to_string();
+        let pool = &self.pools[index];
+        crate::MIGRATOR
+            .run(pool)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                shard: shard.clone(),
+                source,
+            })?;
+        crate::ownership::seed(pool, &self.map, index)
+            .await
+            .map_err(|source| StoreError::Seed { shard, source })?;
         Ok(())
     }
 

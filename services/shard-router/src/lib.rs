@@ -77,12 +77,12 @@ pub async fn serve(
     let (pools, _following) =
         convoy_discovery::shard_map::follow(&store, router_pools(stored.map)?);
     let records = Records::connect(&etcd, operations::KIND).await?;
-    let driver = Driver {
-        records: records.clone(),
-        maps: store.clone(),
-        pools: pools.clone(),
-        settings: config.move_settings(),
-    };
+    let driver = Driver::new(
+        records.clone(),
+        store.clone(),
+        pools.clone(),
+        config.move_settings(),
+    );
     let candidate = format!("{}", listener.local_addr()?);
     let _leading = AbortOnDropHandle::new(tokio::spawn(lead(etcd.clone(), candidate, driver)));
     let deregister = config

@@ -205,18 +205,12 @@ impl Mover {
         .bind(&rows)
         .execute(&mut *conn)
         .await?;
-        sqlx::query(&format!(
-            "INSERT INTO conversations ({cols}) \
-             SELECT {cols} FROM jsonb_populate_recordset(NULL::conversations, $1) \
-             ON CONFLICT (team_id, id) DO UPDATE SET {update} \
+        let newer = format!(
+            "ON CONFLICT (team_id, id) DO UPDATE SET {} \
              WHERE conversations.version < EXCLUDED.version",
-            cols = c.conversations,
-            update = c.conversations_update,
-        ))
-        .bind(&rows)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+            c.conversations_update
+        );
+        insert_json(conn, "conversations", &c.conversations, rows, &newer).await
     }
 
     /// Copies the events of `keys` past the sequence `after` gives each (0 when absent).
@@ -226,8 +220,7 @@ impl Mover {
         keys: &[Key],
         after: &HashMap<Key, i64>,
     ) -> Result<(), sqlx::Error> {
-        let teams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-        let ids: Vec<Uuid> = keys.iter().map(|k| k.1).collect();
+        let (teams, ids) = unzip(keys);
         let from: Vec<i64> = keys
             .iter()
             .map(|k| after.get(k).copied().unwrap_or(0))
@@ -255,14 +248,14 @@ impl Mover {
             let sequence = last.get("sequence").and_then(Value::as_i64).unwrap_or(0);
             position = (team, id, sequence);
             let full = rows.len() as i64 == EVENT_BATCH;
-            sqlx::query(&format!(
-                "INSERT INTO conversation_events ({cols}) \
-                 SELECT {cols} FROM jsonb_populate_recordset(NULL::conversation_events, $1) \
-                 ON CONFLICT DO NOTHING",
-                cols = self.columns.events,
-            ))
-            .bind(Value::Array(rows))
-            .execute(&mut *conn)
+            let rows = Value::Array(rows);
+            insert_json(
+                conn,
+                "conversation_events",
+                &self.columns.events,
+                rows,
+                KEEP,
+            )
             .await?;
             if !full {
                 break;
@@ -277,8 +270,7 @@ impl Mover {
         conn: &mut PgConnection,
         keys: &[Key],
     ) -> Result<(), sqlx::Error> {
-        let teams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-        let ids: Vec<Uuid> = keys.iter().map(|k| k.1).collect();
+        let (teams, ids) = unzip(keys);
         let rows: Vec<Value> = sqlx::query_scalar(
             "SELECT to_jsonb(r) FROM create_requests r \
              JOIN unnest($1::text[], $2::uuid[]) AS w(team, id) \
@@ -291,16 +283,8 @@ impl Mover {
         if rows.is_empty() {
             return Ok(());
         }
-        sqlx::query(&format!(
-            "INSERT INTO create_requests ({cols}) \
-             SELECT {cols} FROM jsonb_populate_recordset(NULL::create_requests, $1) \
-             ON CONFLICT DO NOTHING",
-            cols = self.columns.requests,
-        ))
-        .bind(Value::Array(rows))
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+        let rows = Value::Array(rows);
+        insert_json(conn, "create_requests", &self.columns.requests, rows, KEEP).await
     }
 
     /// Re-syncs every conversation of the range changed by outbox rows past `after` (up to
@@ -326,8 +310,7 @@ impl Mover {
 
     /// Makes the target's copy of `keys` what the source holds now.
     async fn resync(&self, keys: &[Key]) -> Result<(), sqlx::Error> {
-        let teams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-        let ids: Vec<Uuid> = keys.iter().map(|k| k.1).collect();
+        let (teams, ids) = unzip(keys);
         let rows: Vec<Value> = sqlx::query_scalar(
             "SELECT to_jsonb(c) FROM conversations c \
              JOIN unnest($1::text[], $2::uuid[]) AS w(team, id) ON c.team_id = w.team AND c.id = w.id",
@@ -342,27 +325,33 @@ impl Mover {
             .collect::<Result<Vec<_>, _>>()?;
         let mut tx = ownership::mover_transaction(&self.target).await?;
         // Gone from the source: gone from the target (its events cascade).
-        let gone: Vec<&Key> = keys.iter().filter(|k| !present.contains(k)).collect();
+        let gone: Vec<Key> = keys
+            .iter()
+            .filter(|k| !present.contains(k))
+            .cloned()
+            .collect();
         if !gone.is_empty() {
+            let (teams, ids) = unzip(&gone);
             sqlx::query(
                 "DELETE FROM conversations c USING unnest($1::text[], $2::uuid[]) AS w(team, id) \
                  WHERE c.team_id = w.team AND c.id = w.id",
             )
-            .bind(gone.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
-            .bind(gone.iter().map(|k| k.1).collect::<Vec<_>>())
+            .bind(teams)
+            .bind(ids)
             .execute(&mut *tx)
             .await?;
         }
         if !rows.is_empty() {
             self.upsert_conversations(&mut tx, rows).await?;
+            let (teams, ids) = unzip(&present);
             let last: Vec<(String, Uuid, i64)> = sqlx::query_as(
                 "SELECT team_id, conversation_id, max(sequence) FROM conversation_events \
                  WHERE (team_id, conversation_id) IN \
                    (SELECT * FROM unnest($1::text[], $2::uuid[])) \
                  GROUP BY team_id, conversation_id",
             )
-            .bind(present.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
-            .bind(present.iter().map(|k| k.1).collect::<Vec<_>>())
+            .bind(teams)
+            .bind(ids)
             .fetch_all(&mut *tx)
             .await?;
             let after = last
@@ -406,6 +395,33 @@ impl Mover {
         }
         Ok(deleted)
     }
+}
+
+/// Rows stored already are kept as they are.
+const KEEP: &str = "ON CONFLICT DO NOTHING";
+
+/// Inserts JSON `rows` (an array of objects, as `to_jsonb` made them) into `table`, whose
+/// insertable columns are `cols`, resolving conflicts by `on_conflict`.
+async fn insert_json(
+    conn: &mut PgConnection,
+    table: &str,
+    cols: &str,
+    rows: Value,
+    on_conflict: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO {table} ({cols}) \
+         SELECT {cols} FROM jsonb_populate_recordset(NULL::{table}, $1) {on_conflict}"
+    ))
+    .bind(rows)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The team ids and conversation ids of `keys`, as two arrays for `unnest`.
+fn unzip(keys: &[Key]) -> (Vec<&str>, Vec<Uuid>) {
+    keys.iter().map(|(team, id)| (team.as_str(), *id)).unzip()
 }
 
 /// The `(team_id, <id field>)` of a JSON row.

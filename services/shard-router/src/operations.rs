@@ -246,17 +246,32 @@ impl From<convoy_discovery::Error> for StepError {
 
 /// Drives moves: the leader's work.
 pub struct Driver {
-    /// Operation records.
-    pub records: Records,
-    /// The map's home.
-    pub maps: ShardMapStore,
-    /// The pools of the map in force.
-    pub pools: LivePools,
-    /// Settings.
-    pub settings: MoveSettings,
+    records: Records,
+    maps: ShardMapStore,
+    pools: LivePools,
+    settings: MoveSettings,
+    /// The moved tables' column lists, read from the catalog once.
+    columns: tokio::sync::OnceCell<Columns>,
 }
 
 impl Driver {
+    /// A driver recording operations in `records`, swapping the map in `maps`, moving rows
+    /// between the shards of the map `pools` follows.
+    pub fn new(
+        records: Records,
+        maps: ShardMapStore,
+        pools: LivePools,
+        settings: MoveSettings,
+    ) -> Self {
+        Self {
+            records,
+            maps,
+            pools,
+            settings,
+            columns: tokio::sync::OnceCell::new(),
+        }
+    }
+
     /// Runs every unfinished move, oldest first, then waits for more; forever.
     pub async fn run(&self) {
         loop {
@@ -345,8 +360,14 @@ impl Driver {
             .ok_or(StepError::Superseded)
     }
 
-    fn mover(&self, op: &MoveOp, columns: Columns) -> Result<Mover, StepError> {
+    /// The mover of `op` over the map in force.
+    async fn mover(&self, op: &MoveOp) -> Result<Mover, StepError> {
         let pools = self.pools.borrow().clone();
+        let columns = self
+            .columns
+            .get_or_try_init(|| Columns::read(pools.pool(0)))
+            .await?
+            .clone();
         let map = pools.map();
         let index = |id: &str| {
             map.index_of(id)
@@ -369,7 +390,7 @@ impl Driver {
         );
         if op.cancel_requested && before_cutover {
             if op.phase != Phase::Pending {
-                let mover = self.mover(op, self.columns().await?)?;
+                let mover = self.mover(op).await?;
                 self.abort(&mover).await?;
             }
             next.phase = Phase::Cancelled;
@@ -395,7 +416,7 @@ impl Driver {
                     )));
                 }
                 next.from_shard = map.shards()[from].id.to_string();
-                let mover = self.mover(&next, self.columns().await?)?;
+                let mover = self.mover(&next).await?;
                 mover.prepare(map.epoch()).await?;
                 next.rows_total = mover.count().await?;
                 // Changes from here on are replayed from the outbox past this watermark.
@@ -404,7 +425,7 @@ impl Driver {
                 next.phase = Phase::Copying;
             }
             Phase::Copying => {
-                let mover = self.mover(op, self.columns().await?)?;
+                let mover = self.mover(op).await?;
                 let last = op
                     .next_slot
                     .saturating_add(COPY_SLOTS_PER_STEP - 1)
@@ -417,7 +438,7 @@ impl Driver {
                 }
             }
             Phase::CatchingUp => {
-                let mover = self.mover(op, self.columns().await?)?;
+                let mover = self.mover(op).await?;
                 let until = mover.safe_watermark().await?;
                 let changed = mover.catch_up(op.watermark, Some(until)).await?;
                 next.watermark = until;
@@ -431,13 +452,16 @@ impl Driver {
                 }
             }
             Phase::CuttingOver => {
-                let mover = self.mover(op, self.columns().await?)?;
-                next.write_pause_us = Some(self.cut_over(op, &mover).await?.as_micros() as u64);
+                let mover = self.mover(op).await?;
+                next.write_pause_us = self
+                    .cut_over(op, &mover)
+                    .await?
+                    .map(|pause| pause.as_micros() as u64);
                 next.phase = Phase::CleaningUp;
             }
             Phase::CleaningUp => {
                 tokio::time::sleep(self.settings.cleanup_grace).await;
-                let mover = self.mover(op, self.columns().await?)?;
+                let mover = self.mover(op).await?;
                 let deleted = mover.delete_range(&mover.source).await?;
                 tracing::info!(op = %op.id, deleted, "moved rows deleted from the source");
                 next.phase = Phase::Done;
@@ -445,11 +469,6 @@ impl Driver {
             Phase::Done | Phase::Cancelled | Phase::Failed => {}
         }
         Ok(next)
-    }
-
-    async fn columns(&self) -> Result<Columns, StepError> {
-        let pools = self.pools.borrow().clone();
-        Ok(Columns::read(pools.pool(0)).await?)
     }
 
     async fn current_map(&self) -> Result<ShardMap, StepError> {
@@ -464,8 +483,9 @@ impl Driver {
     /// Freezes the range on the source, applies the last tail, and hands the range to the
     /// target: target owned, map swapped, source gone. Returns how long writes were frozen.
     /// Resumed after an interruption, it finishes the hand-over if the map already routes
-    /// the range to the target, and otherwise starts again from the freeze.
-    async fn cut_over(&self, op: &MoveOp, mover: &Mover) -> Result<Duration, StepError> {
+    /// the range to the target (the pause is then unknown: the interrupted driver measured
+    /// it), and otherwise starts again from the freeze.
+    async fn cut_over(&self, op: &MoveOp, mover: &Mover) -> Result<Option<Duration>, StepError> {
         let range = op.range();
         let epoch = Epoch(op.cutover_epoch);
         let stored = self
@@ -480,7 +500,7 @@ impl Driver {
         if stored.map.sole_owner(&range) == Some(to) {
             // Swapped before an interruption: finish the hand-over.
             self.hand_over(mover, epoch).await?;
-            return Ok(Duration::from_micros(op.write_pause_us.unwrap_or(0)));
+            return Ok(None);
         }
         let frozen_at = Instant::now();
         ownership::freeze(
@@ -537,7 +557,7 @@ impl Driver {
         let pause = frozen_at.elapsed();
         metrics::histogram!("convoy_shard_router_write_pause_seconds").record(pause.as_secs_f64());
         tracing::info!(op = %op.id, pause_us = pause.as_micros() as u64, epoch = epoch.0, "cut over");
-        Ok(pause)
+        Ok(Some(pause))
     }
 
     /// The hand-over's ownership changes, idempotently.

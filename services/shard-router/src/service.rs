@@ -289,22 +289,17 @@ impl ShardRouterService for RouterApi {
                 "shard {id} exists with other servers"
             )));
         }
-        // The schema first: a shard in the map is ready for moves.
-        let pools = crate::router_pools(
-            stored
-                .map
-                .with_shard(shard.clone())
-                .map_err(|e| invalid("shard_id", e.to_string()))?,
-        )
-        .map_err(|e| invalid("primary_address", e.to_string()))?;
-        pools
-            .migrate()
-            .await
-            .map_err(|e| Status::unavailable(format!("preparing shard {id}: {e}")))?;
         let next = stored
             .map
             .with_shard(shard)
             .map_err(|e| invalid("shard_id", e.to_string()))?;
+        // The schema first: a shard in the map is ready for moves.
+        let pools = crate::router_pools(next.clone())
+            .map_err(|e| invalid("primary_address", e.to_string()))?;
+        pools
+            .migrate_shard(next.shards().len() - 1)
+            .await
+            .map_err(|e| Status::unavailable(format!("preparing shard {id}: {e}")))?;
         self.maps
             .compare_and_swap(&stored, &next)
             .await

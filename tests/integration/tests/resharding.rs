@@ -164,6 +164,59 @@ async fn read_loop(
     }
 }
 
+/// Writers (and optionally a reader) running against the fleet until [`Load::stop`].
+struct Load {
+    acked: Arc<Mutex<Acked>>,
+    stop: Arc<tokio::sync::Notify>,
+    writers: JoinSet<()>,
+    reader: Option<tokio::task::JoinHandle<usize>>,
+}
+
+impl Load {
+    fn start(client: &ConversationServiceClient<Channel>, writers: usize, read: bool) -> Load {
+        let teams = Arc::new(teams());
+        let acked = Arc::new(Mutex::new(Acked::default()));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let mut set = JoinSet::new();
+        for worker in 0..writers {
+            set.spawn(write_loop(
+                client.clone(),
+                teams.clone(),
+                acked.clone(),
+                worker,
+                stop.clone(),
+            ));
+        }
+        let reader =
+            read.then(|| tokio::spawn(read_loop(client.clone(), acked.clone(), stop.clone())));
+        Load {
+            acked,
+            stop,
+            writers: set,
+            reader,
+        }
+    }
+
+    /// Waits until `n` writes are acknowledged.
+    async fn until_written(&self, n: usize) {
+        while self.acked.lock().unwrap().events.len() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the load; what clients were told, and how many reads succeeded.
+    async fn stop(mut self) -> (Acked, usize) {
+        self.stop.notify_waiters();
+        while self.writers.join_next().await.is_some() {}
+        let reads = match self.reader.take() {
+            Some(reader) => reader.await.unwrap(),
+            None => 0,
+        };
+        let acked = std::mem::take(&mut *self.acked.lock().unwrap());
+        (acked, reads)
+    }
+}
+
 /// How many rows of conversation `name` (and of its events) shard `pool` holds.
 async fn stored(pool: &PgPool, name: &str) -> (i64, i64) {
     let parts: Vec<&str> = name.split('/').collect();
@@ -279,24 +332,9 @@ async fn moving_half_of_shard_0_under_load_loses_nothing_and_no_client_call_fail
         &["--move-cleanup-grace-ms", "300"],
     )
     .await;
-    let teams = Arc::new(teams());
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let mut load = JoinSet::new();
-    for worker in 0..4 {
-        load.spawn(write_loop(
-            s.client.clone(),
-            teams.clone(),
-            acked.clone(),
-            worker,
-            stop.clone(),
-        ));
-    }
-    let reader = tokio::spawn(read_loop(s.client.clone(), acked.clone(), stop.clone()));
+    let load = Load::start(&s.client, 4, true);
     // Some data before the move.
-    while acked.lock().unwrap().events.len() < 200 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    load.until_written(200).await;
 
     // Driven as an operator would: `convoyctl reshard --start 0 --end 255 --to shard-2
     // --add-primary ...`, through a router it finds in etcd.
@@ -323,14 +361,11 @@ async fn moving_half_of_shard_0_under_load_loses_nothing_and_no_client_call_fail
     assert_eq!(phases.last(), Some(&"done"), "phases seen: {phases:?}");
     // Load goes on a little on the new map, then stops.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.notify_waiters();
-    while load.join_next().await.is_some() {}
-    let reads = reader.await.unwrap();
+    let (acked, reads) = load.stop().await;
 
     assert_eq!(done.phase, pb::operation::Phase::Done as i32, "{done:?}");
     let pause = done.write_pause.expect("the write pause is reported");
     let pause = Duration::new(pause.seconds as u64, pause.nanos as u32);
-    let acked = std::mem::take(&mut *acked.lock().unwrap());
     println!("{}", convoyctl::reshard::summary(&done));
     println!(
         "moved slots {MOVED:?}: {} rows copied, write pause {pause:?}, slowest acknowledged \
@@ -373,22 +408,8 @@ async fn a_move_survives_a_router_and_etcd_restart_and_a_cancelled_one_changes_n
         "150",
     ];
     let mut first = Router::start(&endpoint, &s.seed, &slow).await;
-    let teams = Arc::new(teams());
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let mut load = JoinSet::new();
-    for worker in 0..2 {
-        load.spawn(write_loop(
-            s.client.clone(),
-            teams.clone(),
-            acked.clone(),
-            worker,
-            stop.clone(),
-        ));
-    }
-    while acked.lock().unwrap().events.len() < 100 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let load = Load::start(&s.client, 2, false);
+    load.until_written(100).await;
     first
         .client
         .add_shard(pb::AddShardRequest {
@@ -456,11 +477,9 @@ async fn a_move_survives_a_router_and_etcd_restart_and_a_cancelled_one_changes_n
     let mut second = Router::start(&endpoint, &s.seed, &["--move-cleanup-grace-ms", "100"]).await;
     let done = wait_done(&mut second.client, &op.name).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.notify_waiters();
-    while load.join_next().await.is_some() {}
+    let (acked, _) = load.stop().await;
 
     assert_eq!(done.phase, pb::operation::Phase::Done as i32, "{done:?}");
-    let acked = std::mem::take(&mut *acked.lock().unwrap());
     assert!(
         acked.failures.is_empty(),
         "client calls failed: {:?}",
