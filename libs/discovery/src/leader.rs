@@ -67,13 +67,8 @@ pub async fn campaign(etcd: &EtcdConfig, name: &str, candidate: &str) -> Result<
             lost.cancel();
         })
     };
-    let election = format!("{}elections/{name}", etcd.prefix);
-    let mut elections = client.election_client();
-    let campaigning = elections.campaign(election.as_str(), candidate, lease);
-    let elected = tokio::select! {
-        elected = campaigning => elected.map_err(|e| Error::etcd("campaign", e)),
-        () = lost.cancelled() => Err(Error::etcd("campaign", "the lease lapsed while campaigning")),
-    };
+    // Held from here on: dropped at any point (this future cancelled mid-campaign
+    // included), it stops the keepalive and revokes the lease.
     let leadership = Leadership {
         lost,
         lease,
@@ -81,7 +76,15 @@ pub async fn campaign(etcd: &EtcdConfig, name: &str, candidate: &str) -> Result<
         etcd: etcd.clone(),
         _keepalive: AbortOnDropHandle::new(keepalive),
     };
-    elected?;
+    let election = format!("{}elections/{name}", etcd.prefix);
+    let mut elections = leadership.client.election_client();
+    let campaigning = elections.campaign(election.as_str(), candidate, lease);
+    tokio::select! {
+        elected = campaigning => elected.map_err(|e| Error::etcd("campaign", e))?,
+        () = leadership.lost.cancelled() => {
+            return Err(Error::etcd("campaign", "the lease lapsed while campaigning"));
+        }
+    };
     tracing::info!(%election, candidate, "elected leader");
     Ok(leadership)
 }

@@ -2,7 +2,8 @@
 //! the same run: a gRPC call that touches no database (the health check, on the same
 //! server), and the same SQL sent directly with sqlx, on one real PostgreSQL shard started
 //! by the testkit. Get is also measured through the caches: answered by the instance's own
-//! L1, and (with no own L1) by the key's cache instance.
+//! L1, and (with no own L1) by the key's cache instance. Create's direct SQL is also run
+//! with the write fence's trigger off, to price the fence.
 //!
 //! `cargo bench -p convoy-integration-tests --bench end_to_end`
 
@@ -135,6 +136,30 @@ fn end_to_end(c: &mut Criterion) {
     group.bench_function("direct SQL (sqlx)", |b| {
         b.to_async(&runtime).iter(|| {
             let pool = pool.clone();
+            async move {
+                sqlx::query(create_sql)
+                    .bind("bench")
+                    .bind(Uuid::now_v7())
+                    .bind("created")
+                    .bind("body")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        })
+    });
+    // The same statement with the write fence's trigger off (`session_replication_role =
+    // replica` skips ordinary triggers): the fence's own cost is the difference.
+    let unfenced = runtime.block_on(async {
+        let options: sqlx::postgres::PgConnectOptions = fleet.shards[0].dsn().parse().unwrap();
+        sqlx::postgres::PgPoolOptions::new()
+            .connect_with(options.options([("session_replication_role", "replica")]))
+            .await
+            .unwrap()
+    });
+    group.bench_function("direct SQL (sqlx), write fence off", |b| {
+        b.to_async(&runtime).iter(|| {
+            let pool = unfenced.clone();
             async move {
                 sqlx::query(create_sql)
                     .bind("bench")
