@@ -50,12 +50,15 @@ pub fn cache_key(team: &str, id: Uuid) -> String {
 pub async fn run(store: Arc<ConversationStore>, bus: L2) {
     let wake = Arc::new(Notify::new());
     let mut listeners = crate::Tasks::default();
-    for index in 0..store.pools().map().shards().len() {
-        listeners.spawn(wake_on_commit(store.clone(), index, wake.clone()));
-    }
     // The Redis run id every shard's relay_state is known to hold.
     let mut reconciled: Option<String> = None;
     loop {
+        // A shard added to the map (they are appended) gets its listener, and its
+        // relay_state the Redis run id, too.
+        for index in listeners.0.len()..store.pools().map().shards().len() {
+            listeners.spawn(wake_on_commit(store.clone(), index, wake.clone()));
+            reconciled = None;
+        }
         let mut published = 0;
         let mut failed = false;
         match bus.server_run_id().await {
