@@ -29,6 +29,7 @@ pub mod records;
 pub mod registration;
 mod service_set;
 pub mod shard_map;
+pub mod shards;
 mod static_list;
 mod watch;
 
@@ -42,6 +43,7 @@ pub use config::{Backoff, EtcdConfig, RegistrationConfig};
 pub use endpoint::{Endpoint, Metadata};
 pub use list::list_services;
 pub use registration::{Registrar, Registration, RegistrationStatus};
+pub use shards::{ShardArgs, Shards, ShardsError};
 pub use static_list::static_endpoints;
 pub use watch::watch_service;
 

@@ -54,6 +54,17 @@ impl ConsistencyToken {
         URL_SAFE_NO_PAD.encode(buf)
     }
 
+    /// The token a request presents in its metadata, if any.
+    pub fn from_metadata(
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<Self>, MalformedToken> {
+        let Some(value) = metadata.get(HEADER) else {
+            return Ok(None);
+        };
+        let text = value.to_str().map_err(|_| MalformedToken("not ASCII"))?;
+        Self::decode(text).map(Some)
+    }
+
     /// Decodes a token produced by [`ConsistencyToken::encode`].
     pub fn decode(token: &str) -> Result<Self, MalformedToken> {
         if token.len() > MAX_ENCODED_LEN {

@@ -8,6 +8,7 @@
 
 pub mod consistency;
 pub mod methods;
+pub mod names;
 
 /// Package `convoy.v1`: every service, message and enum of the public API.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

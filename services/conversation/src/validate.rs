@@ -181,16 +181,9 @@ pub fn etag_of(version: Version) -> String {
 pub fn consistency_token(
     metadata: &tonic::metadata::MetadataMap,
 ) -> Result<Option<ConsistencyToken>, ApiError> {
-    let Some(value) = metadata.get(convoy_proto::consistency::HEADER) else {
-        return Ok(None);
-    };
-    let field = format!("metadata[{}]", convoy_proto::consistency::HEADER);
-    let text = value
-        .to_str()
-        .map_err(|_| ApiError::invalid(&field, "is not ASCII"))?;
-    ConsistencyToken::decode(text).map(Some).map_err(|e| {
+    ConsistencyToken::from_metadata(metadata).map_err(|e| {
         ApiError::invalid(
-            field,
+            format!("metadata[{}]", convoy_proto::consistency::HEADER),
             format!("{e}: pass the token exactly as a write returned it"),
         )
     })

@@ -242,6 +242,43 @@ impl Fleet {
         Instance::launch(&[], flags).await.0
     }
 
+    /// The flags that name this fleet's shards (and replicas) to another service.
+    pub fn shard_flags(&self) -> Vec<String> {
+        match &self._map_file {
+            Some(file) => vec!["--shard-map".into(), file.path().display().to_string()],
+            None => self
+                .shards
+                .iter()
+                .flat_map(|shard| ["--shard-dsn".to_owned(), shard.dsn()])
+                .collect(),
+        }
+    }
+
+    /// Starts an analytics instance over this fleet's shards with `extra` flags.
+    pub async fn start_analytics(&self, extra: &[&str]) -> Instance {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let mut args = vec!["analytics".to_owned(), "--listen".into(), addr.to_string()];
+        args.extend(self.shard_flags());
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let config = analytics::Config::try_parse_from(args).expect("analytics config");
+        let shards = analytics::connect(&config).await.expect("analytics shards");
+        let (tx, rx) = oneshot::channel();
+        let server = tokio::spawn(async move {
+            analytics::serve(&config, shards, listener, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        let instance = Instance {
+            addr,
+            shutdown: Some(tx),
+            server: Some(server),
+        };
+        instance.wait_until_serving().await;
+        instance
+    }
+
     /// A gRPC channel to the first instance.
     pub async fn channel(&self) -> Channel {
         channel_to(self.addr).await

@@ -1,0 +1,106 @@
+//! The analytics binary's configuration: flags with `CONVOY_*` environment fallbacks.
+//!
+//! Every default is declared here with the reason for its value.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use convoy_client::Discovery;
+use convoy_discovery::{RegistrationArgs, ShardArgs};
+use convoy_mesh::ServerConfig;
+use convoy_telemetry::LogFormat;
+
+/// The name this service registers under in discovery.
+pub const SERVICE_NAME: &str = "analytics";
+
+/// The analytics service: aggregates over every shard, cached in the cache tier.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "analytics", version, about)]
+pub struct Config {
+    /// Address for gRPC.
+    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:50081")]
+    pub listen: SocketAddr,
+
+    /// Where the shards are.
+    #[command(flatten)]
+    pub shards: ShardArgs,
+
+    /// Longest time one shard may take to answer, in milliseconds, before the answer goes
+    /// out without it (named in `missing_shards`). Also bounded by the call's deadline.
+    /// 3000: an aggregate over a team's year of conversations is an index-only scan of
+    /// well under a second; a shard slower than this is in trouble.
+    #[arg(long, env = "CONVOY_SHARD_TIMEOUT_MS", default_value_t = 3000)]
+    pub shard_timeout_ms: u64,
+
+    /// Cache instances (`host:port`) for results, chosen per key by consistent hashing.
+    /// None: when etcd is configured, the `cache` instances registered there (see
+    /// `--cache-from-etcd`); otherwise every answer is computed.
+    #[arg(long = "cache-addr", env = "CONVOY_CACHE_ADDRS", value_delimiter = ',')]
+    pub cache_addr: Vec<String>,
+
+    /// Without `--cache-addr`, find cache instances in etcd (when `--etcd-endpoint` is set).
+    #[arg(long, env = "CONVOY_CACHE_FROM_ETCD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cache_from_etcd: bool,
+
+    /// How long a team's cached answer may be served, in seconds. 60: writes invalidate a
+    /// team's answers through the bus; the TTL bounds what a fill that raced a write (it
+    /// read before the write, stored after the invalidation) can leave behind.
+    #[arg(long, env = "CONVOY_ANALYTICS_TEAM_TTL_SECS", default_value_t = 60)]
+    pub team_ttl_secs: u64,
+
+    /// How long a cached fleet overview may be served, in seconds. 30: every write in the
+    /// fleet changes it, so it is not invalidated by writes, only aged out.
+    #[arg(long, env = "CONVOY_ANALYTICS_FLEET_TTL_SECS", default_value_t = 30)]
+    pub fleet_ttl_secs: u64,
+
+    /// How long in-flight calls may drain at shutdown, in seconds. 20: below Kubernetes'
+    /// default 30 s grace period.
+    #[arg(long, env = "CONVOY_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
+    pub drain_timeout_secs: u64,
+
+    /// Calls in flight before new ones are shed with RESOURCE_EXHAUSTED (the bulkhead).
+    /// 64: each call holds a connection on every shard it reads.
+    #[arg(long, env = "CONVOY_MAX_CONCURRENT_CALLS", default_value_t = 64)]
+    pub max_concurrent_calls: usize,
+
+    /// Registration in etcd.
+    #[command(flatten)]
+    pub registration: RegistrationArgs,
+
+    /// Serve gRPC reflection (for grpcurl and other stock clients).
+    #[arg(long, env = "CONVOY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reflection: bool,
+
+    /// Log format.
+    #[arg(long, env = "CONVOY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Longest time one shard may take.
+    pub fn shard_timeout(&self) -> Duration {
+        Duration::from_millis(self.shard_timeout_ms)
+    }
+
+    /// Where the cache tier's instances are found, if answers are cached.
+    pub fn cache_discovery(&self) -> Option<Discovery> {
+        if !self.cache_addr.is_empty() {
+            return Some(Discovery::Static(self.cache_addr.clone()));
+        }
+        self.registration
+            .etcd_config()
+            .filter(|_| self.cache_from_etcd)
+            .map(Discovery::Etcd)
+    }
+
+    /// Server settings.
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            reflection: self.reflection,
+            max_concurrent_calls: self.max_concurrent_calls,
+            ..ServerConfig::default()
+        }
+    }
+}

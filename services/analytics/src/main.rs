@@ -1,0 +1,20 @@
+//! The `analytics` binary: config → telemetry → shards → server.
+
+use clap::Parser;
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = analytics::Config::parse();
+    convoy_telemetry::init(config.log_format);
+    tracing::info!(listen = %config.listen, "starting analytics");
+    let shards = analytics::connect(&config).await?;
+    let listener = TcpListener::bind(config.listen).await?;
+    analytics::serve(
+        &config,
+        shards,
+        listener,
+        convoy_mesh::server::shutdown_signal(),
+    )
+    .await
+}
