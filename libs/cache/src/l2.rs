@@ -139,15 +139,17 @@ redis.call('DEL', KEYS[1])
 return 1
 ";
 
-/// For each tag set, deletes the member entries that still carry the tag, then the set.
-/// Returns the entries deleted. KEYS: tag sets. ARGV: entry key prefix, separator, then the
-/// tag of each KEYS[i].
+/// For each tag set, deletes the member entries that still carry the tag and the members'
+/// leases (a fill leased with the tag read before this change: its set must fail), then the
+/// set. Returns the entries deleted. KEYS: tag sets. ARGV: entry key prefix, lease key
+/// prefix, separator, then the tag of each KEYS[i].
 const INVALIDATE_TAGS_LUA: &str = r"
-local prefix, sep = ARGV[1], ARGV[2]
+local prefix, lease_prefix, sep = ARGV[1], ARGV[2], ARGV[3]
 local dropped = 0
 for i, set in ipairs(KEYS) do
-  local needle = sep .. ARGV[i + 2] .. sep
+  local needle = sep .. ARGV[i + 3] .. sep
   for _, key in ipairs(redis.call('SMEMBERS', set)) do
+    redis.call('DEL', lease_prefix .. key)
     local entry = prefix .. key
     local tags = redis.call('HGET', entry, 't')
     if tags and string.find(sep .. tags .. sep, needle, 1, true) then
@@ -372,13 +374,7 @@ impl L2 {
     ) -> Result<SetOutcome, L2Error> {
         check_version(entry.version)?;
         let ttl = ttl_millis(entry.ttl).map_err(L2Error::InvalidArgument)?;
-        if entry.tags.len() > MAX_TAGS {
-            return Err(L2Error::InvalidArgument(format!(
-                "an entry may carry at most {MAX_TAGS} tags, got {}",
-                entry.tags.len()
-            )));
-        }
-        entry.tags.iter().try_for_each(|tag| check_tag(tag))?;
+        check_tags(&entry.tags)?;
         let joined = entry.tags.join(&TAG_SEPARATOR.to_string());
 
         let mut call = self.set_script.key(self.entry_key(key));
@@ -432,7 +428,9 @@ impl L2 {
         for tag in tags {
             call.key(self.tag_key(tag));
         }
-        call.arg(self.entry_key("")).arg(TAG_SEPARATOR.to_string());
+        call.arg(self.entry_key(""))
+            .arg(self.lease_key(""))
+            .arg(TAG_SEPARATOR.to_string());
         for tag in tags {
             call.arg(tag);
         }
@@ -515,7 +513,7 @@ impl L2 {
         format!("{}l:{key}", self.config.key_prefix)
     }
 
-    fn tag_key(&self, tag: &str) -> String {
+    pub(crate) fn tag_key(&self, tag: &str) -> String {
         format!("{}t:{tag}", self.config.key_prefix)
     }
 }
@@ -695,6 +693,17 @@ fn decode(key: &str, fields: Value, pttl: Value) -> Result<Option<Entry>, L2Erro
         tags,
         ttl,
     }))
+}
+
+/// Checks the tags of one entry (or one lease): how many, and each one.
+pub(crate) fn check_tags(tags: &[String]) -> Result<(), L2Error> {
+    if tags.len() > MAX_TAGS {
+        return Err(L2Error::InvalidArgument(format!(
+            "an entry may carry at most {MAX_TAGS} tags, got {}",
+            tags.len()
+        )));
+    }
+    tags.iter().try_for_each(|tag| check_tag(tag))
 }
 
 fn check_tag(tag: &str) -> Result<(), L2Error> {

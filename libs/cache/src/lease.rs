@@ -25,14 +25,21 @@ pub enum LeaseOutcome {
     Wait,
 }
 
-/// Returns the entry when present; otherwise takes the lease if free. KEYS: entry, lease.
-/// ARGV: token, lease ttl ms.
+/// Returns the entry when present; otherwise takes the lease if free, and enters the key in
+/// the index set of each tag the fill will carry (kept at least as long as the lease), so a
+/// tag invalidation finds the lease and cancels it. KEYS: entry, lease, tag sets. ARGV:
+/// token, lease ttl ms, key.
 const LEASE_LUA: &str = r"
 local found = redis.call('HMGET', KEYS[1], 'v', 'd', 't')
 if found[1] then
   return {'hit', found[1], found[2], found[3] or '', redis.call('PTTL', KEYS[1])}
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local ttl = tonumber(ARGV[2])
+  for i = 3, #KEYS do
+    redis.call('SADD', KEYS[i], ARGV[3])
+    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
   return {'granted'}
 end
 return {'wait'}
@@ -42,11 +49,31 @@ impl L2 {
     /// A hit, the lease, or "wait": see [`LeaseOutcome`]. The lease lasts `ttl` (capped by
     /// [`MAX_LEASE_TTL`]) unless released by [`L2::set_leased`].
     pub async fn lease(&self, key: &str, ttl: Duration) -> Result<LeaseOutcome, L2Error> {
+        self.lease_tagged(key, ttl, &[]).await
+    }
+
+    /// Like [`L2::lease`], for a fill that will carry `tags`: invalidating any of them
+    /// ([`L2::invalidate_tags`]) while the lease is out cancels it, so the filler's
+    /// [`L2::set_leased`] is refused ([`SetOutcome::LeaseMismatch`]) rather than storing
+    /// what it read before the change.
+    ///
+    /// [`SetOutcome::LeaseMismatch`]: crate::SetOutcome::LeaseMismatch
+    pub async fn lease_tagged(
+        &self,
+        key: &str,
+        ttl: Duration,
+        tags: &[String],
+    ) -> Result<LeaseOutcome, L2Error> {
+        crate::l2::check_tags(tags)?;
         let ttl_ms = ttl.min(MAX_LEASE_TTL).as_millis().max(1) as u64;
         let token = uuid::Uuid::now_v7().simple().to_string();
         let script = redis::Script::new(LEASE_LUA);
         let mut call = script.key(self.entry_key(key));
-        call.key(self.lease_key(key)).arg(&token).arg(ttl_ms);
+        call.key(self.lease_key(key));
+        for tag in tags {
+            call.key(self.tag_key(tag));
+        }
+        call.arg(&token).arg(ttl_ms).arg(key);
         let reply: Vec<Value> = self
             .bounded("lease", async {
                 let mut conn = self.conn().await?;

@@ -140,3 +140,58 @@ async fn a_token_whose_lease_is_gone_fills_nothing() {
     assert_eq!(outcome, Some(SetOutcome::LeaseMismatch));
     assert_eq!(l2.get("k").await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_tag_invalidation_cancels_the_leases_bound_to_the_tag() {
+    // An aggregate over a team is filled under a lease bound to the team's tag; a write to
+    // the team invalidates the tag while the fill computes: what the fill read predates the
+    // write, so its set must fail. A lease bound to another tag is untouched.
+    let redis = Redis::start().await.unwrap();
+    let l2 = L2::new(L2Config::new(redis.url())).unwrap();
+    let tags = |t: &str| vec![t.to_owned()];
+    let ttl = Duration::from_secs(5);
+    let LeaseOutcome::Granted(mine) = l2
+        .lease_tagged("sum:a", ttl, &tags("team:a"))
+        .await
+        .unwrap()
+    else {
+        panic!("granted");
+    };
+    let LeaseOutcome::Granted(theirs) = l2
+        .lease_tagged("sum:b", ttl, &tags("team:b"))
+        .await
+        .unwrap()
+    else {
+        panic!("granted");
+    };
+    l2.invalidate_tags(&tags("team:a")).await.unwrap();
+    let tagged = |version| Entry {
+        tags: tags("team:a"),
+        ..entry(version)
+    };
+    assert_eq!(
+        l2.set_leased("sum:a", &tagged(1), &mine).await.unwrap(),
+        SetOutcome::LeaseMismatch
+    );
+    assert_eq!(
+        l2.set_leased("sum:b", &entry(1), &theirs).await.unwrap(),
+        SetOutcome::Stored
+    );
+    // The next filler (after the write) gets a lease and stores.
+    let LeaseOutcome::Granted(next) = l2
+        .lease_tagged("sum:a", ttl, &tags("team:a"))
+        .await
+        .unwrap()
+    else {
+        panic!("the cancelled lease is free again");
+    };
+    assert_eq!(
+        l2.set_leased("sum:a", &tagged(2), &next).await.unwrap(),
+        SetOutcome::Stored
+    );
+    assert!(
+        l2.lease_tagged("k", ttl, &tags("bad\u{1}tag"))
+            .await
+            .is_err()
+    );
+}

@@ -111,6 +111,17 @@ impl CacheClient {
         key: &str,
         lease_ttl: Option<Duration>,
     ) -> Result<pb::LeaseResponse, Status> {
+        self.lease_tagged(key, lease_ttl, Vec::new()).await
+    }
+
+    /// Get-or-lease for a fill that will carry `tags`: invalidating any of them while the
+    /// lease is out refuses the fill's Set (LEASE_MISMATCH).
+    pub async fn lease_tagged(
+        &self,
+        key: &str,
+        lease_ttl: Option<Duration>,
+        tags: Vec<String>,
+    ) -> Result<pb::LeaseResponse, Status> {
         let lease_ttl = lease_ttl.map(|d| prost_types::Duration {
             seconds: d.as_secs() as i64,
             nanos: d.subsec_nanos() as i32,
@@ -123,6 +134,7 @@ impl CacheClient {
                 pb::LeaseRequest {
                     key: key.to_owned(),
                     lease_ttl,
+                    tags,
                 },
             ))
             .await?

@@ -103,14 +103,26 @@ impl AnswerCache {
         }
     }
 
-    /// Looks `query`'s answer up for a caller presenting `token`.
+    /// The tags `query`'s answer carries: its team's, which every write to the team's
+    /// conversations invalidates; none for the fleet.
+    fn tags(query: &Query) -> Vec<String> {
+        query
+            .team()
+            .map(|team| vec![format!("team:{team}")])
+            .unwrap_or_default()
+    }
+
+    /// Looks `query`'s answer up for a caller presenting `token`. A lease is bound to the
+    /// answer's tags: a write to the team while the answer is computed cancels it, so an
+    /// answer that may have missed the write is not stored.
     pub async fn lookup(&self, query: &Query, token: Option<&ConsistencyToken>) -> Lookup {
         let Some(tier) = &self.tier else {
             return Lookup::Bypass;
         };
         let key = Self::key(query);
+        let tags = Self::tags(query);
         for attempt in 0..LEASE_ASKS {
-            let response = match tier.lease(&key, Some(LEASE_TTL)).await {
+            let response = match tier.lease_tagged(&key, Some(LEASE_TTL), tags.clone()).await {
                 Ok(response) => response,
                 Err(status) => {
                     tracing::debug!(%status, key, "cache tier unavailable; computing");
@@ -144,10 +156,11 @@ impl AnswerCache {
         let Some(tier) = &self.tier else {
             return;
         };
-        let (ttl, tags) = match query.team() {
-            Some(team) => (self.team_ttl, vec![format!("team:{team}")]),
-            None => (self.fleet_ttl, Vec::new()),
+        let ttl = match query.team() {
+            Some(_) => self.team_ttl,
+            None => self.fleet_ttl,
         };
+        let tags = Self::tags(query);
         let entry = pb::CacheEntry {
             key: Self::key(query),
             value: answer.encode_to_vec(),

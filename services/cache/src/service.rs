@@ -392,6 +392,9 @@ impl CacheService for CacheApi {
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let r = request.into_inner();
         check_key("key", &r.key)?;
+        if r.tags.len() > MAX_ENTRY_TAGS {
+            return Err(invalid("tags", format!("has over {MAX_ENTRY_TAGS} tags")));
+        }
         // Read before L1 is; see `lookup`.
         let position = self.bus.coherent_through();
         if self.bus.is_current()
@@ -413,11 +416,18 @@ impl CacheService for CacheApi {
             .map(|d| bounded_duration(&d, MAX_LEASE_TTL))
             .filter(|d| !d.is_zero())
             .unwrap_or(DEFAULT_LEASE_TTL);
-        let leased = self.l2.lease(&r.key, ttl).await.map_err(|e| {
-            // Unanswered: the caller reads its source, as after a miss.
-            self.counters.count(Layer::Miss);
-            unavailable(e)
-        })?;
+        let leased = self
+            .l2
+            .lease_tagged(&r.key, ttl, &r.tags)
+            .await
+            .map_err(|e| match e {
+                L2Error::InvalidArgument(why) => invalid("tags", why),
+                e => {
+                    // Unanswered: the caller reads its source, as after a miss.
+                    self.counters.count(Layer::Miss);
+                    unavailable(e)
+                }
+            })?;
         let layer = match &leased {
             LeaseOutcome::Hit(_) => pb::CacheLayer::L2,
             _ => pb::CacheLayer::Unspecified,

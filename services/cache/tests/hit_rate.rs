@@ -137,6 +137,7 @@ async fn read_through(api: &CacheApi, db: &Database, id: usize) {
             .lease(Request::new(pb::LeaseRequest {
                 key: key.clone(),
                 lease_ttl: None,
+                tags: Vec::new(),
             }))
             .await
             .expect("Lease failed")

@@ -121,6 +121,7 @@ fn cache(c: &mut Criterion) {
                         .lease(pb::LeaseRequest {
                             key: key.clone(),
                             lease_ttl: None,
+                            tags: Vec::new(),
                         })
                         .await
                         .unwrap()

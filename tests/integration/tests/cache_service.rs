@@ -164,6 +164,7 @@ async fn leases_through_the_service_give_one_filler() {
     let lease = |key: &str| pb::LeaseRequest {
         key: key.into(),
         lease_ttl: None,
+        tags: Vec::new(),
     };
     let first = a.lease(lease("k")).await.unwrap().into_inner().outcome;
     let Some(pb::lease_response::Outcome::LeaseToken(token)) = first else {
