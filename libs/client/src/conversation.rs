@@ -1,19 +1,13 @@
 //! The typed client of `convoy.v1.ConversationService`.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 
-use convoy_mesh::RetryPolicy;
 use convoy_proto::consistency::HEADER;
-use convoy_proto::methods::idempotency;
 use convoy_proto::v1 as pb;
 use convoy_proto::v1::conversation_service_client::ConversationServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{IntoRequest, Response, Status};
-use tower::ServiceExt;
-use tower::retry::Retry;
 
+use crate::session::{self, Scope, SharedSession};
 use crate::{Stack, Transport};
 
 /// ConversationService through the mesh; cheap to clone.
@@ -21,62 +15,17 @@ use crate::{Stack, Transport};
 pub struct ConversationClient {
     stack: Stack,
     inner: ConversationServiceClient<Transport>,
-    /// What this session's writes returned (shared by clones).
-    session: Arc<Mutex<Session>>,
-}
-
-/// Conversations whose latest write token a session remembers, at most.
-const SESSION_CONVERSATIONS: usize = 4096;
-
-/// The consistency tokens a session's writes returned.
-#[derive(Debug, Default)]
-struct Session {
-    /// The newest, for reads across a team (List, Search, BatchGet).
-    newest: Option<MetadataValue<Ascii>>,
-    /// Per conversation, the token of the session's latest write to it, for reads of that
-    /// conversation: a token names one conversation's version, which the caches check.
-    by_conversation: HashMap<String, MetadataValue<Ascii>>,
-}
-
-impl Session {
-    fn record(&mut self, scope: &Scope, token: &MetadataValue<Ascii>) {
-        self.newest = Some(token.clone());
-        if let Scope::Conversation(name) = scope {
-            if self.by_conversation.len() >= SESSION_CONVERSATIONS
-                && !self.by_conversation.contains_key(name)
-                && let Some(evicted) = self.by_conversation.keys().next().cloned()
-            {
-                self.by_conversation.remove(&evicted);
-            }
-            self.by_conversation.insert(name.clone(), token.clone());
-        }
-    }
-
-    fn token_for(&self, scope: &Scope) -> Option<MetadataValue<Ascii>> {
-        match scope {
-            Scope::Conversation(name) => self.by_conversation.get(name).cloned(),
-            Scope::Team => self.newest.clone(),
-        }
-    }
-}
-
-/// What a call reads or writes, for the session's tokens.
-#[derive(Clone, Debug)]
-enum Scope {
-    /// One conversation (by name): it carries that conversation's latest token, if the
-    /// session wrote it (a conversation it never wrote has nothing of its to read back).
-    Conversation(String),
-    /// A team's conversations: the newest token.
-    Team,
+    /// What this session's writes returned (shared with the fleet's other clients).
+    session: SharedSession,
 }
 
 impl ConversationClient {
-    pub(crate) fn new(stack: Stack) -> Self {
+    pub(crate) fn new(stack: Stack, session: SharedSession) -> Self {
         let inner = ConversationServiceClient::new(stack.transport.clone());
         Self {
             stack,
             inner,
-            session: Arc::default(),
+            session,
         }
     }
 
@@ -85,11 +34,6 @@ impl ConversationClient {
         self.stack.retry_counts()
     }
 
-    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
-        self.session.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Runs one call: deadline over every attempt, retries by the method's idempotency.
     async fn call<M, R, F, Fut>(
         &self,
         path: &'static str,
@@ -105,44 +49,9 @@ impl ConversationClient {
             + 'static,
         Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
     {
-        let mut request = request.into_request();
-        // Session consistency: a call without a token of its own carries the newest one
-        // this session's writes returned, so it reads them (replicas that have not replayed
-        // them are skipped).
-        let session = self.stack.config.session_consistency;
-        if session && request.metadata().get(HEADER).is_none() {
-            let token = self.session().token_for(&scope);
-            if let Some(token) = token {
-                request.metadata_mut().insert(HEADER, token);
-            }
-        }
-        let deadline = self.stack.deadline_for(&request);
-        request.extensions_mut().insert(deadline);
-        let policy = RetryPolicy::new(
-            self.stack.retry.clone(),
-            self.stack.budget.clone(),
-            idempotency(path),
-        );
-        let client = self.inner.clone();
-        let attempt = tower::service_fn(move |request: tonic::Request<M>| {
-            send.clone()(client.clone(), request)
-        });
-        match tokio::time::timeout_at(deadline.0, Retry::new(policy, attempt).oneshot(request))
+        self.stack
+            .call(&self.inner, &self.session, path, scope, request, send)
             .await
-        {
-            Ok(result) => {
-                if session
-                    && let Ok(response) = &result
-                    && let Some(token) = response.metadata().get(HEADER)
-                {
-                    self.session().record(&scope, token);
-                }
-                result
-            }
-            Err(_) => Err(Status::deadline_exceeded(
-                "the call's deadline passed (all attempts included)",
-            )),
-        }
     }
 }
 
@@ -191,7 +100,7 @@ impl ConversationClient {
             && let Some(token) = response.metadata().get(HEADER)
         {
             let scope = Scope::Conversation(response.get_ref().name.clone());
-            self.session().record(&scope, token);
+            session::lock(&self.session).record(&scope, token);
         }
         Ok(response)
     }

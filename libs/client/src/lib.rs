@@ -13,18 +13,30 @@
 
 #![forbid(unsafe_code)]
 
+mod analytics;
 mod cache;
 mod conversation;
+mod session;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_discovery::{Endpoint, EtcdConfig, Metadata};
 use convoy_mesh::propagation::DeadlinePropagationLayer;
-use convoy_mesh::{BalanceConfig, BalancedChannel, Deadline, RetryBudget, RetryConfig};
+use convoy_mesh::{
+    BalanceConfig, BalancedChannel, Deadline, RetryBudget, RetryConfig, RetryPolicy,
+};
+use convoy_proto::consistency::HEADER;
+use convoy_proto::methods::idempotency;
+use std::future::Future;
+use tonic::{IntoRequest, Response, Status};
+use tower::retry::Retry;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, ServiceExt};
 
+use session::{Scope, SharedSession};
+
+pub use analytics::AnalyticsClient;
 pub use cache::{CacheClient, CacheClientConfig};
 pub use conversation::ConversationClient;
 
@@ -114,10 +126,12 @@ impl std::error::Error for TransportError {
     }
 }
 
-/// A connection to the convoy fleet.
+/// A connection to the convoy fleet: one session (see [`ClientConfig::session_consistency`])
+/// shared by its typed clients.
 #[derive(Clone)]
 pub struct ConvoyClient {
     conversation: ConversationClient,
+    analytics: AnalyticsClient,
 }
 
 /// What every typed client shares.
@@ -179,6 +193,60 @@ impl Stack {
     pub(crate) fn retry_counts(&self) -> (u64, u64, u64) {
         self.budget.counts()
     }
+
+    /// Runs one call of `path` on `client`: the session's token for `scope` (unless the
+    /// request brings its own), one deadline over every attempt, retries by the method's
+    /// idempotency, and the token the answer returns remembered.
+    pub(crate) async fn call<C, M, R, F, Fut>(
+        &self,
+        client: &C,
+        session: &SharedSession,
+        path: &'static str,
+        scope: Scope,
+        request: impl IntoRequest<M>,
+        send: F,
+    ) -> Result<Response<R>, Status>
+    where
+        C: Clone + Send + 'static,
+        M: Clone + Send + 'static,
+        F: Fn(C, tonic::Request<M>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
+    {
+        let mut request = request.into_request();
+        // Session consistency: a call without a token of its own carries the newest one
+        // this session's writes returned, so it reads them (replicas that have not replayed
+        // them are skipped).
+        let consistent = self.config.session_consistency;
+        if consistent && request.metadata().get(HEADER).is_none() {
+            let token = session::lock(session).token_for(&scope);
+            if let Some(token) = token {
+                request.metadata_mut().insert(HEADER, token);
+            }
+        }
+        let deadline = self.deadline_for(&request);
+        request.extensions_mut().insert(deadline);
+        let policy = RetryPolicy::new(self.retry.clone(), self.budget.clone(), idempotency(path));
+        let client = client.clone();
+        let attempt = tower::service_fn(move |request: tonic::Request<M>| {
+            send.clone()(client.clone(), request)
+        });
+        match tokio::time::timeout_at(deadline.0, Retry::new(policy, attempt).oneshot(request))
+            .await
+        {
+            Ok(result) => {
+                if consistent
+                    && let Ok(response) = &result
+                    && let Some(token) = response.metadata().get(HEADER)
+                {
+                    session::lock(session).record(&scope, token);
+                }
+                result
+            }
+            Err(_) => Err(Status::deadline_exceeded(
+                "the call's deadline passed (all attempts included)",
+            )),
+        }
+    }
 }
 
 /// Why connecting failed.
@@ -195,14 +263,24 @@ impl ConvoyClient {
     pub fn connect(discovery: Discovery, config: ClientConfig) -> Result<Self, Error> {
         tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let config = Arc::new(config);
+        let session = SharedSession::default();
         Ok(Self {
-            conversation: ConversationClient::new(Stack::new(&discovery, "conversation", config)),
+            conversation: ConversationClient::new(
+                Stack::new(&discovery, "conversation", config.clone()),
+                session.clone(),
+            ),
+            analytics: AnalyticsClient::new(Stack::new(&discovery, "analytics", config), session),
         })
     }
 
     /// The conversation service.
     pub fn conversations(&self) -> ConversationClient {
         self.conversation.clone()
+    }
+
+    /// The analytics service.
+    pub fn analytics(&self) -> AnalyticsClient {
+        self.analytics.clone()
     }
 }
 

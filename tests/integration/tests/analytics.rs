@@ -596,3 +596,67 @@ async fn team_queries_scan_the_covering_index_and_fleet_queries_the_brin() {
     );
     assert!(!plan.contains("Seq Scan"), "{plan}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_session_reads_its_own_writes_in_analytics() {
+    let etcd = convoy_testkit::Etcd::start().await.unwrap();
+    let redis = convoy_testkit::Redis::start().await.unwrap();
+    let (endpoint, url) = (etcd.endpoint(), redis.url());
+    let discovery = ["--etcd-endpoint", endpoint.as_str()];
+    let fleet = Fleet::start_with(2, &[&discovery[..], &["--redis-url", &url]].concat()).await;
+    let _cache = CacheInstance::start(&url, &discovery).await;
+    let _analytics = fleet.start_analytics(&discovery).await;
+    let sdk = convoy_client::ConvoyClient::connect(
+        convoy_client::Discovery::Etcd(convoy_discovery::EtcdConfig {
+            endpoints: vec![endpoint.clone()],
+            ..Default::default()
+        }),
+        convoy_client::ClientConfig::default(),
+    )
+    .unwrap();
+    let now = Utc::now().timestamp();
+    let summary = || pb::GetTeamSummaryRequest {
+        filter: Some(pb::AnalyticsFilter {
+            parent: "teams/acme".into(),
+            start_time: ts(now - 3600),
+            end_time: ts(now + 3600),
+            ..Default::default()
+        }),
+    };
+    // Another client's view is cached...
+    let mut other = client(&_analytics).await;
+    sdk.conversations()
+        .create_conversation(convoy_integration_tests::new_conversation(
+            "acme", "one", "",
+        ))
+        .await
+        .unwrap();
+    // (once analytics has found the cache tier in etcd).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = other
+            .get_team_summary(summary())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.aggregates.unwrap().conversation_count, 1);
+        if answer.coverage.unwrap().cached {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never cached");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...while the writing session reads its second write at once, bus or not.
+    sdk.conversations()
+        .create_conversation(convoy_integration_tests::new_conversation(
+            "acme", "two", "",
+        ))
+        .await
+        .unwrap();
+    let seen = sdk.analytics().get_team_summary(summary()).await.unwrap();
+    assert_eq!(count(seen), 2);
+}
+
+fn count(response: tonic::Response<pb::TeamSummary>) -> i64 {
+    response.into_inner().aggregates.unwrap().conversation_count
+}
