@@ -4,7 +4,10 @@
 Uses only server reflection: no .proto files and no generated code. Message classes are
 built at run time from the descriptors the server serves.
 
-usage: python3 infra/local/smoke.py HOST:PORT
+usage: python3 infra/local/smoke.py HOST:PORT [ANALYTICS_HOST:PORT]
+
+With an analytics address, it also asks the analytics service for the smoke team's summary,
+carrying the conversation calls' consistency token, and expects the smoke's conversation.
 
 Needs grpcio, grpcio-reflection and protobuf (infra/local/requirements.txt). Exits 0 when
 every step passes, 1 when one fails, 2 on bad usage or missing packages.
@@ -35,6 +38,7 @@ except ImportError as e:  # pragma: no cover - environment problem
 TOKEN_HEADER = "convoy-consistency-token"
 TIMEOUT_S = 5.0
 CONVERSATION_SERVICE = "convoy.v1.ConversationService"
+ANALYTICS_SERVICE = "convoy.v1.AnalyticsService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
@@ -177,10 +181,12 @@ def enum_name(message, field: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[1] in ("-h", "--help"):
+    if len(argv) not in (2, 3) or argv[1] in ("-h", "--help"):
         print(__doc__.strip(), file=sys.stderr)
         return 2
     target = argv[1]
+    analytics_target = argv[2] if len(argv) == 3 else None
+    total = 8 if analytics_target else 7
     team = f"teams/smoke-{secrets.token_hex(4)}"
     title = "Flaky test in CI"
     state: dict = {}
@@ -190,12 +196,12 @@ def main(argv: list[str]) -> int:
         client = Client(target)
     except StepFailed as e:
         print(f"FAIL connect: {e}", file=sys.stderr)
-        print("smoke: 0 passed, 7 failed")
+        print(f"smoke: 0 passed, {total} failed")
         return 1
 
     def step(number: int, title_: str, needs: str | None, fn) -> None:
         nonlocal passed, failed
-        label = f"[{number}/7] {title_}"
+        label = f"[{number}/{total}] {title_}"
         if needs is not None and needs not in state:
             failed += 1
             print(f"FAIL {label}: skipped, an earlier step it needs failed", flush=True)
@@ -298,6 +304,28 @@ def main(argv: list[str]) -> int:
             return "INVALID_ARGUMENT"
         raise StepFailed("the call succeeded; want INVALID_ARGUMENT")
 
+    def analytics():
+        other = Client(analytics_target)
+        try:
+            # The conversation calls' token: the summary must include their writes.
+            other.token = client.token
+            req = other.request(ANALYTICS_SERVICE, "GetTeamSummary")
+            req.filter.parent = team
+            now = int(time.time())
+            req.filter.start_time.seconds = now - 3600
+            req.filter.end_time.seconds = now + 3600
+            resp = other.send(ANALYTICS_SERVICE, "GetTeamSummary", req)
+        finally:
+            other.close()
+        agg = resp.aggregates
+        check(agg.conversation_count == 1, f"conversation_count is {agg.conversation_count}, want 1")
+        check(agg.message_total == 1, f"message_total is {agg.message_total}, want 1")
+        check(
+            list(resp.coverage.missing_shards) == [],
+            f"shards missing: {list(resp.coverage.missing_shards)}",
+        )
+        return f"1 conversation, 1 message, from {list(resp.coverage.shards)}"
+
     try:
         step(1, f"reflection lists {CONVERSATION_SERVICE} and {HEALTH_SERVICE}", None, list_services)
         step(2, "Health/Check is SERVING", "reflection", health)
@@ -306,6 +334,8 @@ def main(argv: list[str]) -> int:
         step(5, "AppendEvents with one MESSAGE event", "name", append)
         step(6, f"ListConversations of {team} returns 1", "name", list_)
         step(7, "GetConversation of a malformed name is INVALID_ARGUMENT", "reflection", malformed)
+        if analytics_target:
+            step(8, f"AnalyticsService/GetTeamSummary of {team} counts it", "name", analytics)
     finally:
         client.close()
 

@@ -57,6 +57,7 @@ smoke_env=(
     CONVOY_REDIS_PORT="${CONVOY_TEST_REDIS_PORT:-26479}"
     CONVOY_CACHE_LISTEN="${CONVOY_TEST_CACHE_LISTEN:-127.0.0.1:26061}"
     CONVOY_ROUTER_LISTEN="${CONVOY_TEST_ROUTER_LISTEN:-127.0.0.1:26071}"
+    CONVOY_ANALYTICS_LISTEN="${CONVOY_TEST_ANALYTICS_LISTEN:-127.0.0.1:26081}"
     CONVOY_PG_REPLICAS=1
     # Sample every write, checked 200 ms after it: the consistency report has data at once.
     CONVOY_CONSISTENCY_SAMPLE_RATIO=1
@@ -87,8 +88,9 @@ log "fleet smoke: starting a detached fleet in $smoke_state"
 env "${smoke_env[@]}" bash infra/local/up.sh --detach
 read -r host port < <(host_port_of "${CONVOY_TEST_LISTEN:-127.0.0.1:26051}")
 [[ "$host" == *:* ]] && host="[$host]"
-log "fleet smoke: python3 infra/local/smoke.py $host:$port"
-python3 infra/local/smoke.py "$host:$port"
+analytics_addr="${CONVOY_TEST_ANALYTICS_LISTEN:-127.0.0.1:26081}"
+log "fleet smoke: python3 infra/local/smoke.py $host:$port $analytics_addr"
+python3 infra/local/smoke.py "$host:$port" "$analytics_addr"
 # The replicas are standbys and the smoke's conversation reached one of them.
 pg_base="${CONVOY_TEST_PG_PORT_BASE:-26432}"
 replicated=0
@@ -115,6 +117,8 @@ grep -q "^cache .*SERVING$" <<<"$status_table" ||
     die "convoyctl status does not show the cache instance as SERVING"
 grep -q "^shard-router .*SERVING$" <<<"$status_table" ||
     die "convoyctl status does not show the shard-router as SERVING"
+grep -q "^analytics .*SERVING$" <<<"$status_table" ||
+    die "convoyctl status does not show the analytics instance as SERVING"
 
 # The shard-router reports every node of the map healthy (primaries and replicas).
 shards_table=""

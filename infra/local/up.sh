@@ -3,8 +3,9 @@
 # tier's store and invalidation bus), two PostgreSQL shards with a streaming replica each
 # (reads go to replicas; reads with a write's token only to ones that replayed it), the
 # conversation service
-# (relaying its outbox to Redis), the cache service and the shard-router (the shard map
-# in etcd, node health and lag), all registered in etcd, with
+# (relaying its outbox to Redis), the cache service, the shard-router (the shard map
+# in etcd, node health and lag) and the analytics service (aggregates over both shards,
+# cached in the cache tier), all registered in etcd, with
 # persistent data under .convoy/.
 #
 #   infra/local/up.sh             build, start, stay in the foreground; Ctrl-C stops it all
@@ -23,6 +24,7 @@
 #   CONVOY_REDIS_PORT     Redis's port (default 53379)
 #   CONVOY_CACHE_LISTEN   the cache service's gRPC address (default 127.0.0.1:50061)
 #   CONVOY_ROUTER_LISTEN  the shard-router's gRPC address (default 127.0.0.1:50071)
+#   CONVOY_ANALYTICS_LISTEN the analytics service's gRPC address (default 127.0.0.1:50081)
 #   CONVOY_STATE_DIR      where data, logs and PID files live (default .convoy at the repo root)
 #   CONVOY_PG_BIN         folder with initdb/pg_ctl (default: newest /usr/lib/postgresql/*/bin)
 #   Other CONVOY_* variables (CONVOY_LOG_FORMAT, CONVOY_POOL_MAX_CONNECTIONS, ...) reach the
@@ -98,6 +100,11 @@ ROUTER_PID_FILE="$RUN_DIR/shard-router.pid"
 ROUTER_LOG="$LOG_DIR/shard-router.log"
 read -r ROUTER_HOST ROUTER_PORT < <(host_port_of "$ROUTER_LISTEN")
 [[ "$ROUTER_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_ROUTER_LISTEN must be HOST:PORT, got '$ROUTER_LISTEN'"
+ANALYTICS_LISTEN="${CONVOY_ANALYTICS_LISTEN:-127.0.0.1:50081}"
+ANALYTICS_PID_FILE="$RUN_DIR/analytics.pid"
+ANALYTICS_LOG="$LOG_DIR/analytics.log"
+read -r ANALYTICS_HOST ANALYTICS_PORT < <(host_port_of "$ANALYTICS_LISTEN")
+[[ "$ANALYTICS_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_ANALYTICS_LISTEN must be HOST:PORT, got '$ANALYTICS_LISTEN'"
 [[ "$PORT_BASE" =~ ^[0-9]+$ ]] || die "CONVOY_PG_PORT_BASE must be a port number, got '$PORT_BASE'"
 read -r PROBE_HOST PROBE_PORT < <(host_port_of "$LISTEN")
 [[ "$PROBE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_LISTEN must be HOST:PORT, got '$LISTEN'"
@@ -123,6 +130,7 @@ detached_pid() {
 detached_service_pid() { detached_pid "$SERVICE_PID_FILE" conversation; }
 detached_cache_pid() { detached_pid "$CACHE_PID_FILE" "$CACHE_LISTEN"; }
 detached_router_pid() { detached_pid "$ROUTER_PID_FILE" "$ROUTER_LISTEN"; }
+detached_analytics_pid() { detached_pid "$ANALYTICS_PID_FILE" "$ANALYTICS_LISTEN"; }
 detached_redis_pid() { detached_pid "$REDIS_PID_FILE" redis-server; }
 detached_etcd_pid() { detached_pid "$ETCD_PID_FILE" etcd; }
 
@@ -157,6 +165,7 @@ stop_one() {
 # files.
 stop_fleet() {
     # The services drain in-flight calls for up to --drain-timeout-secs (20 s by default).
+    stop_one ANALYTICS_PID detached_analytics_pid "analytics service" 30
     stop_one SERVICE_PID detached_service_pid "conversation service" 30
     stop_one CACHE_PID detached_cache_pid "cache service" 30
     stop_one ROUTER_PID detached_router_pid "shard-router" 30
@@ -191,6 +200,12 @@ print_status() {
         any=0
     else
         echo "shard-router: not running (detached)"
+    fi
+    if pid="$(detached_analytics_pid)"; then
+        echo "analytics: running, pid $pid, $ANALYTICS_LISTEN, log $ANALYTICS_LOG"
+        any=0
+    else
+        echo "analytics: not running (detached)"
     fi
     if pid="$(detached_redis_pid)"; then
         echo "redis: running, pid $pid, $REDIS_URL, data $REDIS_DATA"
@@ -229,7 +244,8 @@ print_howto() {
     cat <<EOF
 
 convoy is up: conversation service on $LISTEN, cache service on $CACHE_LISTEN,
-  shard-router on $ROUTER_LISTEN (the shards' health and lag: $CTL_BIN --etcd-endpoint $ETCD_URL shards)
+  shard-router on $ROUTER_LISTEN (the shards' health and lag: $CTL_BIN --etcd-endpoint $ETCD_URL shards),
+  analytics service on $ANALYTICS_LISTEN
   shards: postgres://postgres@127.0.0.1:$(shard_port 0)/convoy, postgres://postgres@127.0.0.1:$(shard_port 1)/convoy
           ($REPLICAS streaming replica(s) each; the map: $SHARD_MAP)
   etcd:   $ETCD_URL (the fleet as etcd sees it: $CTL_BIN --etcd-endpoint $ETCD_URL status)
@@ -244,6 +260,7 @@ or, if you have grpcurl:
   grpcurl -plaintext -d '{"parent":"teams/acme","conversation":{"title":"Flaky test in CI","intent":"INTENT_DEBUG"}}' $CALL_ADDR convoy.v1.ConversationService/CreateConversation
   grpcurl -plaintext -d '{"parent":"teams/acme"}' $CALL_ADDR convoy.v1.ConversationService/ListConversations
   grpcurl -plaintext -d '{"service":"convoy.v1.ConversationService"}' $CALL_ADDR grpc.health.v1.Health/Check
+  grpcurl -plaintext -d '{"filter":{"parent":"teams/acme","start_time":"2026-01-01T00:00:00Z","end_time":"2027-01-01T00:00:00Z"}}' $ANALYTICS_LISTEN convoy.v1.AnalyticsService/GetTeamSummary
 
 EOF
 }
@@ -289,6 +306,9 @@ fi
 if tcp_open "$ROUTER_HOST" "$ROUTER_PORT"; then
     die "$ROUTER_LISTEN already accepts connections (another fleet?); stop it or set CONVOY_ROUTER_LISTEN"
 fi
+if tcp_open "$ANALYTICS_HOST" "$ANALYTICS_PORT"; then
+    die "$ANALYTICS_LISTEN already accepts connections (another fleet?); stop it or set CONVOY_ANALYTICS_LISTEN"
+fi
 if tcp_open 127.0.0.1 "$REDIS_PORT"; then
     die "127.0.0.1:$REDIS_PORT already accepts connections (another Redis?); stop it or set CONVOY_REDIS_PORT"
 fi
@@ -302,8 +322,8 @@ case "$PROFILE" in
 dev | debug) cargo_profile=(--profile dev) ;;
 *) cargo_profile=(--profile "$PROFILE") ;;
 esac
-log "building the services and convoyctl (cargo build ${cargo_profile[*]} -p conversation -p cache -p shard-router -p convoyctl)"
-build_json="$(cargo build "${cargo_profile[@]}" -p conversation -p cache -p shard-router -p convoyctl --message-format=json-render-diagnostics)" ||
+log "building the services and convoyctl (cargo build ${cargo_profile[*]} -p conversation -p cache -p shard-router -p analytics -p convoyctl)"
+build_json="$(cargo build "${cargo_profile[@]}" -p conversation -p cache -p shard-router -p analytics -p convoyctl --message-format=json-render-diagnostics)" ||
     die "cargo build failed"
 # The path cargo reports for a built binary (or the usual place, if it reported none).
 built_binary() {
@@ -320,12 +340,14 @@ BIN="$(built_binary conversation)"
 CTL_BIN="$(built_binary convoyctl)"
 CACHE_BIN="$(built_binary cache)"
 ROUTER_BIN="$(built_binary shard-router)"
+ANALYTICS_BIN="$(built_binary analytics)"
 
 SERVICE_PID=""
 ETCD_PID=""
 REDIS_PID=""
 CACHE_PID=""
 ROUTER_PID=""
+ANALYTICS_PID=""
 COMMITTED=0
 # shellcheck disable=SC2317 # called by the EXIT trap
 on_exit() {
@@ -467,6 +489,13 @@ if ((ready == 0)); then
     exit 1
 fi
 
+log "starting analytics on $ANALYTICS_LISTEN (log: $ANALYTICS_LOG)"
+env -u CONVOY_LISTEN -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS NO_COLOR=1 \
+    setsid "$ANALYTICS_BIN" --listen "$ANALYTICS_LISTEN" --etcd-endpoint "$ETCD_URL" --shard-map-from-etcd \
+    </dev/null >>"$ANALYTICS_LOG" 2>&1 &
+ANALYTICS_PID=$!
+wait_for_port "$ANALYTICS_PID" "$ANALYTICS_HOST" "$ANALYTICS_PORT" "the analytics service" "$ANALYTICS_LOG"
+
 print_howto
 
 if [[ "$mode" == detach ]]; then
@@ -475,6 +504,7 @@ if [[ "$mode" == detach ]]; then
     printf '%s\n' "$REDIS_PID" >"$REDIS_PID_FILE"
     printf '%s\n' "$CACHE_PID" >"$CACHE_PID_FILE"
     printf '%s\n' "$ROUTER_PID" >"$ROUTER_PID_FILE"
+    printf '%s\n' "$ANALYTICS_PID" >"$ANALYTICS_PID_FILE"
     for ((i = 0; i < SHARDS; i++)); do
         pg_pid "$(shard_data "$i")" >"$RUN_DIR/pg-shard-$i.pid" || true
         for ((r = 0; r < REPLICAS; r++)); do
