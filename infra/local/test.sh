@@ -34,6 +34,7 @@ cd "$CONVOY_ROOT"
 
 ensure_packages
 ensure_python_deps
+bash infra/observability/check.sh
 
 if [[ "${CONVOY_SKIP_CARGO_TESTS:-0}" == 1 ]]; then
     log "CONVOY_SKIP_CARGO_TESTS=1: skipping cargo test"
