@@ -25,6 +25,10 @@
 #   CONVOY_CACHE_LISTEN   the cache service's gRPC address (default 127.0.0.1:50061)
 #   CONVOY_ROUTER_LISTEN  the shard-router's gRPC address (default 127.0.0.1:50071)
 #   CONVOY_ANALYTICS_LISTEN the analytics service's gRPC address (default 127.0.0.1:50081)
+#   CONVOY_CONVERSATION_METRICS_LISTEN, CONVOY_CACHE_METRICS_LISTEN, CONVOY_ROUTER_METRICS_LISTEN
+#                         where conversation, cache and the shard-router serve Prometheus
+#                         metrics at GET /metrics (defaults 127.0.0.1:9151, :9161, :9171: the
+#                         targets of infra/observability/prometheus/prometheus.yml)
 #   CONVOY_STATE_DIR      where data, logs and PID files live (default .convoy at the repo root)
 #   CONVOY_PG_BIN         folder with initdb/pg_ctl (default: newest /usr/lib/postgresql/*/bin)
 #   Other CONVOY_* variables (CONVOY_LOG_FORMAT, CONVOY_POOL_MAX_CONNECTIONS, ...) reach the
@@ -105,6 +109,10 @@ ANALYTICS_PID_FILE="$RUN_DIR/analytics.pid"
 ANALYTICS_LOG="$LOG_DIR/analytics.log"
 read -r ANALYTICS_HOST ANALYTICS_PORT < <(host_port_of "$ANALYTICS_LISTEN")
 [[ "$ANALYTICS_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_ANALYTICS_LISTEN must be HOST:PORT, got '$ANALYTICS_LISTEN'"
+# Prometheus metrics on loopback (gRPC port 500x1 -> 91x1).
+METRICS_LISTEN="${CONVOY_CONVERSATION_METRICS_LISTEN:-127.0.0.1:9151}"
+CACHE_METRICS_LISTEN="${CONVOY_CACHE_METRICS_LISTEN:-127.0.0.1:9161}"
+ROUTER_METRICS_LISTEN="${CONVOY_ROUTER_METRICS_LISTEN:-127.0.0.1:9171}"
 [[ "$PORT_BASE" =~ ^[0-9]+$ ]] || die "CONVOY_PG_PORT_BASE must be a port number, got '$PORT_BASE'"
 read -r PROBE_HOST PROBE_PORT < <(host_port_of "$LISTEN")
 [[ "$PROBE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_LISTEN must be HOST:PORT, got '$LISTEN'"
@@ -251,6 +259,8 @@ convoy is up: conversation service on $LISTEN, cache service on $CACHE_LISTEN,
   etcd:   $ETCD_URL (the fleet as etcd sees it: $CTL_BIN --etcd-endpoint $ETCD_URL status)
   redis:  $REDIS_URL (invalidation bus: redis-cli -p $REDIS_PORT XLEN convoy:invalidations)
   logs:   $LOG_DIR
+  metrics: http://$METRICS_LISTEN/metrics (conversation), http://$CACHE_METRICS_LISTEN/metrics (cache),
+           http://$ROUTER_METRICS_LISTEN/metrics (shard-router)
 
 Call it with the Python smoke client (stock gRPC + server reflection; deps in infra/local/requirements.txt):
   python3 infra/local/smoke.py $CALL_ADDR
@@ -309,6 +319,13 @@ fi
 if tcp_open "$ANALYTICS_HOST" "$ANALYTICS_PORT"; then
     die "$ANALYTICS_LISTEN already accepts connections (another fleet?); stop it or set CONVOY_ANALYTICS_LISTEN"
 fi
+for metrics_addr in "$METRICS_LISTEN" "$CACHE_METRICS_LISTEN" "$ROUTER_METRICS_LISTEN"; do
+    read -r metrics_host metrics_port < <(host_port_of "$metrics_addr")
+    [[ "$metrics_port" =~ ^[0-9]+$ ]] || die "a metrics address must be HOST:PORT, got '$metrics_addr'"
+    if tcp_open "$metrics_host" "$metrics_port"; then
+        die "$metrics_addr already accepts connections (another fleet?); stop it or set CONVOY_*_METRICS_LISTEN"
+    fi
+done
 if tcp_open 127.0.0.1 "$REDIS_PORT"; then
     die "127.0.0.1:$REDIS_PORT already accepts connections (another Redis?); stop it or set CONVOY_REDIS_PORT"
 fi
@@ -442,6 +459,7 @@ wait_for_port "$REDIS_PID" 127.0.0.1 "$REDIS_PORT" "redis" "$REDIS_LOG"
 log "starting cache on $CACHE_LISTEN (log: $CACHE_LOG)"
 env -u CONVOY_LISTEN NO_COLOR=1 \
     setsid "$CACHE_BIN" --listen "$CACHE_LISTEN" --redis-url "$REDIS_URL" --etcd-endpoint "$ETCD_URL" \
+    --metrics-listen "$CACHE_METRICS_LISTEN" \
     </dev/null >>"$CACHE_LOG" 2>&1 &
 CACHE_PID=$!
 wait_for_port "$CACHE_PID" "$CACHE_HOST" "$CACHE_PORT" "the cache service" "$CACHE_LOG"
@@ -449,6 +467,7 @@ wait_for_port "$CACHE_PID" "$CACHE_HOST" "$CACHE_PORT" "the cache service" "$CAC
 log "starting shard-router on $ROUTER_LISTEN (log: $ROUTER_LOG)"
 env -u CONVOY_LISTEN -u CONVOY_SHARD_MAP NO_COLOR=1 \
     setsid "$ROUTER_BIN" --listen "$ROUTER_LISTEN" --etcd-endpoint "$ETCD_URL" --shard-map "$SHARD_MAP" --publish-shard-map \
+    --metrics-listen "$ROUTER_METRICS_LISTEN" \
     </dev/null >>"$ROUTER_LOG" 2>&1 &
 ROUTER_PID=$!
 wait_for_port "$ROUTER_PID" "$ROUTER_HOST" "$ROUTER_PORT" "the shard-router" "$ROUTER_LOG"
@@ -459,7 +478,8 @@ printf '\n==== %s: %s %s --listen %s\n' "$(date -u +%FT%TZ)" "$BIN" "${dsn_args[
 # the shards; a detached service survives the terminal.
 # NO_COLOR: plain text in the log file.
 env -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS -u CONVOY_MIGRATE_ONLY -u CONVOY_SHARD_MAP_FROM_ETCD NO_COLOR=1 \
-    setsid "$BIN" "${dsn_args[@]}" --listen "$LISTEN" --etcd-endpoint "$ETCD_URL" --redis-url "$REDIS_URL" </dev/null >>"$SERVICE_LOG" 2>&1 &
+    setsid "$BIN" "${dsn_args[@]}" --listen "$LISTEN" --etcd-endpoint "$ETCD_URL" --redis-url "$REDIS_URL" \
+    --metrics-listen "$METRICS_LISTEN" </dev/null >>"$SERVICE_LOG" 2>&1 &
 SERVICE_PID=$!
 
 ready=0

@@ -15,10 +15,16 @@
 //! invalidations and must not serve. A flush stands in for invalidations the L1 never
 //! applied, so it has no floors for them: [`SubscriberHandle::may_copy_from`] says whether
 //! an entry another L1 served may be copied in.
+//!
+//! Metrics: `convoy_cache_bus_lag_seconds` (histogram: from a message's stream id, Redis'
+//! clock at publication, to its application here), `convoy_cache_bus_dropped_total`
+//! (messages missed, as the sequence gaps that reveal them; a gap after a restart, whose
+//! size is unknown, counts only as a flush), `convoy_cache_bus_flushes_total{why}` and
+//! `convoy_cache_bus_current` (1 while the L1 may serve).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 
@@ -280,16 +286,19 @@ impl Subscriber {
         // The last id through which nothing was lost unnoticed.
         let mut through = after;
         let mut lost = false;
+        // Messages known missed (by sequence number).
+        let mut missed = 0;
         for r in &received {
             self.last = Some(r.id);
             self.mark_first_message(r.id);
             if self.drop_ratio > 0.0 && rand::rng().random_bool(self.drop_ratio) {
-                metrics::counter!("convoy_cache_bus_dropped_total").increment(1);
+                // Counted when the next sequence number reveals the gap, as a real loss is.
                 lost = true;
                 continue;
             }
             if !matches!((self.seq, r.seq), (Some(s), Some(n)) if Some(n) == s.checked_add(1)) {
                 gap = true;
+                missed += skipped(self.seq, r.seq);
             }
             self.seq = r.seq;
             match &r.message {
@@ -299,6 +308,7 @@ impl Subscriber {
                         self.l1.invalidate_tags(&message.tags).await;
                     }
                     applied += 1;
+                    metrics::histogram!("convoy_cache_bus_lag_seconds").record(lag(r.id));
                 }
                 None => malformed = true,
             }
@@ -313,7 +323,11 @@ impl Subscriber {
             && self.seq != Some(last_seq)
         {
             gap = true;
+            missed += self.seq.map_or(0, |seq| last_seq.saturating_sub(seq));
             self.seq = Some(last_seq);
+        }
+        if missed > 0 {
+            metrics::counter!("convoy_cache_bus_dropped_total").increment(missed);
         }
         if gap || malformed {
             // A flush after the reads covers everything read so far: from here on, the L1
@@ -330,6 +344,24 @@ impl Subscriber {
         self.set_coherent_through(through);
         Ok(applied)
     }
+}
+
+/// How many sequence numbers lie between the last one read in order and the next one read;
+/// 0 when either is unknown (after a restart: the flush covers it, but nothing counts it).
+fn skipped(last: Option<u64>, next: Option<u64>) -> u64 {
+    match (last, next) {
+        (Some(last), Some(next)) => next.saturating_sub(last).saturating_sub(1),
+        _ => 0,
+    }
+}
+
+/// Seconds from a message's publication (its stream id is Redis' clock then, in ms) to now,
+/// by this host's clock; 0 if the clocks disagree the other way.
+fn lag(id: StreamId) -> f64 {
+    let now_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    now_ms.saturating_sub(u128::from(id.0)) as f64 / 1000.0
 }
 
 /// Runs `subscriber` until the returned task is aborted, polling every `poll` while idle.
@@ -351,4 +383,41 @@ pub fn spawn(
         }
     });
     (handle, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gap_counts_the_sequence_numbers_skipped_and_nothing_when_unknown() {
+        assert_eq!(skipped(Some(4), Some(5)), 0);
+        assert_eq!(skipped(Some(4), Some(8)), 3);
+        assert_eq!(
+            skipped(None, Some(8)),
+            0,
+            "after a restart the size is unknown"
+        );
+        assert_eq!(skipped(Some(4), None), 0);
+        assert_eq!(
+            skipped(Some(9), Some(2)),
+            0,
+            "a reset stream is not a loss count"
+        );
+    }
+
+    #[test]
+    fn lag_is_measured_from_the_stream_id_and_never_negative() {
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let lag_of_old = lag(StreamId(now_ms - 1500, 0));
+        assert!((1.5..2.5).contains(&lag_of_old), "{lag_of_old}");
+        assert_eq!(
+            lag(StreamId(now_ms + 60_000, 0)),
+            0.0,
+            "a clock ahead of ours"
+        );
+    }
 }

@@ -66,11 +66,12 @@ impl CacheClient {
     /// inside a tokio runtime.
     pub fn connect(discovery: &Discovery, config: CacheClientConfig) -> Self {
         let channel = KeyedChannel::new(changes(discovery, "cache"), config.keyed);
-        let transport = BoxCloneSyncService::new(
+        // Cache calls are never retried: each is timed once, around its deadline.
+        let transport = crate::measured(BoxCloneSyncService::new(
             DeadlinePropagationLayer::new(config.timeout, Duration::ZERO)
                 .layer(channel.clone())
                 .map_err(TransportError),
-        );
+        ));
         Self {
             channel,
             inner: CacheServiceClient::new(transport),

@@ -2,7 +2,8 @@
 //!
 //! [`ConvoyClient::connect`] finds a service's instances (in etcd, or from a static list),
 //! and gives typed clients whose every call goes through the mesh's client stack, outermost
-//! first: the deadline (the smaller of the per-call timeout and the caller's own remaining
+//! first: RED metrics (one sample per logical call in `convoy_rpc_client_duration_seconds`),
+//! the deadline (the smaller of the per-call timeout and the caller's own remaining
 //! deadline, covering every attempt), retries for idempotent methods paid from a shared
 //! budget, power-of-two-choices balancing over peak-EWMA load, a circuit breaker and a
 //! connection-aware readiness gate per endpoint. Creates get a `request_id` when the caller
@@ -22,9 +23,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_discovery::{Endpoint, EtcdConfig, Metadata};
+use convoy_mesh::metrics::Side;
 use convoy_mesh::propagation::DeadlinePropagationLayer;
 use convoy_mesh::{
-    BalanceConfig, BalancedChannel, Deadline, RetryBudget, RetryConfig, RetryPolicy,
+    BalanceConfig, BalancedChannel, Deadline, RetryBudget, RetryConfig, RetryPolicy, RpcCall,
+    RpcMetricsLayer,
 };
 use convoy_proto::consistency::HEADER;
 use convoy_proto::methods::idempotency;
@@ -212,6 +215,9 @@ impl Stack {
         F: Fn(C, tonic::Request<M>) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
     {
+        // One sample per logical call in `convoy_rpc_client_duration_seconds`, whatever its
+        // attempts; a call its caller gives up on is recorded CANCELLED.
+        let timer = RpcCall::start(Side::Client, path);
         let mut request = request.into_request();
         // Session consistency: a call without a token of its own carries the newest one
         // this session's writes returned, so it reads them (replicas that have not replayed
@@ -230,22 +236,29 @@ impl Stack {
         let attempt = tower::service_fn(move |request: tonic::Request<M>| {
             send.clone()(client.clone(), request)
         });
-        match tokio::time::timeout_at(deadline.0, Retry::new(policy, attempt).oneshot(request))
-            .await
-        {
-            Ok(result) => {
-                if consistent
-                    && let Ok(response) = &result
-                    && let Some(token) = response.metadata().get(HEADER)
-                {
-                    session::lock(session).record(&scope, token);
+        let result =
+            match tokio::time::timeout_at(deadline.0, Retry::new(policy, attempt).oneshot(request))
+                .await
+            {
+                Ok(result) => {
+                    if consistent
+                        && let Ok(response) = &result
+                        && let Some(token) = response.metadata().get(HEADER)
+                    {
+                        session::lock(session).record(&scope, token);
+                    }
+                    result
                 }
-                result
-            }
-            Err(_) => Err(Status::deadline_exceeded(
-                "the call's deadline passed (all attempts included)",
-            )),
-        }
+                Err(_) => Err(Status::deadline_exceeded(
+                    "the call's deadline passed (all attempts included)",
+                )),
+            };
+        timer.finish(
+            result
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
+        );
+        result
     }
 }
 
@@ -285,8 +298,19 @@ impl ConvoyClient {
 }
 
 /// The mesh transport to one service, for generated clients the SDK does not wrap yet (and
-/// for health checks): balancing, breakers and deadline propagation, without retries (they
-/// need the typed request).
+/// for health checks): RED metrics per call, balancing, breakers and deadline propagation,
+/// without retries (they need the typed request).
 pub fn transport(discovery: &Discovery, service: &str, config: ClientConfig) -> Transport {
-    Stack::new(discovery, service, Arc::new(config)).transport
+    measured(Stack::new(discovery, service, Arc::new(config)).transport)
+}
+
+/// `transport` with each call timed in `convoy_rpc_client_duration_seconds`: for transports
+/// whose calls are not retried above them (the typed clients' retried calls are timed in
+/// [`Stack::call`] instead, once per logical call).
+pub(crate) fn measured(transport: Transport) -> Transport {
+    BoxCloneSyncService::new(
+        RpcMetricsLayer::client()
+            .layer(transport)
+            .map_response(|response| response.map(tonic::body::Body::new)),
+    )
 }

@@ -102,6 +102,7 @@ pub fn balanced_channel(mut changes: Changes, config: BalanceConfig) -> Balanced
                             {
                                 old.abort();
                             }
+                            let breaker = breaker.for_endpoint(service.addr());
                             Ok(Change::Insert(key, breaker.layer(service)))
                         }
                         Err(e) => {

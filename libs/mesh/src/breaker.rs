@@ -18,6 +18,10 @@
 //! A failure is a transport error or a gRPC status that says the endpoint is unwell
 //! (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS). RESOURCE_EXHAUSTED is load, not failure: the
 //! balancer's load estimate handles it.
+//!
+//! Each transition counts in `convoy_breaker_transitions_total{transition}`; a breaker that
+//! knows its endpoint ([`BreakerLayer::for_endpoint`]) also publishes its state as the gauge
+//! [`STATE_GAUGE`]`{endpoint}`: 0 closed, 1 half-open, 2 open.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,6 +37,9 @@ use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
+
+/// The gauge of each endpoint's breaker state: 0 closed, 1 half-open, 2 open.
+pub const STATE_GAUGE: &str = "convoy_breaker_state";
 
 /// Breaker settings.
 #[derive(Clone, Debug)]
@@ -171,6 +178,17 @@ enum Phase {
     Closed,
     Open { until: Instant },
     HalfOpen { probing: bool },
+}
+
+impl Phase {
+    /// The phase's value in [`STATE_GAUGE`].
+    fn gauge(self) -> u8 {
+        match self {
+            Self::Closed => 0,
+            Self::HalfOpen { .. } => 1,
+            Self::Open { .. } => 2,
+        }
+    }
 }
 
 /// The breaker's policy: a pure state machine over outcomes and time.
@@ -326,12 +344,27 @@ pub fn is_failure<B>(result: &Result<Response<B>, impl Sized>) -> bool {
 pub struct BreakerLayer {
     config: BreakerConfig,
     budget: Arc<EjectionBudget>,
+    endpoint: Option<Arc<str>>,
 }
 
 impl BreakerLayer {
     /// Breakers with `config`, sharing `budget` across the endpoint set.
     pub fn new(config: BreakerConfig, budget: Arc<EjectionBudget>) -> Self {
-        Self { config, budget }
+        Self {
+            config,
+            budget,
+            endpoint: None,
+        }
+    }
+
+    /// The same layer for the breaker of `endpoint` (its address), which then publishes its
+    /// state as [`STATE_GAUGE`]`{endpoint}`. Without it the breaker publishes no state: one
+    /// unlabelled gauge for every breaker of the process would say nothing.
+    pub fn for_endpoint(&self, endpoint: &str) -> Self {
+        Self {
+            endpoint: Some(endpoint.into()),
+            ..self.clone()
+        }
     }
 }
 
@@ -339,12 +372,15 @@ impl<S> Layer<S> for BreakerLayer {
     type Service = Breaker<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let shared = Shared {
+            state: Mutex::new(BreakerState::new(self.config.clone(), self.budget.clone())),
+            probe_answered: Arc::new(Notify::new()),
+            endpoint: self.endpoint.clone(),
+        };
+        shared.publish(Phase::Closed);
         Breaker {
             inner,
-            shared: Arc::new(Shared {
-                state: Mutex::new(BreakerState::new(self.config.clone(), self.budget.clone())),
-                probe_answered: Arc::new(Notify::new()),
-            }),
+            shared: Arc::new(shared),
             sleep: None,
             notified: None,
             probe: false,
@@ -358,6 +394,8 @@ struct Shared {
     state: Mutex<BreakerState>,
     /// Woken when a half-open probe answers, so a gate waiting on it re-checks.
     probe_answered: Arc<Notify>,
+    /// The endpoint's address, for [`STATE_GAUGE`].
+    endpoint: Option<Arc<str>>,
 }
 
 impl Shared {
@@ -365,6 +403,34 @@ impl Shared {
         // The state is a few counters: a panic while holding the lock cannot leave it
         // unusable, so a poisoned lock is taken as is.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the state, then publishes the state gauge if the phase changed (the
+    /// gauge is set on changes only: `gate` runs at every readiness check). Published under
+    /// the lock, so racing changes reach the gauge in their order.
+    fn with_state<T>(&self, f: impl FnOnce(&mut BreakerState) -> T) -> T {
+        let mut state = self.state();
+        let before = state.phase.gauge();
+        let result = f(&mut state);
+        if state.phase.gauge() != before {
+            self.publish(state.phase);
+        }
+        result
+    }
+
+    fn publish(&self, phase: Phase) {
+        if let Some(endpoint) = &self.endpoint {
+            metrics::gauge!(STATE_GAUGE, "endpoint" => endpoint.clone())
+                .set(f64::from(phase.gauge()));
+        }
+    }
+}
+
+impl Drop for Shared {
+    /// An endpoint that left the set ejects nothing any more: its last state must not keep
+    /// reading open.
+    fn drop(&mut self) {
+        self.publish(Phase::Closed);
     }
 }
 
@@ -388,7 +454,7 @@ impl<S> Breaker<S> {
     /// out), for routers that choose an endpoint before polling it.
     pub fn admits_now(&self) -> bool {
         matches!(
-            self.shared.state().gate(Instant::now()),
+            self.shared.with_state(|state| state.gate(Instant::now())),
             Gate::Open | Gate::Probe
         )
     }
@@ -429,7 +495,7 @@ where
                 Box::pin(self.shared.probe_answered.clone().notified_owned())
             });
             notified.as_mut().enable();
-            let gate = self.shared.state().gate(Instant::now());
+            let gate = self.shared.with_state(|state| state.gate(Instant::now()));
             match gate {
                 Gate::Open => {
                     self.sleep = None;
@@ -476,7 +542,7 @@ where
 
 impl Shared {
     fn record(&self, success: bool, probe: bool) {
-        let transition = self.state().record(success, probe, Instant::now());
+        let transition = self.with_state(|state| state.record(success, probe, Instant::now()));
         if let Some(transition) = transition {
             metrics::counter!("convoy_breaker_transitions_total", "transition" => transition.as_str())
                 .increment(1);
@@ -733,6 +799,61 @@ mod tests {
         assert!(!ready(&mut service), "still waiting for the probe");
         probe.await.unwrap(); // the probe fails: reopened
         assert!(service.is_ejected());
+    }
+
+    #[test]
+    fn a_breaker_that_knows_its_endpoint_publishes_closed_open_and_half_open() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        // The gauge's value now (the debugging recorder resets a gauge it reports).
+        let state = || -> Vec<(String, f64)> {
+            snapshotter
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .filter_map(|(key, _, _, value)| match value {
+                    DebugValue::Gauge(v) if key.key().name() == STATE_GAUGE => {
+                        let labels: Vec<String> = key
+                            .key()
+                            .labels()
+                            .map(|l| format!("{}={}", l.key(), l.value()))
+                            .collect();
+                        Some((labels.join(","), v.into_inner()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let gauge = |value: f64| vec![("endpoint=10.0.0.7:50051".to_owned(), value)];
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                let endpoint = Endpoint::default();
+                let budget = EjectionBudget::new(0.5);
+                let _other = BreakerState::new(config(), budget.clone());
+                let layer = BreakerLayer::new(config(), budget);
+                let _unlabelled = layer.layer(endpoint.service());
+                let mut service = layer
+                    .for_endpoint("10.0.0.7:50051")
+                    .layer(endpoint.service());
+                assert_eq!(state(), gauge(0.0), "closed from the start");
+                for _ in 0..7 {
+                    call(&mut service).await;
+                }
+                assert_eq!(state(), gauge(2.0), "open");
+                tokio::time::advance(Duration::from_secs(1)).await;
+                endpoint.healthy.store(true, Ordering::SeqCst);
+                assert!(ready(&mut service));
+                assert_eq!(state(), gauge(1.0), "half-open");
+                call(&mut service).await;
+                assert_eq!(state(), gauge(0.0), "closed by the probe");
+            })
+        });
     }
 
     #[tokio::test(start_paused = true)]

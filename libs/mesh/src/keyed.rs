@@ -203,6 +203,7 @@ impl KeyedChannel {
                     Ok(Change::Insert(instance, endpoint)) => {
                         match EndpointService::new(endpoint.addr.clone(), config.endpoint.clone()) {
                             Ok(service) => {
+                                let breaker = breaker.for_endpoint(service.addr());
                                 if let Some(old) =
                                     endpoints.insert(instance, breaker.layer(service))
                                 {

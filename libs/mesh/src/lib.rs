@@ -1,17 +1,21 @@
 //! The gRPC plumbing every convoy service shares, so tonic stays behind this one seam.
 //!
-//! Server side: the server builder ([`server`]) gives every service health checking,
-//! reflection, deadline enforcement ([`deadline`]), a shedding bulkhead ([`bulkhead`]),
-//! panic recovery ([`panic`]) and an ordered graceful shutdown. Client side, outermost
-//! first: deadline propagation ([`propagation`]), retries paid from a budget ([`retry`]),
-//! p2c balancing over discovered endpoints ([`balance`], [`shed_load`]), a circuit breaker
+//! Server side: the server builder ([`server`]) gives every service RED metrics per method
+//! ([`metrics`]), health checking, reflection, deadline enforcement ([`deadline`]), a
+//! shedding bulkhead ([`bulkhead`]), panic recovery ([`panic`]) and an ordered graceful
+//! shutdown. Client side, outermost first: RED metrics per logical call ([`metrics`]),
+//! deadline propagation ([`propagation`]), retries paid from a budget ([`retry`]), p2c
+//! balancing over discovered endpoints ([`balance`], [`shed_load`]), a circuit breaker
 //! ([`breaker`]) and a connection-aware endpoint ([`endpoint`]).
 //!
 //! Every layer reports its state through the `metrics` facade (the exporter is the
-//! service's choice): `convoy_client_requests_total`, `convoy_client_retries_total{budget}`,
-//! `convoy_breaker_transitions_total{transition}`, `convoy_server_shed_total`,
-//! `convoy_server_in_flight`, `convoy_client_endpoint_updates_total{change}`,
-//! `convoy_client_failfast_total`, `convoy_client_reconnects_total`.
+//! service's choice, see `convoy-telemetry`): `convoy_rpc_server_duration_seconds` and
+//! `convoy_rpc_client_duration_seconds` (histograms by `rpc_service`, `rpc_method`,
+//! `rpc_grpc_status_code`), `convoy_client_requests_total`,
+//! `convoy_client_retries_total{budget}`, `convoy_breaker_transitions_total{transition}`,
+//! `convoy_breaker_state{endpoint}`, `convoy_server_shed_total`, `convoy_server_in_flight`,
+//! `convoy_client_endpoint_updates_total{change}`, `convoy_client_failfast_total`,
+//! `convoy_client_reconnects_total`.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +25,7 @@ pub mod bulkhead;
 pub mod deadline;
 pub mod endpoint;
 pub mod keyed;
+pub mod metrics;
 pub mod panic;
 pub mod propagation;
 pub mod retry;
@@ -32,6 +37,7 @@ pub use breaker::{BreakerConfig, BreakerLayer, EjectionBudget, LocalTimeout};
 pub use bulkhead::BulkheadLayer;
 pub use deadline::{Deadline, DeadlineLayer};
 pub use keyed::{KeyedChannel, KeyedConfig, RouteKey};
+pub use metrics::{RpcCall, RpcMetricsLayer};
 pub use propagation::DeadlinePropagationLayer;
 pub use retry::{RetryBudget, RetryConfig, RetryPolicy};
 pub use server::{ServerBuilder, ServerConfig, ServerError};

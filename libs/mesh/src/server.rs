@@ -1,6 +1,7 @@
 //! Our gRPC server builder: the one place a convoy service meets tonic's server.
 //!
-//! Every service gets, without asking: `grpc.health.v1.Health` (SERVING per service name and
+//! Every service gets, without asking: RED metrics per method ([`crate::RpcMetricsLayer`]),
+//! `grpc.health.v1.Health` (SERVING per service name and
 //! for the whole server, ""), server reflection v1 and v1alpha over the embedded convoy
 //! descriptors (so grpcurl and grpcio can call without .proto files), deadline enforcement
 //! ([`crate::DeadlineLayer`]), a bulkhead that sheds instead of queueing
@@ -24,7 +25,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::Service;
 
-use crate::{BulkheadLayer, DeadlineLayer};
+use crate::{BulkheadLayer, DeadlineLayer, RpcMetricsLayer};
 
 /// Services every convoy server answers besides its own.
 const ALWAYS_SERVED: [&str; 3] = [
@@ -189,8 +190,11 @@ impl ServerBuilder {
             .http2_keepalive_interval(Some(self.config.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(self.config.http2_keepalive_timeout))
             .max_concurrent_streams(Some(self.config.max_concurrent_streams))
-            // Outermost first: a panic anywhere becomes INTERNAL; expired calls are refused
-            // before they take a bulkhead permit.
+            // Outermost first: every call is measured, those refused inside included (shed
+            // RESOURCE_EXHAUSTED, expired DEADLINE_EXCEEDED, panicked INTERNAL); a panic
+            // anywhere becomes INTERNAL; expired calls are refused before they take a
+            // bulkhead permit.
+            .layer(RpcMetricsLayer::server())
             .layer(crate::panic::catch_panic_layer())
             .layer(DeadlineLayer::default())
             .layer(BulkheadLayer::new(

@@ -12,6 +12,7 @@ pub mod pool;
 pub mod replicas;
 pub mod shard_map;
 pub mod slots;
+pub mod spans;
 
 pub use failure::DbFailure;
 pub use ownership::{Fence, SlotState};

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use convoy_discovery::RegistrationArgs;
 use convoy_mesh::ServerConfig;
-use convoy_telemetry::LogFormat;
+use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
 pub const SERVICE_NAME: &str = "cache";
@@ -49,9 +49,9 @@ pub struct Config {
     #[arg(long, env = "CONVOY_MAX_CONCURRENT_CALLS", default_value_t = 1024)]
     pub max_concurrent_calls: usize,
 
-    /// Log format.
-    #[arg(long, env = "CONVOY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Logs and metrics (`--log-format`, `--metrics-listen`).
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 impl Config {

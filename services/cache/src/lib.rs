@@ -30,6 +30,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // Served for as long as this function runs, from before the first call it could count.
+    let _metrics = config.telemetry.serve_metrics().await?;
     let capacity = config.l1_capacity_mib << 20;
     let l1 = L1::new(L1Config {
         capacity_bytes: capacity,

@@ -13,7 +13,7 @@ use convoy_discovery::RegistrationArgs;
 use convoy_mesh::ServerConfig;
 use convoy_store::shard_map::redact_dsn;
 use convoy_store::{PoolSettings, ShardMap, StoreError};
-use convoy_telemetry::LogFormat;
+use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
 pub const SERVICE_NAME: &str = "conversation";
@@ -133,9 +133,9 @@ pub struct Config {
     #[arg(long, env = "CONVOY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
 
-    /// Log format.
-    #[arg(long, env = "CONVOY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Logs and metrics (`--log-format`, `--metrics-listen`).
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 impl Config {
@@ -193,7 +193,8 @@ impl Config {
             "listen={} shard_map={:?} shard_dsns={:?} pool_max_connections={} \
              pool_acquire_timeout_ms={} statement_timeout_ms={} drain_timeout_secs={} \
              max_concurrent_calls={} reflection={} etcd_endpoints={:?} advertise_addr={:?} \
-             zone={} registration_ttl_secs={} redis={} cache={:?} local_cache_mib={}",
+             zone={} registration_ttl_secs={} redis={} cache={:?} local_cache_mib={} \
+             metrics_listen={:?}",
             self.listen,
             self.shard_map,
             dsns,
@@ -210,6 +211,7 @@ impl Config {
             self.redis_url.as_deref().map_or("none", |_| "set"),
             self.cache_discovery(),
             self.local_cache_mib,
+            self.telemetry.metrics_listen,
         )
     }
 }

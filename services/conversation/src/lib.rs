@@ -166,6 +166,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // Served for as long as this function runs, from before the first call it could count.
+    let _metrics = config.telemetry.serve_metrics().await?;
     let store = Arc::new(store);
     // Shutdown order: health NOT_SERVING, then deregister (peers drop us at once), then
     // stop accepting and drain.

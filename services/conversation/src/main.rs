@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    convoy_telemetry::init(config.log_format);
+    config.telemetry.init();
     tracing::info!(config = %config.summary(), "starting conversation service");
 
     let store = conversation::connect(&config).await?;

@@ -17,10 +17,12 @@ use convoy_proto::consistency::ConsistencyToken;
 use std::sync::Arc;
 
 use convoy_store::ownership::{self, Fence};
+use convoy_store::spans::db_span;
 use convoy_store::{DbFailure, Epoch, LivePools, Node, ShardPools, Slot};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -425,7 +427,8 @@ impl ConversationStore {
         };
         metrics::counter!("convoy_conversation_shard_reads_total", "node" => "replica")
             .increment(1);
-        let result = tokio::time::timeout(self.op_timeout / REPLICA_SHARE, op(pool.clone())).await;
+        let attempt = op(pool.clone()).instrument(db_span(shard, node));
+        let result = tokio::time::timeout(self.op_timeout / REPLICA_SHARE, attempt).await;
         drop(in_flight);
         let why = match result {
             Ok(Ok(value)) => return Ok(value),
@@ -465,7 +468,8 @@ impl ConversationStore {
         loop {
             let (index, pool) = pools.for_team(team.as_str());
             let shard = pools.map().shards()[index].id.as_str();
-            let fence = match tokio::time::timeout_at(deadline, op(pool.clone())).await {
+            let attempt = op(pool.clone()).instrument(db_span(shard, Node::Primary));
+            let fence = match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(OpError::Api(ApiError::NotFound(what)))) => {
                     match moved_away(pool, team).await {

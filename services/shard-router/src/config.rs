@@ -7,7 +7,7 @@ use clap::Parser;
 use convoy_discovery::RegistrationArgs;
 use convoy_mesh::ServerConfig;
 use convoy_store::{ShardMap, StoreError};
-use convoy_telemetry::LogFormat;
+use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
 pub const SERVICE_NAME: &str = "shard-router";
@@ -56,9 +56,9 @@ pub struct Config {
     )]
     pub fault_move_step_pause_ms: u64,
 
-    /// Log format.
-    #[arg(long, env = "CONVOY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Logs and metrics (`--log-format`, `--metrics-listen`).
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 impl Config {

@@ -47,6 +47,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // Served for as long as this function runs, from before the first call it could count.
+    let _metrics = config.telemetry.serve_metrics().await?;
     let etcd = config
         .registration
         .etcd_config()

@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = shard_router::Config::parse();
-    convoy_telemetry::init(config.log_format);
+    config.telemetry.init();
     tracing::info!(listen = %config.listen, "starting shard-router");
     let listener = TcpListener::bind(config.listen).await?;
     shard_router::serve(&config, listener, convoy_mesh::server::shutdown_signal()).await

@@ -41,7 +41,10 @@ fn analytics(c: &mut Criterion) {
             .execute(&pool)
             .await
             .unwrap();
-            sqlx::query("VACUUM ANALYZE conversations").execute(&pool).await.unwrap();
+            sqlx::query("VACUUM ANALYZE conversations")
+                .execute(&pool)
+                .await
+                .unwrap();
         }
         let redis = convoy_testkit::Redis::start().await.unwrap();
         let cache = CacheInstance::start(&redis.url(), &[]).await;
@@ -134,14 +137,14 @@ fn analytics(c: &mut Criterion) {
     group.bench_function("grpc GetFleetOverview, computed", |b| {
         b.to_async(&runtime).iter(|| {
             let mut client = computed_client.clone();
-            let request = fleet_request.clone();
+            let request = fleet_request;
             async move { client.get_fleet_overview(request).await.unwrap() }
         })
     });
     group.bench_function("grpc GetFleetOverview, from the cache tier", |b| {
         b.to_async(&runtime).iter(|| {
             let mut client = cached_client.clone();
-            let request = fleet_request.clone();
+            let request = fleet_request;
             async move { client.get_fleet_overview(request).await.unwrap() }
         })
     });

@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod otlp;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,314 @@
+//! Every service serves Prometheus metrics on `--metrics-listen`, and the series move with
+//! the calls: RED per gRPC method with each answer's status code, on the server and the
+//! client side, cache lookups per layer, invalidation bus lag and breaker states. Scraped
+//! with a plain HTTP GET, as Prometheus does.
+//!
+//! The services share this process, and so one registry: each endpoint serves all of it.
+//! Assertions are on increments of series only the call under test moves.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use convoy_integration_tests::{CacheInstance, Fleet, Router, new_conversation};
+use convoy_proto::v1 as pb;
+use convoy_testkit::{Etcd, Redis, free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+/// A loopback address for a metrics endpoint.
+fn metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// `GET /metrics` at `addr`: the exposition text, after checking the answer is one.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The labels of a sample line (`name{k="v",...} value`), unescaped.
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, escaped)) => value.push(escaped),
+                    None => {}
+                },
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        labels.push((key.trim_start_matches(',').to_owned(), value));
+        rest = &after[end..];
+    }
+    labels
+}
+
+/// The sum of the samples named `name` whose labels include all of `labels` (as PromQL's
+/// `sum(name{labels})`); `None` when there is no such sample.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, l)) => (n, parse_labels(l.strip_suffix('}').unwrap_or(l))),
+            None => (series, Vec::new()),
+        };
+        if series_name != name
+            || !labels
+                .iter()
+                .all(|(k, v)| series_labels.iter().any(|(sk, sv)| sk == k && sv == v))
+        {
+            continue;
+        }
+        let value: f64 = value.parse().expect("a sample value");
+        *found.get_or_insert(0.0) += value;
+    }
+    found
+}
+
+/// A method's server-side call count for `code`, 0 before its first call.
+fn served(text: &str, service: &str, method: &str, code: &str) -> f64 {
+    sample(
+        text,
+        "convoy_rpc_server_duration_seconds_count",
+        &[
+            ("rpc_system", "grpc"),
+            ("rpc_service", service),
+            ("rpc_method", method),
+            ("rpc_grpc_status_code", code),
+        ],
+    )
+    .unwrap_or(0.0)
+}
+
+const CONVERSATIONS: &str = "convoy.v1.ConversationService";
+
+#[test]
+fn the_exposition_parser_finds_samples_by_name_and_labels() {
+    let text = "# TYPE x histogram\n\
+                x_count{a=\"1\",b=\"q\\\"uote,d\"} 2\n\
+                x_count{a=\"1\",b=\"other\"} 3\n\
+                y 7\n";
+    assert_eq!(sample(text, "x_count", &[("a", "1")]), Some(5.0));
+    assert_eq!(sample(text, "x_count", &[("b", "q\"uote,d")]), Some(2.0));
+    assert_eq!(sample(text, "y", &[]), Some(7.0));
+    assert_eq!(sample(text, "x_count", &[("a", "2")]), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_serves_metrics_whose_series_move_with_its_calls() {
+    let redis = Redis::start().await.unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let (cache_metrics, conversation_metrics, router_metrics) =
+        (metrics_addr(), metrics_addr(), metrics_addr());
+    let cache = CacheInstance::start(
+        &redis.url(),
+        &["--metrics-listen", &cache_metrics.to_string()],
+    )
+    .await;
+    let fleet = Fleet::start_with(
+        1,
+        &[
+            "--metrics-listen",
+            &conversation_metrics.to_string(),
+            "--redis-url",
+            &redis.url(),
+            "--cache-addr",
+            &cache.addr.to_string(),
+        ],
+    )
+    .await;
+    let router = Router::start(
+        &etcd.endpoint(),
+        &fleet.map,
+        &["--metrics-listen", &router_metrics.to_string()],
+    )
+    .await;
+    let mut client = fleet.client().await;
+
+    // Histograms are real Prometheus histograms, with the declared buckets.
+    let before = scrape(conversation_metrics).await;
+    assert!(
+        before
+            .lines()
+            .any(|l| l == "# TYPE convoy_rpc_server_duration_seconds histogram"),
+        "{before}"
+    );
+    assert!(
+        sample(
+            &before,
+            "convoy_rpc_server_duration_seconds_bucket",
+            &[("rpc_service", "grpc.health.v1.Health"), ("le", "0.0005")],
+        )
+        .is_some(),
+        "health checks are counted, in buckets: {before}"
+    );
+
+    // A successful CreateConversation moves its method's count at code 0, once.
+    let created = client
+        .create_conversation(new_conversation("acme", "Flaky test", "hello"))
+        .await
+        .unwrap()
+        .into_inner();
+    let after = scrape(conversation_metrics).await;
+    assert_eq!(
+        served(&after, CONVERSATIONS, "CreateConversation", "0")
+            - served(&before, CONVERSATIONS, "CreateConversation", "0"),
+        1.0
+    );
+
+    // An invalid one is counted at INVALID_ARGUMENT (3), and not at 0.
+    let status = client
+        .create_conversation(new_conversation("not a team!", "Bad", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let invalid = scrape(conversation_metrics).await;
+    assert_eq!(
+        served(&invalid, CONVERSATIONS, "CreateConversation", "3")
+            - served(&after, CONVERSATIONS, "CreateConversation", "3"),
+        1.0
+    );
+    assert_eq!(
+        served(&invalid, CONVERSATIONS, "CreateConversation", "0"),
+        served(&after, CONVERSATIONS, "CreateConversation", "0")
+    );
+
+    // A read goes through the cache tier: the conversation service's calls to it are
+    // counted on its client side.
+    client
+        .get_conversation(pb::GetConversationRequest {
+            name: created.name.clone(),
+        })
+        .await
+        .unwrap();
+    let read = scrape(conversation_metrics).await;
+    let tier_calls = sample(
+        &read,
+        "convoy_rpc_client_duration_seconds_count",
+        &[
+            ("rpc_system", "grpc"),
+            ("rpc_service", "convoy.v1.CacheService"),
+        ],
+    )
+    .unwrap_or(0.0);
+    assert!(tier_calls >= 1.0, "{read}");
+    // The tier's endpoint has a breaker, closed.
+    assert_eq!(
+        sample(
+            &read,
+            "convoy_breaker_state",
+            &[("endpoint", &cache.addr.to_string())]
+        ),
+        Some(0.0),
+        "{read}"
+    );
+
+    // A cache hit moves the cache service's lookups at its layer, and its Get at code 0.
+    let mut cache_client = cache.client().await;
+    cache_client
+        .set(pb::CacheSetRequest {
+            entry: Some(pb::CacheEntry {
+                key: "metrics:hit".into(),
+                value: b"v".to_vec(),
+                version: 1,
+                tags: Vec::new(),
+                ttl: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            }),
+            lease_token: String::new(),
+        })
+        .await
+        .unwrap();
+    let before = scrape(cache_metrics).await;
+    let found = cache_client
+        .get(pb::CacheGetRequest {
+            key: "metrics:hit".into(),
+            min_version: 0,
+            peek: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.layer, pb::CacheLayer::L1 as i32);
+    let after = scrape(cache_metrics).await;
+    let l1_hits = |text: &str| sample(text, "convoy_cache_lookups_total", &[("layer", "l1")]);
+    assert_eq!(
+        l1_hits(&after).unwrap() - l1_hits(&before).unwrap_or(0.0),
+        1.0
+    );
+    assert_eq!(
+        served(&after, "convoy.v1.CacheService", "Get", "0")
+            - served(&before, "convoy.v1.CacheService", "Get", "0"),
+        1.0
+    );
+
+    // The write's invalidation reaches the L1s over the bus: its lag is measured.
+    let lag_count = |text: &str| sample(text, "convoy_cache_bus_lag_seconds_count", &[]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = scrape(cache_metrics).await;
+        if lag_count(&text).unwrap_or(0.0) >= 1.0 {
+            assert!(
+                sample(
+                    &text,
+                    "convoy_cache_bus_lag_seconds_bucket",
+                    &[("le", "+Inf")]
+                )
+                .is_some()
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no bus lag recorded after the write:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The shard-router serves its own endpoint, with its methods.
+    let before = scrape(router_metrics).await;
+    router
+        .client
+        .clone()
+        .get_shard_map(pb::GetShardMapRequest {})
+        .await
+        .unwrap();
+    let after = scrape(router_metrics).await;
+    let router_service = "convoy.v1.ShardRouterService";
+    assert_eq!(
+        served(&after, router_service, "GetShardMap", "0")
+            - served(&before, router_service, "GetShardMap", "0"),
+        1.0
+    );
+}
