@@ -25,10 +25,11 @@
 #   CONVOY_CACHE_LISTEN   the cache service's gRPC address (default 127.0.0.1:50061)
 #   CONVOY_ROUTER_LISTEN  the shard-router's gRPC address (default 127.0.0.1:50071)
 #   CONVOY_ANALYTICS_LISTEN the analytics service's gRPC address (default 127.0.0.1:50081)
-#   CONVOY_CONVERSATION_METRICS_LISTEN, CONVOY_CACHE_METRICS_LISTEN, CONVOY_ROUTER_METRICS_LISTEN
-#                         where conversation, cache and the shard-router serve Prometheus
-#                         metrics at GET /metrics (defaults 127.0.0.1:9151, :9161, :9171: the
-#                         targets of infra/observability/prometheus/prometheus.yml)
+#   CONVOY_CONVERSATION_METRICS_LISTEN, CONVOY_CACHE_METRICS_LISTEN, CONVOY_ROUTER_METRICS_LISTEN,
+#   CONVOY_ANALYTICS_METRICS_LISTEN
+#                         where conversation, cache, the shard-router and analytics serve
+#                         Prometheus metrics at GET /metrics (defaults 127.0.0.1:9151, :9161,
+#                         :9171, :9181: the targets of infra/observability/prometheus/prometheus.yml)
 #   CONVOY_STATE_DIR      where data, logs and PID files live (default .convoy at the repo root)
 #   CONVOY_PG_BIN         folder with initdb/pg_ctl (default: newest /usr/lib/postgresql/*/bin)
 #   Other CONVOY_* variables (CONVOY_LOG_FORMAT, CONVOY_POOL_MAX_CONNECTIONS, ...) reach the
@@ -113,6 +114,7 @@ read -r ANALYTICS_HOST ANALYTICS_PORT < <(host_port_of "$ANALYTICS_LISTEN")
 METRICS_LISTEN="${CONVOY_CONVERSATION_METRICS_LISTEN:-127.0.0.1:9151}"
 CACHE_METRICS_LISTEN="${CONVOY_CACHE_METRICS_LISTEN:-127.0.0.1:9161}"
 ROUTER_METRICS_LISTEN="${CONVOY_ROUTER_METRICS_LISTEN:-127.0.0.1:9171}"
+ANALYTICS_METRICS_LISTEN="${CONVOY_ANALYTICS_METRICS_LISTEN:-127.0.0.1:9181}"
 [[ "$PORT_BASE" =~ ^[0-9]+$ ]] || die "CONVOY_PG_PORT_BASE must be a port number, got '$PORT_BASE'"
 read -r PROBE_HOST PROBE_PORT < <(host_port_of "$LISTEN")
 [[ "$PROBE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_LISTEN must be HOST:PORT, got '$LISTEN'"
@@ -260,7 +262,7 @@ convoy is up: conversation service on $LISTEN, cache service on $CACHE_LISTEN,
   redis:  $REDIS_URL (invalidation bus: redis-cli -p $REDIS_PORT XLEN convoy:invalidations)
   logs:   $LOG_DIR
   metrics: http://$METRICS_LISTEN/metrics (conversation), http://$CACHE_METRICS_LISTEN/metrics (cache),
-           http://$ROUTER_METRICS_LISTEN/metrics (shard-router)
+           http://$ROUTER_METRICS_LISTEN/metrics (shard-router), http://$ANALYTICS_METRICS_LISTEN/metrics (analytics)
 
 Call it with the Python smoke client (stock gRPC + server reflection; deps in infra/local/requirements.txt):
   python3 infra/local/smoke.py $CALL_ADDR
@@ -319,7 +321,7 @@ fi
 if tcp_open "$ANALYTICS_HOST" "$ANALYTICS_PORT"; then
     die "$ANALYTICS_LISTEN already accepts connections (another fleet?); stop it or set CONVOY_ANALYTICS_LISTEN"
 fi
-for metrics_addr in "$METRICS_LISTEN" "$CACHE_METRICS_LISTEN" "$ROUTER_METRICS_LISTEN"; do
+for metrics_addr in "$METRICS_LISTEN" "$CACHE_METRICS_LISTEN" "$ROUTER_METRICS_LISTEN" "$ANALYTICS_METRICS_LISTEN"; do
     read -r metrics_host metrics_port < <(host_port_of "$metrics_addr")
     [[ "$metrics_port" =~ ^[0-9]+$ ]] || die "a metrics address must be HOST:PORT, got '$metrics_addr'"
     if tcp_open "$metrics_host" "$metrics_port"; then
@@ -510,8 +512,9 @@ if ((ready == 0)); then
 fi
 
 log "starting analytics on $ANALYTICS_LISTEN (log: $ANALYTICS_LOG)"
-env -u CONVOY_LISTEN -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS NO_COLOR=1 \
+env -u CONVOY_LISTEN -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS -u CONVOY_METRICS_LISTEN NO_COLOR=1 \
     setsid "$ANALYTICS_BIN" --listen "$ANALYTICS_LISTEN" --etcd-endpoint "$ETCD_URL" --shard-map-from-etcd \
+    --metrics-listen "$ANALYTICS_METRICS_LISTEN" \
     </dev/null >>"$ANALYTICS_LOG" 2>&1 &
 ANALYTICS_PID=$!
 wait_for_port "$ANALYTICS_PID" "$ANALYTICS_HOST" "$ANALYTICS_PORT" "the analytics service" "$ANALYTICS_LOG"

@@ -9,7 +9,7 @@ use clap::Parser;
 use convoy_client::Discovery;
 use convoy_discovery::{RegistrationArgs, ShardArgs};
 use convoy_mesh::ServerConfig;
-use convoy_telemetry::LogFormat;
+use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
 pub const SERVICE_NAME: &str = "analytics";
@@ -72,9 +72,9 @@ pub struct Config {
     #[arg(long, env = "CONVOY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
 
-    /// Log format.
-    #[arg(long, env = "CONVOY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Logs and metrics (`--log-format`, `--metrics-listen`).
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 impl Config {

@@ -48,6 +48,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // Served for as long as this function runs, from before the first call it could count.
+    let _metrics = config.telemetry.serve_metrics().await?;
     let deregister = config
         .registration
         .register_until_drained(

@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = analytics::Config::parse();
-    convoy_telemetry::init(config.log_format);
+    config.telemetry.init();
     tracing::info!(listen = %config.listen, "starting analytics");
     let shards = analytics::connect(&config).await?;
     let listener = TcpListener::bind(config.listen).await?;

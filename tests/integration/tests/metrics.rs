@@ -311,4 +311,65 @@ async fn every_service_serves_metrics_whose_series_move_with_its_calls() {
             - served(&before, router_service, "GetShardMap", "0"),
         1.0
     );
+
+    // Analytics: its method's series and the per-shard query counter move.
+    let analytics_metrics = metrics_addr();
+    let analytics = fleet
+        .start_analytics(&["--metrics-listen", &analytics_metrics.to_string()])
+        .await;
+    let mut analytics_client = pb::analytics_service_client::AnalyticsServiceClient::new(
+        convoy_integration_tests::channel_to(analytics.addr).await,
+    );
+    let before = scrape(analytics_metrics).await;
+    let now = prost_types::Timestamp {
+        seconds: 1_800_000_000,
+        nanos: 0,
+    };
+    analytics_client
+        .get_team_summary(pb::GetTeamSummaryRequest {
+            filter: Some(pb::AnalyticsFilter {
+                parent: "teams/acme".into(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+                end_time: Some(now),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err(); // a range over 366 days: INVALID_ARGUMENT (3)
+    analytics_client
+        .get_team_summary(pb::GetTeamSummaryRequest {
+            filter: Some(pb::AnalyticsFilter {
+                parent: "teams/acme".into(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: now.seconds - 86_400,
+                    nanos: 0,
+                }),
+                end_time: Some(now),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let after = scrape(analytics_metrics).await;
+    let analytics_service = "convoy.v1.AnalyticsService";
+    for code in ["0", "3"] {
+        assert_eq!(
+            served(&after, analytics_service, "GetTeamSummary", code)
+                - served(&before, analytics_service, "GetTeamSummary", code),
+            1.0,
+            "GetTeamSummary with code {code}"
+        );
+    }
+    let shard_queries = |text: &str| {
+        sample(
+            text,
+            "convoy_analytics_shard_queries_total",
+            &[("shard", "shard-0"), ("outcome", "ok")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(shard_queries(&after) - shard_queries(&before), 1.0);
 }
