@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use convoy_mesh::TraceLayer;
 use convoy_mesh::propagation::DeadlinePropagationLayer;
 use convoy_mesh::{KeyedChannel, KeyedConfig, RouteKey};
 use convoy_proto::v1 as pb;
@@ -69,7 +70,7 @@ impl CacheClient {
         // Cache calls are never retried: each is timed once, around its deadline.
         let transport = crate::measured(BoxCloneSyncService::new(
             DeadlinePropagationLayer::new(config.timeout, Duration::ZERO)
-                .layer(channel.clone())
+                .layer(TraceLayer::client().layer(channel.clone()))
                 .map_err(TransportError),
         ));
         Self {

@@ -27,7 +27,7 @@ use convoy_mesh::metrics::Side;
 use convoy_mesh::propagation::DeadlinePropagationLayer;
 use convoy_mesh::{
     BalanceConfig, BalancedChannel, Deadline, RetryBudget, RetryConfig, RetryPolicy, RpcCall,
-    RpcMetricsLayer,
+    RpcMetricsLayer, TraceLayer,
 };
 use convoy_proto::consistency::HEADER;
 use convoy_proto::methods::idempotency;
@@ -153,7 +153,7 @@ impl Stack {
             convoy_mesh::balanced_channel(changes, config.balance.clone());
         let transport = BoxCloneSyncService::new(
             DeadlinePropagationLayer::new(config.per_call_timeout, config.deadline_margin)
-                .layer(balanced)
+                .layer(TraceLayer::client().layer(balanced))
                 .map_err(TransportError),
         );
         let retry = Arc::new(config.retry.clone());

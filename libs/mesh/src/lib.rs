@@ -31,6 +31,7 @@ pub mod propagation;
 pub mod retry;
 pub mod server;
 pub mod shed_load;
+pub mod trace;
 
 pub use balance::{BalanceConfig, BalancedChannel, balanced_channel};
 pub use breaker::{BreakerConfig, BreakerLayer, EjectionBudget, LocalTimeout};
@@ -41,3 +42,4 @@ pub use metrics::{RpcCall, RpcMetricsLayer};
 pub use propagation::DeadlinePropagationLayer;
 pub use retry::{RetryBudget, RetryConfig, RetryPolicy};
 pub use server::{ServerBuilder, ServerConfig, ServerError};
+pub use trace::TraceLayer;

@@ -195,6 +195,7 @@ impl ServerBuilder {
             // anywhere becomes INTERNAL; expired calls are refused before they take a
             // bulkhead permit.
             .layer(RpcMetricsLayer::server())
+            .layer(crate::trace::TraceLayer::server())
             .layer(crate::panic::catch_panic_layer())
             .layer(DeadlineLayer::default())
             .layer(BulkheadLayer::new(

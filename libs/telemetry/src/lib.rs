@@ -9,10 +9,14 @@
 #![forbid(unsafe_code)]
 
 pub mod metrics;
+pub mod trace;
 
 use std::net::SocketAddr;
 
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, filter};
 
 pub use metrics::{MetricsEndpoint, MetricsError};
 
@@ -26,17 +30,46 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. Call once, first thing in `main`.
+/// Installs the global subscriber, logging only. Call once, first thing in `main`
+/// (binaries use [`TelemetryArgs::init`], which adds trace export).
 pub fn init(format: LogFormat) {
+    init_with(format, None);
+}
+
+/// Installs the global subscriber: logs to stderr in `format`, filtered by `RUST_LOG`
+/// (default `info`), and, with `traces`, every span at INFO or above (and WARN and ERROR
+/// events, as span events) exported to OpenTelemetry whatever `RUST_LOG` says. A second
+/// call (tests starting several services in one process) changes nothing.
+pub fn init_with(format: LogFormat, traces: Option<&trace::Traces>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests starting several services in one process) is harmless.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Text => logs.with_filter(filter).boxed(),
+        LogFormat::Json => logs.json().with_filter(filter).boxed(),
     };
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![logs];
+    if let Some(traces) = traces {
+        let exported = filter::filter_fn(|meta| {
+            let level = *meta.level();
+            (meta.is_span() && level <= Level::INFO) || level <= Level::WARN
+        });
+        layers.push(traces.layer().with_filter(exported).boxed());
+    }
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+}
+
+/// What [`TelemetryArgs::init`] set up; keep it for the life of the process (dropping it
+/// flushes and stops trace export).
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    traces: Option<trace::Traces>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exports_traces(&self) -> bool {
+        self.traces.is_some()
+    }
 }
 
 /// The telemetry flags every binary shares (flatten them into its `Config`), with
@@ -55,9 +88,18 @@ pub struct TelemetryArgs {
 }
 
 impl TelemetryArgs {
-    /// Installs logging as [`init`] does.
-    pub fn init(&self) {
-        init(self.log_format);
+    /// Installs logging, and trace export as `service` when `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// is set (see [`trace`]). Call once, first thing in `main`, inside the tokio runtime.
+    pub fn init(&self, service: &str) -> Result<Telemetry, trace::ExportError> {
+        let traces = trace::Traces::from_env(service)?;
+        init_with(self.log_format, traces.as_ref());
+        if let Some(endpoint) = std::env::var(trace::ENDPOINT_ENV)
+            .ok()
+            .filter(|_| traces.is_some())
+        {
+            tracing::info!(%endpoint, "exporting traces over OTLP");
+        }
+        Ok(Telemetry { traces })
     }
 
     /// Starts the metrics endpoint when `--metrics-listen` is given; it stops when the

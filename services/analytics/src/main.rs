@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = analytics::Config::parse();
-    config.telemetry.init();
+    let _telemetry = config.telemetry.init(analytics::config::SERVICE_NAME)?;
     tracing::info!(listen = %config.listen, "starting analytics");
     let shards = analytics::connect(&config).await?;
     let listener = TcpListener::bind(config.listen).await?;

@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    config.telemetry.init();
+    let _telemetry = config.telemetry.init(conversation::config::SERVICE_NAME)?;
     tracing::info!(config = %config.summary(), "starting conversation service");
 
     let store = conversation::connect(&config).await?;

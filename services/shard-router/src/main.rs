@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = shard_router::Config::parse();
-    config.telemetry.init();
+    let _telemetry = config.telemetry.init(shard_router::config::SERVICE_NAME)?;
     tracing::info!(listen = %config.listen, "starting shard-router");
     let listener = TcpListener::bind(config.listen).await?;
     shard_router::serve(&config, listener, convoy_mesh::server::shutdown_signal()).await
