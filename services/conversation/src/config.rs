@@ -4,15 +4,14 @@
 //! the effective configuration once at start-up, with passwords redacted.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use convoy_client::Discovery;
-use convoy_discovery::RegistrationArgs;
+use convoy_discovery::{RegistrationArgs, ShardArgs};
 use convoy_mesh::ServerConfig;
+use convoy_store::PoolSettings;
 use convoy_store::shard_map::redact_dsn;
-use convoy_store::{PoolSettings, ShardMap, StoreError};
 use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
@@ -26,14 +25,9 @@ pub struct Config {
     #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// Shard map file (TOML: epoch, and shards with id, primary, replicas, slots).
-    #[arg(long, env = "CONVOY_SHARD_MAP", conflicts_with = "shard_dsn")]
-    pub shard_map: Option<PathBuf>,
-
-    /// Primary DSN of each shard, in order; slots are split evenly over them. Repeat the
-    /// flag, or separate with commas in the environment variable.
-    #[arg(long = "shard-dsn", env = "CONVOY_SHARD_DSNS", value_delimiter = ',')]
-    pub shard_dsn: Vec<String>,
+    /// Where the shards are, and the pools to them.
+    #[command(flatten)]
+    pub shards: ShardArgs,
 
     /// Apply the schema migrations to every shard, then exit.
     #[arg(long, env = "CONVOY_MIGRATE_ONLY")]
@@ -43,20 +37,6 @@ pub struct Config {
     /// (`--migrate-only`) and instances run without DDL rights.
     #[arg(long, env = "CONVOY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
-
-    /// Most connections per shard. 16: enough for two cores' worth of backends plus I/O
-    /// waits; raise with the shard's core count.
-    #[arg(long, env = "CONVOY_POOL_MAX_CONNECTIONS", default_value_t = 16)]
-    pub pool_max_connections: u32,
-
-    /// Longest wait for a pooled connection, in milliseconds, before UNAVAILABLE. 2000:
-    /// fail fast when a shard is down (sqlx's default is 30 s).
-    #[arg(long, env = "CONVOY_POOL_ACQUIRE_TIMEOUT_MS", default_value_t = 2000)]
-    pub pool_acquire_timeout_ms: u64,
-
-    /// Postgres statement_timeout, in milliseconds. 5000: well above any indexed query.
-    #[arg(long, env = "CONVOY_STATEMENT_TIMEOUT_MS", default_value_t = 5000)]
-    pub statement_timeout_ms: u64,
 
     /// How long in-flight calls may drain at shutdown, in seconds. 20: below Kubernetes'
     /// default 30 s grace period.
@@ -109,12 +89,6 @@ pub struct Config {
     )]
     pub consistency_check_after_ms: Vec<u64>,
 
-    /// Take the shard map from etcd (where the shard-router keeps it) instead of
-    /// `--shard-map`/`--shard-dsn`; needs `--etcd-endpoint`. Read at start-up: a new map
-    /// takes effect at the next start until services follow it live.
-    #[arg(long, env = "CONVOY_SHARD_MAP_FROM_ETCD")]
-    pub shard_map_from_etcd: bool,
-
     /// Fault injection for coherence tests: the share of bus messages the own L1's
     /// subscriber drops (it must notice each as a gap and flush). 0 in production.
     #[arg(long, hide = true, default_value_t = 0.0)]
@@ -139,30 +113,9 @@ pub struct Config {
 }
 
 impl Config {
-    /// The shard map from `--shard-map` or `--shard-dsn`.
-    pub fn shard_map(&self) -> anyhow::Result<ShardMap> {
-        match &self.shard_map {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("reading shard map {}: {e}", path.display()))?;
-                Ok(ShardMap::from_toml(&text).map_err(StoreError::from)?)
-            }
-            None if self.shard_dsn.is_empty() => anyhow::bail!(
-                "no shards configured: pass --shard-dsn (or CONVOY_SHARD_DSNS) or --shard-map"
-            ),
-            None => Ok(ShardMap::evenly(&self.shard_dsn).map_err(StoreError::from)?),
-        }
-    }
-
     /// Pool settings for every shard.
     pub fn pool_settings(&self) -> PoolSettings {
-        PoolSettings {
-            max_connections: self.pool_max_connections,
-            acquire_timeout: Duration::from_millis(self.pool_acquire_timeout_ms),
-            statement_timeout: Duration::from_millis(self.statement_timeout_ms),
-            application_name: "convoy-conversation".into(),
-            ..PoolSettings::default()
-        }
+        self.shards.pool_settings("convoy-conversation")
     }
 
     /// Where the cache tier's instances are found, if reads go through it.
@@ -188,7 +141,8 @@ impl Config {
 
     /// The effective configuration as one log-friendly line, without secrets.
     pub fn summary(&self) -> String {
-        let dsns: Vec<String> = self.shard_dsn.iter().map(|d| redact_dsn(d)).collect();
+        let shards = &self.shards;
+        let dsns: Vec<String> = shards.shard_dsn.iter().map(|d| redact_dsn(d)).collect();
         format!(
             "listen={} shard_map={:?} shard_dsns={:?} pool_max_connections={} \
              pool_acquire_timeout_ms={} statement_timeout_ms={} drain_timeout_secs={} \
@@ -196,11 +150,11 @@ impl Config {
              zone={} registration_ttl_secs={} redis={} cache={:?} local_cache_mib={} \
              metrics_listen={:?}",
             self.listen,
-            self.shard_map,
+            shards.shard_map,
             dsns,
-            self.pool_max_connections,
-            self.pool_acquire_timeout_ms,
-            self.statement_timeout_ms,
+            shards.pool_max_connections,
+            shards.pool_acquire_timeout_ms,
+            shards.statement_timeout_ms,
             self.drain_timeout_secs,
             self.max_concurrent_calls,
             self.reflection,

@@ -32,7 +32,6 @@ use convoy_cache::l1::{L1, L1Config};
 use convoy_cache::l2::{L2, L2Config};
 use convoy_cache::subscriber::{self, Subscriber};
 use convoy_client::{CacheClient, CacheClientConfig};
-use convoy_discovery::shard_map::ShardMapStore;
 use convoy_mesh::ServerBuilder;
 use convoy_proto::v1::conversation_service_server::ConversationServiceServer;
 use convoy_store::ShardPools;
@@ -60,57 +59,13 @@ pub async fn connect(config: &Config) -> anyhow::Result<ConversationStore> {
     let settings = config.pool_settings();
     // One operation may wait for a connection, then run a few statements.
     let op_timeout = settings.acquire_timeout + settings.statement_timeout * 2;
-    let (map, etcd_store) = shard_map(config).await?;
+    let (map, etcd_store) = config.shards.map(&config.registration).await?;
     let pools = ShardPools::connect_lazy(map, &settings)?;
     if config.migrate || config.migrate_only {
         pools.migrate().await?;
     }
-    let (live, background) = match etcd_store {
-        Some(store) => {
-            let (live, following) = convoy_discovery::shard_map::follow(&store, pools);
-            (live, vec![following])
-        }
-        None => {
-            let checks = pools.spawn_checks();
-            (pools.fixed(), checks)
-        }
-    };
-    Ok(ConversationStore::new(live, op_timeout).with_background(background))
-}
-
-/// How long start-up waits for the shard-router to publish the map in etcd.
-const MAP_WAIT: Duration = Duration::from_secs(30);
-
-/// The shard map: from etcd with `--shard-map-from-etcd` (waiting up to [`MAP_WAIT`] for
-/// the shard-router to publish one; the store to follow is returned with it), else from
-/// `--shard-map` or `--shard-dsn`.
-pub async fn shard_map(
-    config: &Config,
-) -> anyhow::Result<(convoy_store::ShardMap, Option<ShardMapStore>)> {
-    if !config.shard_map_from_etcd {
-        return Ok((config.shard_map()?, None));
-    }
-    let etcd = config
-        .registration
-        .etcd_config()
-        .ok_or_else(|| anyhow::anyhow!("--shard-map-from-etcd needs etcd: pass --etcd-endpoint"))?;
-    let store = ShardMapStore::connect(&etcd).await?;
-    let deadline = tokio::time::Instant::now() + MAP_WAIT;
-    loop {
-        match store.load().await {
-            Ok(Some(stored)) => {
-                tracing::info!(epoch = stored.map.epoch().0, "shard map from etcd");
-                return Ok((stored.map, Some(store)));
-            }
-            Ok(None) => tracing::info!("no shard map in etcd yet; waiting for the shard-router"),
-            Err(e) if e.is_transient() => tracing::warn!(error = %e, "reading the shard map"),
-            Err(e) => return Err(e.into()),
-        }
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("no shard map in etcd after {MAP_WAIT:?}: is the shard-router running?");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let shards = convoy_discovery::shards::live(pools, etcd_store.as_ref());
+    Ok(ConversationStore::new(shards.pools, op_timeout).with_background(shards.tasks))
 }
 
 /// The gRPC service, with the contract's message-size limit.
