@@ -142,7 +142,7 @@ impl Scatter {
                     fresh,
                 }),
                 Err(failure) => {
-                    tracing::warn!(%shard, ?failure, "shard left out of an analytics answer");
+                    tracing::warn!(%shard, %failure, "shard left out of an analytics answer");
                     metrics::counter!("convoy_analytics_missing_shards_total", "shard" => shard.clone())
                         .increment(1);
                     gathered.missing.push(shard);
@@ -154,12 +154,13 @@ impl Scatter {
 }
 
 /// Why a shard did not answer.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum Failure {
     /// Out of time.
+    #[error("no answer in time")]
     Timeout,
     /// The database failed.
-    #[allow(dead_code)] // Read by the Debug in the warning.
+    #[error(transparent)]
     Db(sqlx::Error),
 }
 
