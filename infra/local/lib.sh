@@ -212,11 +212,17 @@ tcp_open() {
 }
 
 # pg_start DATA_DIR PORT LOGFILE: starts the cluster on 127.0.0.1:PORT (if not running
-# already), creates database convoy when missing, and waits until it accepts connections.
+# already) with pg_stat_statements preloaded when installed, creates database convoy (and
+# the extension in it, for `convoyctl queries`) when missing, and waits until it accepts
+# connections.
 pg_start() {
-    local data="$1" port="$2" logfile="$3" sock
+    local data="$1" port="$2" logfile="$3" sock preload=""
     sock="$(pg_socket_dir "$(dirname "$data")")"
     pg_owned_dir "$sock"
+    # Debian's postgresql package ships it next to the programs' folder.
+    if [[ -f "$(pg_bin_dir)/../lib/pg_stat_statements.so" ]]; then
+        preload="pg_stat_statements"
+    fi
     if pg_running "$data"; then
         log "postgres $data already running"
     else
@@ -225,7 +231,7 @@ pg_start() {
         fi
         # wal_keep_size: WAL kept for a replica that was down (without it, one stopped while
         # its primary recycled the WAL it needs never streams again).
-        printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\nwal_keep_size = '512MB'\n" "$port" "$sock" |
+        printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\nwal_keep_size = '512MB'\nshared_preload_libraries = '%s'\n" "$port" "$sock" "$preload" |
             as_pg tee "$data/convoy.conf" >/dev/null
         mkdir -p "$(dirname "$logfile")"
         touch "$logfile"
@@ -251,6 +257,11 @@ pg_start() {
         "SELECT 1 FROM pg_database WHERE datname = 'convoy'" | grep -q 1; then
         log "createdb convoy on 127.0.0.1:$port"
         pg_run createdb -h 127.0.0.1 -p "$port" -U postgres convoy || die "createdb convoy failed on port $port"
+    fi
+    if [[ -n "$preload" ]]; then
+        pg_run psql -X -q -h 127.0.0.1 -p "$port" -U postgres -d convoy \
+            -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" >/dev/null ||
+            warn "CREATE EXTENSION pg_stat_statements failed on port $port (convoyctl queries will say why)"
     fi
 }
 

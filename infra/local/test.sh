@@ -11,7 +11,8 @@
 #      `convoyctl status` must show the instance SERVING in etcd, the writes must reach the
 #      invalidation bus in Redis, `convoyctl cache consistency` must show them checked and
 #      consistent (every write sampled, checked after 200 ms), each shard's replica must be a
-#      standby that received the smoke's writes; after a SIGKILL the
+#      standby that received the smoke's writes, `convoyctl queries` must list the smoke's
+#      inserts from pg_stat_statements; after a SIGKILL the
 #      instance must leave etcd within its lease TTL; then up.sh --stop, always.
 #
 # Environment:
@@ -136,6 +137,15 @@ log "fleet smoke: convoyctl --etcd-endpoint $etcd_url shards"
 printf '%s\n' "$shards_table"
 (($(grep -c " HEALTHY " <<<"$shards_table") == 4)) ||
     die "convoyctl shards does not show the 2 primaries and 2 replicas as HEALTHY"
+
+# pg_stat_statements counts the smoke's writes on the shards of the map in etcd.
+log "fleet smoke: convoyctl --etcd-endpoint $etcd_url queries --by total"
+queries_table="$("${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$etcd_url" queries --by total --top 50)"
+printf '%s\n' "$queries_table"
+grep -q "^shard-[01] .*INSERT INTO conversations" <<<"$queries_table" ||
+    die "convoyctl queries does not list the smoke's inserts into conversations"
+grep -q "not installed\|not loaded\|unreachable" <<<"$queries_table" &&
+    die "convoyctl queries could not read a shard's statistics"
 
 # The smoke's writes reached the invalidation bus through the outbox relay.
 redis_port="${CONVOY_TEST_REDIS_PORT:-26479}"

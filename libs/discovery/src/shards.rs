@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use convoy_store::{LivePools, PoolSettings, ShardMap, ShardPools, StoreError};
+use convoy_store::{LivePools, PoolSettings, QueryStats, ShardMap, ShardPools, StoreError};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::RegistrationArgs;
@@ -67,6 +67,12 @@ pub struct ShardArgs {
     /// Postgres statement_timeout, in milliseconds. 5000: well above any indexed query.
     #[arg(long, env = "CONVOY_STATEMENT_TIMEOUT_MS", default_value_t = 5000)]
     pub statement_timeout_ms: u64,
+
+    /// A statement that takes this long or longer, in milliseconds, is slow: counted in
+    /// `convoy_db_slow_statements_total` and logged with its plan (captured off the
+    /// request's path). 100: ten times the p99 of an indexed point query.
+    #[arg(long, env = "CONVOY_SLOW_STATEMENT_MS", default_value_t = 100)]
+    pub slow_statement_ms: u64,
 }
 
 impl ShardArgs {
@@ -88,9 +94,14 @@ impl ShardArgs {
         }
     }
 
-    /// Pool settings for every shard, naming the connections `application_name`.
+    /// Pool settings for every shard, naming the connections `application_name`. Their
+    /// statements are counted in the process-wide [`QueryStats::global`], whose slow
+    /// threshold this sets to `--slow-statement-ms`.
     pub fn pool_settings(&self, application_name: &str) -> PoolSettings {
+        let query_stats = QueryStats::global();
+        query_stats.set_slow_threshold(Duration::from_millis(self.slow_statement_ms));
         PoolSettings {
+            query_stats,
             max_connections: self.pool_max_connections,
             acquire_timeout: Duration::from_millis(self.pool_acquire_timeout_ms),
             statement_timeout: Duration::from_millis(self.statement_timeout_ms),

@@ -1,6 +1,7 @@
 //! convoy's data placement and PostgreSQL plumbing, shared by every service that touches a
 //! shard: the slot hash, the shard map, one fail-fast pool per shard, the schema migrations,
-//! and the classification of database errors.
+//! the classification of database errors, and what the data layer measures of itself
+//! (statement statistics, slow statements' plans, pool gauges and waits).
 //!
 //! Queries themselves belong to the services that own them.
 
@@ -8,7 +9,10 @@
 
 pub mod failure;
 pub mod ownership;
+pub mod plans;
 pub mod pool;
+pub mod pool_metrics;
+pub mod query_stats;
 pub mod replicas;
 pub mod shard_map;
 pub mod slots;
@@ -16,7 +20,9 @@ pub mod spans;
 
 pub use failure::DbFailure;
 pub use ownership::{Fence, SlotState};
+pub use plans::CapturedPlan;
 pub use pool::{LivePools, PoolSettings, ShardPools};
+pub use query_stats::{QueryStats, QueryStatsSettings, StatementStats};
 pub use replicas::{Node, ReplicaSettings};
 pub use shard_map::{Epoch, Shard, ShardId, ShardIndex, ShardMap, ShardMapError};
 pub use slots::{SLOT_COUNT, Slot};

@@ -4,16 +4,23 @@
 //! turns a dead shard into 30 s hangs, and no statement timeout lets one bad query hold a
 //! connection forever. Every number here is explicit and documented where it is declared.
 //!
+//! Every pool reports its statements and acquire waits as TRACE events, which
+//! [`crate::query_stats::layer`] records; its background checks also sample its gauges
+//! ([`crate::pool_metrics`]) and capture slow statements' plans ([`crate::plans`]).
+//!
 //! Not here: which shard a team lives on (see [`crate::shard_map`]).
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use log::LevelFilter;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
+use crate::query_stats::{QueryStats, attribution_span};
 use crate::replicas::{InFlight, Node, ReplicaSettings, ShardReplicas, primary_lsn};
 
 use crate::StoreError;
@@ -52,6 +59,10 @@ pub struct PoolSettings {
     pub test_before_acquire: bool,
     /// How reads are routed to replicas.
     pub replicas: ReplicaSettings,
+    /// Where slow statements' plans are kept (and their slowness judged): default the
+    /// process-wide [`QueryStats::global`], which telemetry hands to
+    /// [`crate::query_stats::layer`]; a test may bring its own.
+    pub query_stats: QueryStats,
 }
 
 impl Default for PoolSettings {
@@ -68,6 +79,7 @@ impl Default for PoolSettings {
             application_name: "convoy".into(),
             test_before_acquire: false,
             replicas: ReplicaSettings::default(),
+            query_stats: QueryStats::global(),
         }
     }
 }
@@ -117,6 +129,10 @@ impl ShardPools {
                 .idle_timeout(settings.idle_timeout)
                 .max_lifetime(settings.max_lifetime)
                 .test_before_acquire(settings.test_before_acquire)
+                // Every acquire's wait, for crate::query_stats (sqlx's slow-acquire warning
+                // would never fire: its 2 s threshold is our acquire timeout).
+                .acquire_time_level(LevelFilter::Trace)
+                .acquire_slow_level(LevelFilter::Trace)
                 .connect_lazy_with(options))
         };
         let mut pools = Vec::new();
@@ -158,12 +174,26 @@ impl ShardPools {
         tokio::sync::watch::channel(Arc::new(self)).1
     }
 
-    /// Checks every shard's nodes (see [`ShardPools::check_replicas`]), until the returned
-    /// guards drop.
+    /// Checks every shard's nodes and samples their pools (see
+    /// [`ShardPools::check_replicas`]), and captures the plans of each shard's slow
+    /// statements (see [`crate::plans`]), until the returned guards drop.
     pub fn spawn_checks(&self) -> Vec<AbortOnDropHandle<()>> {
-        (0..self.pools.len())
-            .map(|index| AbortOnDropHandle::new(tokio::spawn(self.clone().check_replicas(index))))
-            .collect()
+        let stats = &self.settings.query_stats;
+        let mut tasks = Vec::with_capacity(self.pools.len() * 2);
+        for (index, shard) in self.map.shards().iter().enumerate() {
+            let shard = shard.id.to_string();
+            let planner = crate::plans::capture(
+                stats.clone(),
+                shard.clone(),
+                stats.register_planner(&shard),
+                self.pools[index].clone(),
+            );
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(planner)));
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(
+                self.clone().check_replicas(index),
+            )));
+        }
+        tasks
     }
 
     /// Closes the pools of `self` that `next` does not keep (a shard removed or whose
@@ -194,30 +224,37 @@ impl ShardPools {
         }
     }
 
-    /// Checks shard `index`'s primary and replicas every `check_interval`, forever (spawn
-    /// it).
+    /// Checks shard `index`'s primary and replicas every `check_interval`, and samples
+    /// their pools' gauges ([`crate::pool_metrics`]), forever (spawn it).
     pub async fn check_replicas(self, index: ShardIndex) {
         let replicas = self.replicas[index].clone();
         let shard = self.map.shards()[index].id.to_string();
         let settings = replicas.settings().clone();
+        let nodes: Vec<String> = std::iter::once(Node::Primary)
+            .chain((0..replicas.len()).map(Node::Replica))
+            .map(|node| node.to_string())
+            .collect();
         let mut tick = tokio::time::interval(settings.check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let lsn =
-                match tokio::time::timeout(settings.check_timeout, primary_lsn(&self.pools[index]))
-                    .await
-                {
-                    Ok(Ok(lsn)) => Some(lsn),
-                    Ok(Err(e)) => {
-                        tracing::debug!(%shard, error = %e, "primary WAL position unavailable");
-                        None
-                    }
-                    Err(_) => {
-                        tracing::debug!(%shard, "primary WAL position timed out");
-                        None
-                    }
-                };
+            crate::pool_metrics::sample(&shard, &nodes[0], &self.pools[index]);
+            for n in 0..replicas.len() {
+                crate::pool_metrics::sample(&shard, &nodes[n + 1], replicas.pool(n));
+            }
+            let primary =
+                primary_lsn(&self.pools[index]).instrument(attribution_span(&shard, Node::Primary));
+            let lsn = match tokio::time::timeout(settings.check_timeout, primary).await {
+                Ok(Ok(lsn)) => Some(lsn),
+                Ok(Err(e)) => {
+                    tracing::debug!(%shard, error = %e, "primary WAL position unavailable");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(%shard, "primary WAL position timed out");
+                    None
+                }
+            };
             replicas.record_primary(lsn);
             // Health is checked either way; lag only with the primary's position.
             replicas.check(&shard, lsn).await;
@@ -283,6 +320,11 @@ impl ShardPools {
 fn connect_options(dsn: &str, settings: &PoolSettings) -> Result<PgConnectOptions, sqlx::Error> {
     let ms = |d: Duration| d.as_millis().to_string();
     Ok(PgConnectOptions::from_str(dsn)?
+        // Every statement as a TRACE event, for crate::query_stats, which judges slowness
+        // itself and logs slow statements with their plans: sqlx's own slow-statement
+        // warning (1 s, WARN) would only repeat it, without the plan.
+        .log_statements(LevelFilter::Trace)
+        .log_slow_statements(LevelFilter::Trace, Duration::MAX)
         .application_name(&settings.application_name)
         .options([
             ("statement_timeout", ms(settings.statement_timeout)),

@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use sqlx::PgPool;
+use tracing::Instrument;
+
+use crate::query_stats::attribution_span;
 
 /// Replica routing settings; every default is documented where it is declared.
 #[derive(Clone, Debug)]
@@ -99,6 +102,16 @@ pub enum Node {
     Primary,
     /// Replica `n` of the shard (in map order).
     Replica(usize),
+}
+
+/// `primary` or `replica-N`: the node's name in metrics and spans.
+impl std::fmt::Display for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Node::Primary => f.write_str("primary"),
+            Node::Replica(n) => write!(f, "replica-{n}"),
+        }
+    }
 }
 
 struct Replica {
@@ -326,7 +339,8 @@ impl ShardReplicas {
                     "SELECT pg_is_in_recovery(), \
                        (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
                 )
-                .fetch_one(&replica.pool),
+                .fetch_one(&replica.pool)
+                .instrument(attribution_span(shard, Node::Replica(n))),
             )
             .await;
             let now = Instant::now();

@@ -4,7 +4,9 @@
 //!
 //! Binaries flatten [`TelemetryArgs`] into their configuration. What is measured lives with
 //! the code it measures (RED per gRPC method in `convoy-mesh`, cache and bus series in
-//! `convoy-cache`); OpenTelemetry export will join here; nothing else belongs here.
+//! `convoy-cache`, statement statistics in `convoy-store`, whose `tracing` layer a binary
+//! with shards hands to [`TelemetryArgs::init_with`], so this crate never depends on the
+//! data layer); OpenTelemetry export is here ([`trace`]); nothing else belongs here.
 
 #![forbid(unsafe_code)]
 
@@ -30,24 +32,29 @@ pub enum LogFormat {
     Json,
 }
 
+/// A `tracing` layer for the global subscriber, with its own filter.
+pub type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
 /// Installs the global subscriber, logging only. Call once, first thing in `main`
 /// (binaries use [`TelemetryArgs::init`], which adds trace export).
 pub fn init(format: LogFormat) {
-    init_with(format, None);
+    init_with(format, None, Vec::new());
 }
 
 /// Installs the global subscriber: logs to stderr in `format`, filtered by `RUST_LOG`
 /// (default `info`), and, with `traces`, every span at INFO or above (and WARN and ERROR
-/// events, as span events) exported to OpenTelemetry whatever `RUST_LOG` says. A second
-/// call (tests starting several services in one process) changes nothing.
-pub fn init_with(format: LogFormat, traces: Option<&trace::Traces>) {
+/// events, as span events) exported to OpenTelemetry whatever `RUST_LOG` says; then the
+/// `extra` layers. Each layer filters for itself (per-layer filters), so an extra layer may
+/// take events the logs leave out, as the store's statement statistics take sqlx's TRACE
+/// events. A second call (tests starting several services in one process) changes nothing.
+pub fn init_with(format: LogFormat, traces: Option<&trace::Traces>, extra: Vec<BoxedLayer>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match format {
         LogFormat::Text => logs.with_filter(filter).boxed(),
         LogFormat::Json => logs.json().with_filter(filter).boxed(),
     };
-    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![logs];
+    let mut layers: Vec<BoxedLayer> = vec![logs];
     if let Some(traces) = traces {
         let exported = filter::filter_fn(|meta| {
             let level = *meta.level();
@@ -55,6 +62,7 @@ pub fn init_with(format: LogFormat, traces: Option<&trace::Traces>) {
         });
         layers.push(traces.layer().with_filter(exported).boxed());
     }
+    layers.extend(extra);
     let _ = tracing_subscriber::registry().with(layers).try_init();
 }
 
@@ -91,8 +99,18 @@ impl TelemetryArgs {
     /// Installs logging, and trace export as `service` when `OTEL_EXPORTER_OTLP_ENDPOINT`
     /// is set (see [`trace`]). Call once, first thing in `main`, inside the tokio runtime.
     pub fn init(&self, service: &str) -> Result<Telemetry, trace::ExportError> {
+        self.init_with(service, Vec::new())
+    }
+
+    /// [`TelemetryArgs::init`], with `extra` layers beside the logs and trace export (see
+    /// [`init_with`]): a binary with shards passes the store's statement statistics.
+    pub fn init_with(
+        &self,
+        service: &str,
+        extra: Vec<BoxedLayer>,
+    ) -> Result<Telemetry, trace::ExportError> {
         let traces = trace::Traces::from_env(service)?;
-        init_with(self.log_format, traces.as_ref());
+        init_with(self.log_format, traces.as_ref(), extra);
         if let Some(endpoint) = std::env::var(trace::ENDPOINT_ENV)
             .ok()
             .filter(|_| traces.is_some())

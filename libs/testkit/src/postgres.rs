@@ -1,6 +1,8 @@
 //! Private PostgreSQL servers for tests: a fresh cluster (`initdb`) in a
 //! temporary folder, listening on a free loopback port, with a `convoy`
-//! database and trust authentication for the `postgres` superuser.
+//! database and trust authentication for the `postgres` superuser, and
+//! `pg_stat_statements` preloaded when installed (a test that reads it runs
+//! `CREATE EXTENSION pg_stat_statements` itself, as production shards must).
 //!
 //! Not for durable data: settings trade safety for speed (`fsync=off`...), and
 //! the cluster is stopped and deleted when the [`Postgres`] is dropped.
@@ -60,8 +62,8 @@ pub struct Postgres {
 
 impl Postgres {
     /// `initdb`s a fresh cluster in a temporary folder (trust auth, locale C,
-    /// encoding UTF8), starts it on a free loopback port, waits until it accepts
-    /// connections and creates the database `convoy`.
+    /// encoding UTF8, `pg_stat_statements` preloaded when installed), starts it on a free
+    /// loopback port, waits until it accepts connections and creates the database `convoy`.
     pub async fn start() -> Result<Postgres> {
         Self::start_with(&[]).await
     }
@@ -101,6 +103,12 @@ impl Postgres {
             "max_connections = 200".to_owned(),
             "shared_buffers = 32MB".to_owned(),
         ];
+        if pg.has_library("pg_stat_statements") {
+            // Statement statistics for `convoyctl queries` (Debian's postgresql ships it).
+            settings.push("shared_preload_libraries = 'pg_stat_statements'".to_owned());
+        } else {
+            debug!("pg_stat_statements is not installed; not preloaded");
+        }
         settings.extend(conf.iter().map(|line| (*line).to_owned()));
         pg.append_conf(&settings)?;
 
@@ -323,6 +331,14 @@ impl Postgres {
         text.push('\n');
         file.write_all(text.as_bytes())
             .map_err(Error::io(format!("write {}", path.display())))
+    }
+
+    /// Whether the server library `name` is installed: in `../lib` of the programs'
+    /// folder, where Debian's packages put it.
+    fn has_library(&self, name: &str) -> bool {
+        self.bin_dir
+            .parent()
+            .is_some_and(|version| version.join("lib").join(format!("{name}.so")).is_file())
     }
 
     fn pid_file(&self) -> PathBuf {

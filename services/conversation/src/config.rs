@@ -145,7 +145,8 @@ impl Config {
         let dsns: Vec<String> = shards.shard_dsn.iter().map(|d| redact_dsn(d)).collect();
         format!(
             "listen={} shard_map={:?} shard_dsns={:?} pool_max_connections={} \
-             pool_acquire_timeout_ms={} statement_timeout_ms={} drain_timeout_secs={} \
+             pool_acquire_timeout_ms={} statement_timeout_ms={} slow_statement_ms={} \
+             drain_timeout_secs={} \
              max_concurrent_calls={} reflection={} etcd_endpoints={:?} advertise_addr={:?} \
              zone={} registration_ttl_secs={} redis={} cache={:?} local_cache_mib={} \
              metrics_listen={:?}",
@@ -155,6 +156,7 @@ impl Config {
             shards.pool_max_connections,
             shards.pool_acquire_timeout_ms,
             shards.statement_timeout_ms,
+            shards.slow_statement_ms,
             self.drain_timeout_secs,
             self.max_concurrent_calls,
             self.reflection,

@@ -7,7 +7,10 @@ use tokio::net::TcpListener;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let _telemetry = config.telemetry.init(conversation::config::SERVICE_NAME)?;
+    let _telemetry = config.telemetry.init_with(
+        conversation::config::SERVICE_NAME,
+        vec![convoy_store::query_stats::global_layer()],
+    )?;
     tracing::info!(config = %config.summary(), "starting conversation service");
 
     let store = conversation::connect(&config).await?;

@@ -1,12 +1,14 @@
 //! convoyctl's commands, as functions that return data; `main.rs` only parses arguments and
 //! prints: `status`, the fleet as etcd sees it, with each instance's gRPC health, and
 //! `cache consistency`, the consistency sampler's fleet-wide tally, and `shards`, the shard
-//! map with every node's health and lag, from the shard-router, and `reshard`, an online
-//! slot move followed to its end.
+//! map with every node's health and lag, from the shard-router, `reshard`, an online
+//! slot move followed to its end, and `queries`, each shard's slowest statements and
+//! sequentially scanned large tables, from Postgres' statistics.
 
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod queries;
 pub mod reshard;
 pub mod shards;
 pub mod status;

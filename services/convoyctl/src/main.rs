@@ -51,6 +51,23 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Each shard's slowest statements (pg_stat_statements) and sequential scans of large
+    /// tables (pg_stat_user_tables), on the shards of the map in etcd or those named.
+    Queries {
+        /// Statements (and tables) shown per shard.
+        #[arg(long, default_value_t = 10)]
+        top: u32,
+        /// Rank statements by mean time per call, or by total time.
+        #[arg(long, value_enum, default_value_t = convoyctl::queries::Ranking::Mean)]
+        by: convoyctl::queries::Ranking,
+        /// Show sequential scans only of tables with at least this many live rows.
+        #[arg(long, default_value_t = 10_000)]
+        min_rows: i64,
+        /// A shard's primary DSN, instead of the map in etcd (repeat, in shard order, as
+        /// the services take them).
+        #[arg(long = "shard-dsn", env = "CONVOY_SHARD_DSNS", value_delimiter = ',')]
+        shard_dsn: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +132,21 @@ async fn main() -> anyhow::Result<()> {
             if !matches!(convoyctl::reshard::phase(&done), "done") {
                 std::process::exit(1);
             }
+        }
+        Command::Queries {
+            top,
+            by,
+            min_rows,
+            shard_dsn,
+        } => {
+            let targets = if shard_dsn.is_empty() {
+                convoyctl::queries::targets_from_etcd(&etcd).await?
+            } else {
+                convoyctl::queries::targets_from_dsns(&shard_dsn)?
+            };
+            let options = convoyctl::queries::QueriesOptions { top, by, min_rows };
+            let shards = convoyctl::queries::queries(&targets, &options).await;
+            print!("{}", convoyctl::queries::render(&shards, &options));
         }
         Command::Cache {
             command: CacheCommand::Consistency { redis_url },

@@ -1,7 +1,8 @@
 //! Every service serves Prometheus metrics on `--metrics-listen`, and the series move with
 //! the calls: RED per gRPC method with each answer's status code, on the server and the
-//! client side, cache lookups per layer, invalidation bus lag and breaker states. Scraped
-//! with a plain HTTP GET, as Prometheus does.
+//! client side, cache lookups per layer, invalidation bus lag and breaker states, and the
+//! data layer's statements, acquire waits and pool gauges per shard. Scraped with a plain
+//! HTTP GET, as Prometheus does.
 //!
 //! The services share this process, and so one registry: each endpoint serves all of it.
 //! Assertions are on increments of series only the call under test moves.
@@ -146,6 +147,15 @@ async fn every_service_serves_metrics_whose_series_move_with_its_calls() {
         ],
     )
     .await;
+    // As the binaries do: the store's statement statistics read sqlx's events.
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry()
+            .with(convoy_store::query_stats::global_layer())
+            .try_init()
+            .expect("the first subscriber of this test process");
+    }
     let router = Router::start(
         &etcd.endpoint(),
         &fleet.map,
@@ -184,6 +194,54 @@ async fn every_service_serves_metrics_whose_series_move_with_its_calls() {
             - served(&before, CONVERSATIONS, "CreateConversation", "0"),
         1.0
     );
+
+    // Its insert (with its outbox row, in one statement) is a statement of shard-0, the
+    // only shard, timed and labelled by its first words and fingerprint; the acquire it
+    // waited for is timed on the primary.
+    let inserts = |text: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("convoy_db_statement_duration_seconds_count{")
+                    && l.contains("statement=\"WITH changed AS (INSERT #")
+                    && l.contains("shard=\"shard-0\"")
+            })
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    assert_eq!(
+        inserts(&after) - inserts(&before),
+        1.0,
+        "one insert into conversations on shard-0: {after}"
+    );
+    let acquires = |text: &str| {
+        sample(
+            text,
+            "convoy_db_pool_acquire_duration_seconds_count",
+            &[("shard", "shard-0"), ("node", "primary")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(acquires(&after) > acquires(&before), "{after}");
+    // The pools' gauges, sampled by the shard's checks.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = scrape(conversation_metrics).await;
+        let max = sample(
+            &text,
+            "convoy_db_pool_max_connections",
+            &[("shard", "shard-0"), ("node", "primary")],
+        );
+        if let Some(max) = max {
+            // The router's pools (4) sample the same series in this shared registry.
+            assert!(max == 16.0 || max == 4.0, "a pool's maximum: {max}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no pool gauges:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // An invalid one is counted at INVALID_ARGUMENT (3), and not at 0.
     let status = client
