@@ -60,6 +60,11 @@ pub struct Config {
     #[arg(long = "cache-addr", env = "CONVOY_CACHE_ADDRS", value_delimiter = ',')]
     pub cache_addr: Vec<String>,
 
+    /// Longest a call to the cache tier may take, in milliseconds, before the read goes on
+    /// to the database; a caller's shorter deadline wins (it travels as `grpc-timeout`).
+    /// 100: a slow cache is a miss.
+    #[arg(long, env = "CONVOY_CACHE_TIMEOUT_MS", default_value_t = 100)]
+    pub cache_timeout_ms: u64,
     /// Without `--cache-addr`, find cache instances in etcd (when `--etcd-endpoint` is set).
     #[arg(long, env = "CONVOY_CACHE_FROM_ETCD", default_value_t = true, action = clap::ArgAction::Set)]
     pub cache_from_etcd: bool,

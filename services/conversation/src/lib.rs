@@ -105,9 +105,13 @@ fn caches(
         }
         _ => None,
     };
-    let tier = config
-        .cache_discovery()
-        .map(|discovery| CacheClient::connect(&discovery, CacheClientConfig::default()));
+    let tier = config.cache_discovery().map(|discovery| {
+        let cache = CacheClientConfig {
+            timeout: Duration::from_millis(config.cache_timeout_ms),
+            ..CacheClientConfig::default()
+        };
+        CacheClient::connect(&discovery, cache)
+    });
     if tier.is_none() {
         tracing::info!("no cache tier configured: reads go to the primary");
     }

@@ -396,3 +396,137 @@ async fn an_sdk_client_reads_its_own_writes_past_a_lagging_replica() {
         "reads without the token were served by the lagging replica"
     );
 }
+
+/// A stand-in cache instance that records the path and `grpc-timeout` of every call it
+/// receives and answers UNAVAILABLE (trailers only), so reads go on to the primary: a probe
+/// of what the second hop is told, which a real cache instance does not report.
+#[derive(Clone, Default)]
+struct TimeoutProbe {
+    seen: Arc<std::sync::Mutex<Vec<SeenCall>>>,
+}
+
+/// A call's path and the `grpc-timeout` it carried.
+type SeenCall = (String, Option<Duration>);
+
+impl tonic::server::NamedService for TimeoutProbe {
+    const NAME: &'static str = "convoy.v1.CacheService";
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for TimeoutProbe {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let timeout = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| parse_grpc_timeout(v).expect("a well-formed grpc-timeout"));
+        self.seen
+            .lock()
+            .unwrap()
+            .push((request.uri().path().to_owned(), timeout));
+        let response = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+            .header("grpc-message", "probe")
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        std::future::ready(Ok(response))
+    }
+}
+
+/// gRPC's `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok().filter(|_| digits.len() <= 8)?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[tokio::test]
+async fn the_callers_deadline_reaches_the_second_hop() {
+    let probe = TimeoutProbe::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let probe_addr = listener.local_addr().unwrap();
+    let _probe_task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(probe.clone())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    ));
+    // The service would give its cache calls 10 s: what the probe sees below is the
+    // caller's deadline, not the service's own bound.
+    let probe_addr = probe_addr.to_string();
+    let fleet = Fleet::start_with(
+        1,
+        &[
+            "--cache-addr",
+            &probe_addr,
+            "--cache-timeout-ms",
+            "10000",
+            "--local-cache-mib",
+            "0",
+        ],
+    )
+    .await;
+    let created = fleet
+        .client()
+        .await
+        .create_conversation(new_conversation("deadline", "Two hops", ""))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let deadline = Duration::from_secs(2);
+    let margin = Duration::from_millis(5);
+    let client = ConvoyClient::connect(
+        Discovery::Static(vec![fleet.addr.to_string()]),
+        ClientConfig {
+            per_call_timeout: deadline,
+            deadline_margin: margin,
+            // No token: the read may use the caches.
+            session_consistency: false,
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap();
+    let read = client
+        .conversations()
+        .get_conversation(pb::GetConversationRequest {
+            name: created.name.clone(),
+        })
+        .await
+        .expect("the read goes on to the primary past the failing cache")
+        .into_inner();
+    assert_eq!(read.name, created.name);
+
+    let seen = probe.seen.lock().unwrap().clone();
+    let tier_calls: Vec<_> = seen
+        .iter()
+        .filter(|(path, _)| path.starts_with("/convoy.v1.CacheService/"))
+        .collect();
+    assert!(!tier_calls.is_empty(), "the read asked the cache tier");
+    for (path, timeout) in tier_calls {
+        let timeout = timeout.unwrap_or_else(|| panic!("{path} carried no grpc-timeout"));
+        // The SDK sent 2 s minus its margin; the service passed on what was left of it.
+        assert!(
+            timeout > Duration::ZERO && timeout <= deadline - margin,
+            "{path}: grpc-timeout {timeout:?}, want what is left of the caller's {deadline:?}"
+        );
+    }
+}

@@ -261,3 +261,28 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
         .unwrap_err();
     assert_eq!(nowhere.code(), tonic::Code::FailedPrecondition);
 }
+
+/// The map the Kubernetes manifests seed the router with (k8s/base/shard-map.toml) is one
+/// the router accepts: every slot owned, each shard with its replica, no password in a DSN.
+#[test]
+fn the_kubernetes_seed_map_is_a_valid_shard_map() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../k8s/base/shard-map.toml");
+    let text = std::fs::read_to_string(path).expect("k8s/base/shard-map.toml");
+    let map = ShardMap::from_toml(&text).expect("a valid shard map");
+    let ids: Vec<String> = map.shards().iter().map(|s| s.id.to_string()).collect();
+    assert_eq!(ids, ["shard-0", "shard-1"]);
+    for shard in map.shards() {
+        assert_eq!(
+            shard.replicas.len(),
+            1,
+            "{}: one streaming replica",
+            shard.id
+        );
+        for dsn in std::iter::once(&shard.primary).chain(&shard.replicas) {
+            assert!(
+                dsn.starts_with("postgres://convoy@"),
+                "{dsn}: user convoy, no password (it comes from PGPASSFILE)"
+            );
+        }
+    }
+}
