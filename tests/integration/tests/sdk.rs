@@ -429,7 +429,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for TimeoutProbe {
             .headers()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
-            .map(|v| parse_grpc_timeout(v).expect("a well-formed grpc-timeout"));
+            .map(|v| {
+                convoy_mesh::deadline::parse_grpc_timeout(v).expect("a well-formed grpc-timeout")
+            });
         self.seen
             .lock()
             .unwrap()
@@ -442,21 +444,6 @@ impl tower::Service<http::Request<tonic::body::Body>> for TimeoutProbe {
             .unwrap();
         std::future::ready(Ok(response))
     }
-}
-
-/// gRPC's `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok().filter(|_| digits.len() <= 8)?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 #[tokio::test]
