@@ -4,8 +4,9 @@
 #   infra/local/test.sh
 #
 # Steps, failing fast:
-#   0. the offline checks of infra/observability, infra/docker (hadolint, COPY sources) and
-#      k8s/ (kustomize, schemas, checkov, consistency): see each check.sh;
+#   0. the offline checks of infra/observability, infra/docker (hadolint, COPY sources),
+#      k8s/ (kustomize, schemas, checkov, consistency) and the Tiltfile (evaluated with
+#      Tilt's builtins stubbed): see each check.sh;
 #   1. cargo test --workspace --all-targets, then cargo test --workspace --doc (the tests
 #      start their own private PostgreSQL servers);
 #   2. the fleet smoke: infra/local/up.sh --detach (dev build) in a temporary state folder on
@@ -38,10 +39,11 @@ cd "$CONVOY_ROOT"
 ensure_packages
 ensure_python_deps
 bash infra/observability/check.sh
-# The deployment files, offline (no container engine or cluster here): the Dockerfile,
-# the Kubernetes manifests.
+# The deployment files, offline (no container engine, cluster or Tilt here): the
+# Dockerfile, the Kubernetes manifests, the Tiltfile.
 bash infra/docker/check.sh
 bash infra/k8s/check.sh
+bash infra/tilt/check.sh
 
 if [[ "${CONVOY_SKIP_CARGO_TESTS:-0}" == 1 ]]; then
     log "CONVOY_SKIP_CARGO_TESTS=1: skipping cargo test"
