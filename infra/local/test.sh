@@ -15,7 +15,8 @@
 #      invalidation bus in Redis, `convoyctl cache consistency` must show them checked and
 #      consistent (every write sampled, checked after 200 ms), each shard's replica must be a
 #      standby that received the smoke's writes, `convoyctl queries` must list the smoke's
-#      inserts from pg_stat_statements; after a SIGKILL the
+#      inserts from pg_stat_statements, `convoyctl bench` must run every scenario (and
+#      get's baselines) for a second without an error; after a SIGKILL the
 #      instance must leave etcd within its lease TTL; then up.sh --stop, always.
 #
 # Environment:
@@ -154,6 +155,26 @@ grep -q "^shard-[01] .*INSERT INTO conversations" <<<"$queries_table" ||
     die "convoyctl queries does not list the smoke's inserts into conversations"
 grep -q "not installed\|not loaded\|unreachable" <<<"$queries_table" &&
     die "convoyctl queries could not read a shard's statistics"
+
+# The load generator, CI-sized: every scenario for a second at a low rate through the SDK
+# (and get's baselines: bare tonic, raw Redis, direct SQL), with no error allowed.
+bench_args=(--duration-secs 1 --warmup-secs 0.2 --rate 20 --conversations 100 --teams 5
+    --data "$smoke_state/bench-data.json" --max-error-ratio 0)
+for scenario in get write mixed list-search analytics; do
+    extra=(--no-baseline)
+    [[ "$scenario" == get ]] && extra=(--redis-url "redis://127.0.0.1:${CONVOY_TEST_REDIS_PORT:-26479}" --json "$smoke_state/bench-get.json")
+    log "fleet smoke: convoyctl bench --scenario $scenario ${bench_args[*]} ${extra[*]}"
+    "${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$etcd_url" bench --scenario "$scenario" \
+        "${bench_args[@]}" "${extra[@]}" || die "convoyctl bench --scenario $scenario failed"
+done
+python3 - "$smoke_state/bench-get.json" <<'PY' || die "the bench's JSON report is not what it should be"
+import json, sys
+report = json.load(open(sys.argv[1]))
+targets = [s["target"] for s in report["summaries"]]
+assert targets == ["get", "baseline:tonic", "baseline:redis", "baseline:sql"], targets
+for s in report["summaries"]:
+    assert s["ok"] == 20 and s["p50_us"] > 0 and s["p99_us"] >= s["p50_us"], s
+PY
 
 # The smoke's writes reached the invalidation bus through the outbox relay.
 redis_port="${CONVOY_TEST_REDIS_PORT:-26479}"

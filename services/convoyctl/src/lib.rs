@@ -2,11 +2,13 @@
 //! prints: `status`, the fleet as etcd sees it, with each instance's gRPC health, and
 //! `cache consistency`, the consistency sampler's fleet-wide tally, and `shards`, the shard
 //! map with every node's health and lag, from the shard-router, `reshard`, an online
-//! slot move followed to its end, and `queries`, each shard's slowest statements and
-//! sequentially scanned large tables, from Postgres' statistics.
+//! slot move followed to its end, `queries`, each shard's slowest statements and
+//! sequentially scanned large tables, from Postgres' statistics, and `bench`, a load
+//! scenario with its same-run baselines.
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod cache;
 pub mod queries;
 pub mod reshard;

@@ -46,6 +46,10 @@ enum Command {
         #[arg(long)]
         add_replica: Vec<String>,
     },
+    /// Drives a load scenario against the fleet (open loop at --rate, or closed loop with
+    /// --clients) through the SDK, then its baselines the same way, and reports them side
+    /// by side.
+    Bench(Box<convoyctl::bench::BenchArgs>),
     /// The cache tier.
     Cache {
         #[command(subcommand)]
@@ -130,6 +134,29 @@ async fn main() -> anyhow::Result<()> {
             bar.finish_and_clear();
             println!("{}", convoyctl::reshard::summary(&done));
             if !matches!(convoyctl::reshard::phase(&done), "done") {
+                std::process::exit(1);
+            }
+        }
+        Command::Bench(args) => {
+            let bar = indicatif::ProgressBar::hidden().with_style(
+                indicatif::ProgressStyle::with_template(
+                    "seeding {bar:40} {pos}/{len} conversations ({per_sec}, {eta})",
+                )
+                .expect("a valid template"),
+            );
+            let report = convoyctl::bench::bench(&args, &etcd, |done, total| {
+                if bar.is_hidden() {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    bar.set_length(total);
+                }
+                bar.set_position(done);
+            })
+            .await?;
+            bar.finish_and_clear();
+            print!("{}", report.render());
+            let over = convoyctl::bench::over_error_ratio(&report, args.max_error_ratio);
+            if !over.is_empty() {
+                eprintln!("{}", over.join("\n"));
                 std::process::exit(1);
             }
         }
