@@ -98,22 +98,14 @@ def check_services(name, docs):
         threads = env.get("TOKIO_WORKER_THREADS", {}).get("valueFrom", {}).get("resourceFieldRef", {})
         if threads.get("resource") != "limits.cpu":
             fail(where, "TOKIO_WORKER_THREADS must come from the CPU limit")
-        passfile = env.get("PGPASSFILE", {}).get("value")
-        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-        secrets = {
-            v["name"]: v["secret"]
-            for v in pod.get("volumes", [])
-            if "secret" in v
-        }
-        if (passfile is not None) != (service in WITH_SHARDS):
-            fail(where, f"PGPASSFILE {'given' if passfile else 'missing'}: only services with shards get it")
-        if passfile:
-            folder, _, file = passfile.rpartition("/")
-            secret = secrets.get(mounts.get(folder, ""), {})
-            if secret.get("secretName") != "convoy-postgres" or file not in [i["path"] for i in secret.get("items", [])]:
-                fail(where, f"PGPASSFILE {passfile} is not the convoy-postgres Secret's pgpass")
-        if any(e.get("valueFrom", {}).get("secretKeyRef") for e in container.get("env", [])):
-            fail(where, "secrets are mounted as files, never passed in the environment")
+        password = env.get("PGPASSWORD", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if bool(password) != (service in WITH_SHARDS):
+            fail(where, f"PGPASSWORD {'given' if password else 'missing'}: only services with shards get it")
+        if password and password != {"name": "convoy-postgres", "key": "password"}:
+            fail(where, f"PGPASSWORD must come from the convoy-postgres Secret's password, not {password}")
+        others = [e["name"] for e in container.get("env", []) if e.get("valueFrom", {}).get("secretKeyRef") and e["name"] != "PGPASSWORD"]
+        if others:
+            fail(where, f"no other secret in the environment: {others}")
         resources = container.get("resources", {})
         if "cpu" not in resources.get("requests", {}) or "cpu" not in resources.get("limits", {}):
             fail(where, "CPU request and limit must be set")
@@ -127,6 +119,8 @@ def check_services(name, docs):
         if not headless or headless["spec"].get("clusterIP") != "None":
             fail(where, f"no headless Service {service}-headless")
         hpa = autoscalers.get(service)
+        if hpa is not None and "replicas" in deployment["spec"]:
+            fail(where, "sets replicas although its autoscaler owns the count (an apply would reset it)")
         if (hpa is not None) != (service in AUTOSCALED):
             fail(where, "autoscaled" if hpa else "not autoscaled, but it is stateless")
         if hpa and hpa["spec"]["scaleTargetRef"]["name"] != service:

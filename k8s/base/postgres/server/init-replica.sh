@@ -1,10 +1,13 @@
 #!/bin/bash
-# The replica's init container: on an empty volume, clone the primary with pg_basebackup
-# (--write-recovery-conf writes standby.signal and primary_conninfo, so the server starts as
-# a streaming standby); on a volume that has data, do nothing (it resumes streaming). It
-# waits for the primary, which may still be starting.
+# The replica's init container: unless a clone completed on this volume, clone the primary
+# with pg_basebackup (--write-recovery-conf writes standby.signal and primary_conninfo, so
+# the server starts as a streaming standby); after one did, do nothing (it resumes
+# streaming). It waits for the primary, which may still be starting.
 set -euo pipefail
-if [[ -s "$PGDATA/PG_VERSION" ]]; then
+# Written after a clone completes: a clone killed halfway (its PG_VERSION already there) is
+# redone, never resumed.
+done_marker="$(dirname "$PGDATA")/clone-complete"
+if [[ -f "$done_marker" && -s "$PGDATA/PG_VERSION" ]]; then
     echo "replica data present in $PGDATA: resuming"
     exit 0
 fi
@@ -17,3 +20,5 @@ PGPASSWORD="$(cat /run/secrets/postgres/replication-password)" pg_basebackup --h
     --username replicator --pgdata "$PGDATA" --wal-method=stream --write-recovery-conf \
     --checkpoint=fast --progress
 chmod 0700 "$PGDATA"
+sync
+touch "$done_marker"
