@@ -1233,3 +1233,72 @@ async fn every_committed_write_leaves_exactly_one_outbox_row_and_refused_ones_no
             .unwrap();
     assert_eq!(tags, vec![format!("team:{team}")]);
 }
+
+/// sqlx's cancellation pitfall: a call dropped mid-transaction (its caller's deadline
+/// passes) must never leave a pooled connection inside that transaction, nor half a write.
+/// Transactional operations run to their end on a detached task, so no backend of the
+/// service stays "idle in transaction" and the counters match the events stored.
+#[tokio::test]
+async fn calls_cancelled_mid_transaction_leave_no_connection_in_a_transaction() {
+    let fleet = Fleet::start(1).await;
+    let mut client = fleet.client().await;
+    let created = client
+        .create_conversation(new_conversation("cancelled", "Cut short", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    // AppendEvents is a transaction; deadlines of 1-3 ms cut most calls short in flight.
+    let mut cut_short = 0;
+    for i in 0..60 {
+        let mut request = Request::new(pb::AppendEventsRequest {
+            parent: created.name.clone(),
+            events: vec![message(1_800_000_000 + i, "cut short?")],
+        });
+        request.set_timeout(Duration::from_millis(1 + (i as u64 % 3)));
+        match client.append_events(request).await {
+            Ok(_) => {}
+            // The server's DEADLINE_EXCEEDED, or the client giving up first.
+            Err(status) if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) => {
+                cut_short += 1
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    assert!(cut_short > 0, "some calls were cut short");
+
+    let pool = fleet.shard_pool(0).await;
+    let in_transaction = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'convoy-conversation' AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    // A detached transaction may still be finishing; none may stay.
+    let mut left = in_transaction().await;
+    for _ in 0..100 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = in_transaction().await;
+    }
+    assert_eq!(left, 0, "connections left inside a transaction");
+
+    // Every later call works, and nothing was half written: the counter is the rows.
+    let got = client
+        .get_conversation(pb::GetConversationRequest {
+            name: created.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM conversation_events WHERE team_id = 'cancelled'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(got.event_count, stored);
+}
