@@ -9,6 +9,10 @@
 //! generator; a request due while the cap is full is not sent and is counted as such
 //! (`not_sent`), never silently dropped from the schedule.
 //!
+//! The generator's own lateness (tokio's timer has millisecond resolution, and the generator
+//! shares the machine) is part of that latency; each request's send lag is recorded apart,
+//! so a report shows how much of a latency is the generator's.
+//!
 //! Requests due during the warm-up run but are not recorded.
 //!
 //! Not here: what a request does ([`crate::scenario`]) or how numbers are summarised
@@ -84,6 +88,9 @@ async fn open_loop(op: Op, rate: f64, max_in_flight: usize, phases: Phases) -> R
         }
         tokio::time::sleep_until(due).await;
         let measured = due >= measured_from;
+        if measured {
+            lock(&recorder).send_lag(Instant::now().saturating_duration_since(due));
+        }
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 let (op, recorder) = (op.clone(), recorder.clone());

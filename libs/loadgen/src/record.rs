@@ -37,6 +37,9 @@ impl<T> From<&Result<T, tonic::Status>> for Outcome {
 pub struct Recorder {
     /// Latency of every answered request (OK or not), in microseconds.
     latencies: Histogram<u64>,
+    /// How late each request was sent after it was due, in microseconds (open loop: the
+    /// generator's own timer and scheduling, included in `latencies`).
+    send_lags: Histogram<u64>,
     ok: u64,
     /// Failures by status name (`UNAVAILABLE`, ...).
     failed: BTreeMap<String, u64>,
@@ -53,9 +56,13 @@ impl Default for Recorder {
 impl Recorder {
     /// Nothing recorded yet.
     pub fn new() -> Self {
+        let histogram = || {
+            Histogram::new_with_bounds(1, MAX_MICROS, 3)
+                .expect("1 µs to 1 h at 3 significant figures are valid bounds")
+        };
         Self {
-            latencies: Histogram::new_with_bounds(1, MAX_MICROS, 3)
-                .expect("1 µs to 1 h at 3 significant figures are valid bounds"),
+            latencies: histogram(),
+            send_lags: histogram(),
             ok: 0,
             failed: BTreeMap::new(),
             not_sent: 0,
@@ -79,6 +86,14 @@ impl Recorder {
         self.latencies.saturating_record(micros);
     }
 
+    /// Records how late a request was sent after it was due.
+    pub fn send_lag(&mut self, lag: Duration) {
+        let micros = u64::try_from(lag.as_micros())
+            .unwrap_or(u64::MAX)
+            .clamp(1, MAX_MICROS);
+        self.send_lags.saturating_record(micros);
+    }
+
     /// Counts a request that was due while the in-flight cap was full.
     pub fn not_sent(&mut self) {
         self.not_sent += 1;
@@ -94,6 +109,9 @@ impl Recorder {
         self.latencies
             .add(&other.latencies)
             .expect("recorders share their bounds");
+        self.send_lags
+            .add(&other.send_lags)
+            .expect("recorders share their bounds");
         self.ok += other.ok;
         for (code, n) in &other.failed {
             *self.failed.entry(code.clone()).or_default() += n;
@@ -105,6 +123,11 @@ impl Recorder {
     /// Latencies of answered requests, in microseconds.
     pub fn latencies(&self) -> &Histogram<u64> {
         &self.latencies
+    }
+
+    /// How late requests were sent after they were due, in microseconds (open loop).
+    pub fn send_lags(&self) -> &Histogram<u64> {
+        &self.send_lags
     }
 
     /// Requests answered OK.

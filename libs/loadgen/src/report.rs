@@ -62,6 +62,11 @@ pub struct Summary {
     pub max_us: u64,
     /// The generator's CPU over the phase, in cores (1.0: one core busy).
     pub client_cpu_cores: f64,
+    /// How late requests were sent after they were due (open loop), median and 99th
+    /// percentile, in microseconds: the generator's share of the latencies above.
+    pub send_lag_p50_us: u64,
+    /// 99th percentile of the send lag.
+    pub send_lag_p99_us: u64,
 }
 
 impl Summary {
@@ -96,6 +101,8 @@ impl Summary {
             p999_us: h.value_at_quantile(0.999),
             max_us: h.max(),
             client_cpu_cores,
+            send_lag_p50_us: recorded.send_lags().value_at_quantile(0.5),
+            send_lag_p99_us: recorded.send_lags().value_at_quantile(0.99),
         }
     }
 
@@ -135,7 +142,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<26} {:>6} {:>10} {:>11} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5}  errors",
+            "{:<26} {:>6} {:>10} {:>11} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>9}  errors",
             "target",
             "mode",
             "offered",
@@ -146,7 +153,8 @@ impl Report {
             "p99 ms",
             "p99.9 ms",
             "max ms",
-            "cpu"
+            "cpu",
+            "lag p99"
         );
         for s in &self.summaries {
             let mut errors: Vec<String> =
@@ -159,7 +167,7 @@ impl Report {
             }
             let _ = writeln!(
                 out,
-                "{:<26} {:>6} {:>10.0} {:>11.1} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5.2}  {}",
+                "{:<26} {:>6} {:>10.0} {:>11.1} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5.2} {:>9}  {}",
                 s.target,
                 s.mode,
                 s.offered,
@@ -171,6 +179,7 @@ impl Report {
                 ms(s.p999_us),
                 ms(s.max_us),
                 s.client_cpu_cores,
+                ms(s.send_lag_p99_us),
                 if errors.is_empty() {
                     "none".to_owned()
                 } else {
