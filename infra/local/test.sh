@@ -160,7 +160,7 @@ grep -q "not installed\|not loaded\|unreachable" <<<"$queries_table" &&
 # (and get's baselines: bare tonic, raw Redis, direct SQL), with no error allowed.
 bench_args=(--duration-secs 1 --warmup-secs 0.2 --rate 20 --conversations 100 --teams 5
     --data "$smoke_state/bench-data.json" --max-error-ratio 0)
-for scenario in get write mixed list-search analytics; do
+for scenario in get write mixed list-search analytics scan; do
     extra=(--no-baseline)
     [[ "$scenario" == get ]] && extra=(--redis-url "redis://127.0.0.1:${CONVOY_TEST_REDIS_PORT:-26479}" --json "$smoke_state/bench-get.json")
     log "fleet smoke: convoyctl bench --scenario $scenario ${bench_args[*]} ${extra[*]}"

@@ -7,7 +7,9 @@
 //! - `mixed`: 90% `get`, 10% `write`;
 //! - `list-search`: half ListConversations (a page of 20 of a team), half
 //!   SearchConversations (a word of the seeded titles);
-//! - `analytics`: GetTeamSummary of a team over the last 30 days.
+//! - `analytics`: GetTeamSummary of a team over the last 30 days;
+//! - `scan`: GetConversation of every seeded conversation in turn (request n reads the
+//!   n-th, wrapping), to fill the caches with all of them (memory per cached conversation).
 //!
 //! Every draw comes from the request's sequence number and the run's seed, so two runs with
 //! the same seed send the same requests.
@@ -39,16 +41,19 @@ pub enum Scenario {
     ListSearch,
     /// GetTeamSummary.
     Analytics,
+    /// Every seeded conversation in turn.
+    Scan,
 }
 
 impl Scenario {
     /// Every scenario, in the order the smoke runs them.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Get,
         Scenario::Write,
         Scenario::Mixed,
         Scenario::ListSearch,
         Scenario::Analytics,
+        Scenario::Scan,
     ];
 
     /// Its command-line name.
@@ -59,6 +64,7 @@ impl Scenario {
             Scenario::Mixed => "mixed",
             Scenario::ListSearch => "list-search",
             Scenario::Analytics => "analytics",
+            Scenario::Scan => "scan",
         }
     }
 }
@@ -95,8 +101,12 @@ pub fn op(scenario: Scenario, client: &ConvoyClient, data: Arc<DataSet>, seed: u
                 other => other,
             };
             match kind {
-                Scenario::Get => {
-                    let name = hot_name(&data, &zipf, &mut rng).to_owned();
+                Scenario::Get | Scenario::Scan => {
+                    let name = if kind == Scenario::Scan {
+                        data.names[(n % data.names.len() as u64) as usize].clone()
+                    } else {
+                        hot_name(&data, &zipf, &mut rng).to_owned()
+                    };
                     let got = conversations
                         .get_conversation(pb::GetConversationRequest { name })
                         .await;
