@@ -408,11 +408,12 @@ pub async fn primary_lsn(pool: &PgPool) -> Result<u64, sqlx::Error> {
 }
 
 /// A WAL position at or after every commit acknowledged so far on the primary behind
-/// `pool` (its insert position), bytes since 0/0: what a consistency token carries.
-pub async fn commit_lsn(pool: &PgPool) -> Result<u64, sqlx::Error> {
+/// `executor` (its insert position), bytes since 0/0: what a consistency token carries.
+/// Asked on the connection that just committed a write, it needs no second connection.
+pub async fn commit_lsn<'e>(executor: impl sqlx::PgExecutor<'e>) -> Result<u64, sqlx::Error> {
     let lsn: i64 =
         sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint")
-            .fetch_one(pool)
+            .fetch_one(executor)
             .await?;
     Ok(u64::try_from(lsn).unwrap_or(0))
 }

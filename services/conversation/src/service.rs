@@ -79,29 +79,31 @@ impl ConversationApi {
         }
     }
 
-    /// The token of a write of `name` that made `version`: with the primary's WAL position
-    /// after it when the shard has replicas, so reads with it skip replicas behind it.
-    async fn token(&self, name: &ConversationName, version: Version) -> ConsistencyToken {
+    /// The token of a write of `name` that made `version`, with `lsn`, the primary's WAL
+    /// position after it (0 when the shard has no replicas), so reads with it skip replicas
+    /// behind it.
+    fn token(&self, name: &ConversationName, version: Version, lsn: u64) -> ConsistencyToken {
         ConsistencyToken {
             shard: self.store.shard(&name.team),
-            lsn: self.store.commit_lsn(&name.team).await,
+            lsn,
             conversation: name.id,
             version: version.0,
         }
     }
 
-    /// The answer to a write of `name` that made `version`: `message` with its consistency
-    /// token; the write is offered to the sampler.
-    async fn written<T>(
+    /// The answer to a write of `name` that made `version` at WAL position `lsn`: `message`
+    /// with its consistency token; the write is offered to the sampler.
+    fn written<T>(
         &self,
         message: T,
         name: &ConversationName,
         version: Version,
+        lsn: u64,
     ) -> Response<T> {
         if let Some(sampler) = &self.sampler {
             sampler.observe(name, version.0);
         }
-        let token = self.token(name, version).await;
+        let token = self.token(name, version, lsn);
         let mut response = Response::new(message);
         if let Ok(value) = MetadataValue::try_from(token.encode()) {
             response.metadata_mut().insert(HEADER, value);
@@ -124,11 +126,14 @@ impl ConversationService for ConversationApi {
             self.inline(|store| async move { store.create(new).await })
                 .await?
         };
-        let conversation = created.conversation;
+        let conversation = created.value.conversation;
         let (name, version) = (conversation.name.clone(), conversation.version);
-        Ok(self
-            .written(wire::conversation(conversation), &name, version)
-            .await)
+        Ok(self.written(
+            wire::conversation(conversation),
+            &name,
+            version,
+            created.lsn,
+        ))
     }
 
     async fn get_conversation(
@@ -224,13 +229,17 @@ impl ConversationService for ConversationApi {
         request: Request<pb::UpdateConversationRequest>,
     ) -> Result<Response<pb::Conversation>, Status> {
         let (name, patch, expected) = validate::update(request.get_ref())?;
-        let conversation = self
+        let updated = self
             .inline(|store| async move { store.update(&name, &patch, expected).await })
             .await?;
+        let conversation = updated.value;
         let (name, version) = (conversation.name.clone(), conversation.version);
-        Ok(self
-            .written(wire::conversation(conversation), &name, version)
-            .await)
+        Ok(self.written(
+            wire::conversation(conversation),
+            &name,
+            version,
+            updated.lsn,
+        ))
     }
 
     async fn delete_conversation(
@@ -243,7 +252,7 @@ impl ConversationService for ConversationApi {
             .inline(|store| async move { store.delete(&target, expected).await })
             .await?;
         // The deletion is the version after the last one the row had.
-        Ok(self.written((), &name, Version(deleted.0 + 1)).await)
+        Ok(self.written((), &name, Version(deleted.value.0 + 1), deleted.lsn))
     }
 
     async fn append_events(
@@ -255,6 +264,8 @@ impl ConversationService for ConversationApi {
         let appended = self
             .detached(|store| async move { store.append_events(&target, events).await })
             .await?;
+        let lsn = appended.lsn;
+        let appended = appended.value;
         let version = appended.conversation.version;
         let response = pb::AppendEventsResponse {
             events: appended
@@ -265,7 +276,7 @@ impl ConversationService for ConversationApi {
             conversation: Some(wire::conversation(appended.conversation)),
             duplicate_count: appended.duplicates as i32,
         };
-        Ok(self.written(response, &name, version).await)
+        Ok(self.written(response, &name, version, lsn))
     }
 
     async fn list_events(

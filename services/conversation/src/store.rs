@@ -20,7 +20,7 @@ use convoy_store::ownership::{self, Fence};
 use convoy_store::spans::db_span;
 use convoy_store::{DbFailure, Epoch, LivePools, Node, ShardPools, Slot};
 use sqlx::types::Json;
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::{Connection, PgPool, Postgres, QueryBuilder};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -269,6 +269,14 @@ pub struct Created {
     pub fresh: bool,
 }
 
+/// A write's outcome and the WAL position for its consistency token.
+pub struct Written<T> {
+    /// What the write returned.
+    pub value: T,
+    /// At or after the write's commit on its shard's primary (see [`token_lsn`]).
+    pub lsn: u64,
+}
+
 /// The outcome of an append.
 pub struct Appended {
     /// The conversation after the append.
@@ -366,24 +374,6 @@ impl ConversationStore {
         self.pools()
     }
 
-    /// A WAL position at or after every write acknowledged so far on `team`'s shard, for its
-    /// consistency token; 0 when the shard has no replicas (reads there all go to the
-    /// primary). If the primary cannot say, the position is unknowable: `u64::MAX`, so
-    /// reads with the token go to the primary.
-    pub async fn commit_lsn(&self, team: &TeamId) -> u64 {
-        let pools = self.pools();
-        let (index, pool) = pools.for_team(team.as_str());
-        if pools.replicas(index).is_empty() {
-            return 0;
-        }
-        match tokio::time::timeout(COMMIT_LSN_TIMEOUT, convoy_store::replicas::commit_lsn(pool))
-            .await
-        {
-            Ok(Ok(lsn)) => lsn,
-            _ => u64::MAX,
-        }
-    }
-
     /// The id of the shard that holds `team` in the map in force.
     pub fn shard(&self, team: &TeamId) -> String {
         let pools = self.pools();
@@ -406,24 +396,25 @@ impl ConversationStore {
         F: Fn(PgPool) -> Fut,
         Fut: Future<Output = Result<T, OpError>>,
     {
+        let on_primary = |pool: PgPool, _replicas: bool| op(pool);
         let pools = self.pools();
         let (index, _) = pools.for_team(team.as_str());
         let shard = pools.map().shards()[index].id.as_str();
         let min_lsn = match at {
-            ReadAt::Primary => return self.on_shard(team, op).await,
+            ReadAt::Primary => return self.on_shard(team, on_primary).await,
             ReadAt::Any => 0,
             ReadAt::After { shard: on, lsn } if on == shard && *lsn > 0 => *lsn,
             // A token from another shard (or from before this shard had replicas) says
             // nothing of what this shard's replicas have replayed: only the primary is sure
             // to hold every write the token's session made here.
-            ReadAt::After { .. } => return self.on_shard(team, op).await,
+            ReadAt::After { .. } => return self.on_shard(team, on_primary).await,
         };
         let (node, pool, in_flight) = pools.read_target(index, min_lsn);
         let Node::Replica(n) = node else {
             drop(in_flight);
             metrics::counter!("convoy_conversation_shard_reads_total", "node" => "primary")
                 .increment(1);
-            return self.on_shard(team, op).await;
+            return self.on_shard(team, on_primary).await;
         };
         metrics::counter!("convoy_conversation_shard_reads_total", "node" => "replica")
             .increment(1);
@@ -450,7 +441,7 @@ impl ConversationStore {
             }
         };
         metrics::counter!("convoy_conversation_replica_fallbacks_total", "why" => why).increment(1);
-        self.on_shard(team, op).await
+        self.on_shard(team, on_primary).await
     }
 
     /// Runs `op` on the primary of `team`'s shard, within the operation timeout, mapping
@@ -458,9 +449,11 @@ impl ConversationStore {
     /// move), the operation runs again on the shard a newer map names, as long as time
     /// remains: a refused write committed nothing, and the client never sees the move.
     /// A NOT_FOUND from a shard that no longer owns the slot is a refusal too.
+    /// `op` is told whether the shard has replicas (a write's token then needs its WAL
+    /// position).
     async fn on_shard<T, F, Fut>(&self, team: &TeamId, op: F) -> Result<T, ApiError>
     where
-        F: Fn(PgPool) -> Fut,
+        F: Fn(PgPool, bool) -> Fut,
         Fut: Future<Output = Result<T, OpError>>,
     {
         let deadline = tokio::time::Instant::now() + self.op_timeout;
@@ -468,7 +461,8 @@ impl ConversationStore {
         loop {
             let (index, pool) = pools.for_team(team.as_str());
             let shard = pools.map().shards()[index].id.as_str();
-            let attempt = op(pool.clone()).instrument(db_span(shard, Node::Primary));
+            let replicas = !pools.replicas(index).is_empty();
+            let attempt = op(pool.clone(), replicas).instrument(db_span(shard, Node::Primary));
             let fence = match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(OpError::Api(ApiError::NotFound(what)))) => {
@@ -504,19 +498,22 @@ impl ConversationStore {
     /// Creates a conversation, idempotently by request id. Without a request id this is
     /// one autocommit statement; with one, the claim of the request id and the insert
     /// commit together.
-    pub async fn create(&self, new: NewConversation) -> Result<Created, ApiError> {
+    pub async fn create(&self, new: NewConversation) -> Result<Written<Created>, ApiError> {
         let team = new.name.team.clone();
         let new = &new;
-        self.on_shard(&team, |pool: PgPool| async move {
+        self.on_shard(&team, |pool: PgPool, replicas| async move {
             let pool = &pool;
+            let mut conn = pool.acquire().await?;
             let Some((request_id, fingerprint)) = new.request else {
-                let row = insert_conversation(pool, new).await?;
-                return Ok(Created {
+                let row = insert_conversation(&mut *conn, new).await?;
+                let value = Created {
                     conversation: row.into_model()?,
                     fresh: true,
-                });
+                };
+                let lsn = token_lsn(&mut conn, replicas).await;
+                return Ok(Written { value, lsn });
             };
-            let mut tx = pool.begin().await?;
+            let mut tx = conn.begin().await?;
             let claimed: Option<Uuid> = sqlx::query_scalar(
                 "INSERT INTO create_requests (team_id, request_id, conversation_id, fingerprint) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING conversation_id",
@@ -529,14 +526,18 @@ impl ConversationStore {
             .await?;
             if claimed.is_none() {
                 tx.rollback().await?;
-                return replay(pool, &new.name.team, request_id, &fingerprint).await;
+                let value = replay(&mut conn, &new.name.team, request_id, &fingerprint).await?;
+                let lsn = token_lsn(&mut conn, replicas).await;
+                return Ok(Written { value, lsn });
             }
             let row = insert_conversation(&mut *tx, new).await?;
             tx.commit().await?;
-            Ok(Created {
+            let value = Created {
                 conversation: row.into_model()?,
                 fresh: true,
-            })
+            };
+            let lsn = token_lsn(&mut conn, replicas).await;
+            Ok(Written { value, lsn })
         })
         .await
     }
@@ -642,9 +643,9 @@ impl ConversationStore {
         name: &ConversationName,
         patch: &ConversationPatch,
         expected: Option<Version>,
-    ) -> Result<Conversation, ApiError> {
-        self.on_shard(&name.team, |pool: PgPool| async move {
-            let pool = &pool;
+    ) -> Result<Written<Conversation>, ApiError> {
+        self.on_shard(&name.team, |pool: PgPool, replicas| async move {
+            let mut conn = pool.acquire().await?;
             // The update, wrapped as `with_outbox` does (QueryBuilder needs it inline).
             let mut qb =
                 QueryBuilder::<Postgres>::new("WITH changed AS (UPDATE conversations SET ");
@@ -685,10 +686,15 @@ impl ConversationStore {
                 .push(COLUMNS)
                 .push(")")
                 .push(outbox_suffix(Change::Updated));
-            let row: Option<ConversationRow> = qb.build_query_as().fetch_optional(pool).await?;
+            let row: Option<ConversationRow> =
+                qb.build_query_as().fetch_optional(&mut *conn).await?;
             match row {
-                Some(row) => Ok(row.into_model()?),
-                None => Err(OpError::Api(missing_or_stale(pool, name).await?)),
+                Some(row) => {
+                    let value = row.into_model()?;
+                    let lsn = token_lsn(&mut conn, replicas).await;
+                    Ok(Written { value, lsn })
+                }
+                None => Err(OpError::Api(missing_or_stale(&mut conn, name).await?)),
             }
         })
         .await
@@ -700,9 +706,9 @@ impl ConversationStore {
         &self,
         name: &ConversationName,
         expected: Option<Version>,
-    ) -> Result<Version, ApiError> {
-        self.on_shard(&name.team, |pool: PgPool| async move {
-            let pool = &pool;
+    ) -> Result<Written<Version>, ApiError> {
+        self.on_shard(&name.team, |pool: PgPool, replicas| async move {
+            let mut conn = pool.acquire().await?;
             // The deletion's outbox row carries the version after the last one the row had.
             let version: Option<i64> = sqlx::query_scalar(
                 "WITH deleted AS (DELETE FROM conversations WHERE team_id = $1 AND id = $2 \
@@ -715,11 +721,17 @@ impl ConversationStore {
             .bind(name.team.as_str())
             .bind(name.id)
             .bind(expected.map(|v| v.0))
-            .fetch_optional(pool)
+            .fetch_optional(&mut *conn)
             .await?;
             match version {
-                Some(v) => Ok(Version(v)),
-                None => Err(OpError::Api(missing_or_stale(pool, name).await?)),
+                Some(v) => {
+                    let lsn = token_lsn(&mut conn, replicas).await;
+                    Ok(Written {
+                        value: Version(v),
+                        lsn,
+                    })
+                }
+                None => Err(OpError::Api(missing_or_stale(&mut conn, name).await?)),
             }
         })
         .await
@@ -731,11 +743,11 @@ impl ConversationStore {
         &self,
         name: &ConversationName,
         events: Vec<NewEvent>,
-    ) -> Result<Appended, ApiError> {
+    ) -> Result<Written<Appended>, ApiError> {
         let events = &events;
-        self.on_shard(&name.team, |pool: PgPool| async move {
-            let pool = &pool;
-            let mut tx = pool.begin().await?;
+        self.on_shard(&name.team, |pool: PgPool, replicas| async move {
+            let mut conn = pool.acquire().await?;
+            let mut tx = conn.begin().await?;
             // The row lock serializes appends to one conversation, so sequences are
             // gap-free and the duplicate check below cannot race.
             let event_count: Option<i64> = sqlx::query_scalar(
@@ -779,11 +791,13 @@ impl ConversationStore {
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
-                return Ok(Appended {
+                let value = Appended {
                     conversation: row.into_model()?,
                     events: Vec::new(),
                     duplicates,
-                });
+                };
+                let lsn = token_lsn(&mut conn, replicas).await;
+                return Ok(Written { value, lsn });
             }
 
             let stored: Vec<Event> = fresh
@@ -832,11 +846,13 @@ impl ConversationStore {
             .fetch_one(&mut *tx)
             .await?;
             tx.commit().await?;
-            Ok(Appended {
+            let value = Appended {
                 conversation: row.into_model()?,
                 events: stored,
                 duplicates,
-            })
+            };
+            let lsn = token_lsn(&mut conn, replicas).await;
+            Ok(Written { value, lsn })
         })
         .await
     }
@@ -929,17 +945,23 @@ fn page<R, T>(
     })
 }
 
-async fn exists(pool: &PgPool, name: &ConversationName) -> Result<bool, sqlx::Error> {
+async fn exists<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    name: &ConversationName,
+) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM conversations WHERE team_id = $1 AND id = $2)")
         .bind(name.team.as_str())
         .bind(name.id)
-        .fetch_one(pool)
+        .fetch_one(executor)
         .await
 }
 
 /// After a conditional write touched no row: was the row missing, or its etag stale?
-async fn missing_or_stale(pool: &PgPool, name: &ConversationName) -> Result<ApiError, sqlx::Error> {
-    Ok(if exists(pool, name).await? {
+async fn missing_or_stale(
+    conn: &mut sqlx::PgConnection,
+    name: &ConversationName,
+) -> Result<ApiError, sqlx::Error> {
+    Ok(if exists(conn, name).await? {
         ApiError::StaleEtag {
             name: name.to_string(),
         }
@@ -983,6 +1005,21 @@ fn outbox_suffix(change: Change) -> String {
     )
 }
 
+/// The WAL position for the token of a write that `conn` just made (committed): read on
+/// that same connection, so a write takes one connection, not two (a second acquire waited
+/// behind other writes: docs/benchmarks.md). 0 on a shard without replicas (its reads all
+/// go to the primary); `u64::MAX` when the primary cannot say in time, so reads with the
+/// token go to the primary. Never fails: the write has committed.
+async fn token_lsn(conn: &mut sqlx::PgConnection, replicas: bool) -> u64 {
+    if !replicas {
+        return 0;
+    }
+    match tokio::time::timeout(COMMIT_LSN_TIMEOUT, convoy_store::replicas::commit_lsn(conn)).await {
+        Ok(Ok(lsn)) => lsn,
+        _ => u64::MAX,
+    }
+}
+
 /// Inserts a new conversation; ALREADY_EXISTS if its id is taken.
 async fn insert_conversation<'e>(
     executor: impl sqlx::PgExecutor<'e>,
@@ -1017,7 +1054,7 @@ async fn insert_conversation<'e>(
 
 /// Answers a create whose request_id was already claimed.
 async fn replay(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     team: &TeamId,
     request_id: Uuid,
     fingerprint: &[u8; 8],
@@ -1027,7 +1064,7 @@ async fn replay(
     )
     .bind(team.as_str())
     .bind(request_id)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     if stored != fingerprint {
         return Err(OpError::Api(ApiError::AlreadyExists {
@@ -1043,7 +1080,7 @@ async fn replay(
     let row: Option<ConversationRow> = sqlx::query_as(GET_SQL)
         .bind(team.as_str())
         .bind(conversation_id)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
         .await?;
     match row {
         Some(row) => Ok(Created {
