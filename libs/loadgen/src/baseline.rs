@@ -2,8 +2,9 @@
 //! with the same driver:
 //!
 //! - `tonic`: a bare tonic server in this process answering every GetConversationRequest
-//!   with the same Conversation from memory, over one plain tonic channel (no mesh stack):
-//!   the gRPC floor for messages of the size the scenario moves;
+//!   with the same Conversation from memory, over plain tonic channels (no mesh stack), as
+//!   many connections as the SDK gets: the gRPC floor for messages of the size the
+//!   scenario moves;
 //! - `redis`: a raw Redis GET of a value the size of that Conversation, on one multiplexed
 //!   connection: the floor of a cache-tier hit;
 //! - `sql`: the conversation service's own Get statement, sent with sqlx to the primary of
@@ -73,8 +74,13 @@ impl tower::Service<http::Request<Body>> for Floor {
 }
 
 /// The `tonic` baseline: starts the bare server (stopped when the op is dropped) and
-/// returns its op, which asks it for `answer` by a name of `data`.
-pub async fn tonic_floor(answer: pb::Conversation, data: Arc<DataSet>) -> anyhow::Result<Op> {
+/// returns its op, which asks it for `answer` by a name of `data`, over `connections`
+/// plain channels in turn (as many HTTP/2 connections as the SDK is given).
+pub async fn tonic_floor(
+    answer: pb::Conversation,
+    data: Arc<DataSet>,
+    connections: usize,
+) -> anyhow::Result<Op> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     // No Nagle delay on small answers, as convoy's own servers (libs/mesh): without it a
@@ -86,14 +92,19 @@ pub async fn tonic_floor(answer: pb::Conversation, data: Arc<DataSet>) -> anyhow
         })
         .serve_with_incoming(incoming);
     let server = Arc::new(AbortOnDropHandle::new(tokio::spawn(server)));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true);
+    let mut channels = Vec::new();
+    for _ in 0..connections.max(1) {
+        // connect(), not a clone: each channel is its own connection.
+        channels.push(endpoint.connect().await?);
+    }
+    let channels = Arc::new(channels);
     let path = http::uri::PathAndQuery::from_static(METHOD);
     Ok(Arc::new(move |n| {
         let _server = server.clone();
-        let (channel, path, data) = (channel.clone(), path.clone(), data.clone());
+        let channel = channels[(n as usize) % channels.len()].clone();
+        let (path, data) = (path.clone(), data.clone());
         Box::pin(async move {
             let name = data.names[(n as usize) % data.names.len().max(1)].clone();
             let mut grpc = tonic::client::Grpc::new(channel);

@@ -43,6 +43,12 @@ pub struct Config {
     #[arg(long, env = "CONVOY_CACHE_FROM_ETCD", default_value_t = true, action = clap::ArgAction::Set)]
     pub cache_from_etcd: bool,
 
+    /// Longest a call to the cache tier may take, in milliseconds, before the answer is
+    /// computed instead; a caller's shorter deadline wins. 100: a slow cache is a miss (the
+    /// conversation service's flag of the same name).
+    #[arg(long, env = "CONVOY_CACHE_TIMEOUT_MS", default_value_t = 100)]
+    pub cache_timeout_ms: u64,
+
     /// How long a team's cached answer may be served, in seconds. 60: writes invalidate a
     /// team's answers through the bus; the TTL bounds what a fill that raced a write (it
     /// read before the write, stored after the invalidation) can leave behind.

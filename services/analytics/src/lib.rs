@@ -58,9 +58,13 @@ pub async fn serve(
             listener.local_addr()?,
         )
         .await?;
-    let tier = config
-        .cache_discovery()
-        .map(|discovery| CacheClient::connect(&discovery, CacheClientConfig::default()));
+    let tier = config.cache_discovery().map(|discovery| {
+        let cache = CacheClientConfig {
+            timeout: Duration::from_millis(config.cache_timeout_ms),
+            ..CacheClientConfig::default()
+        };
+        CacheClient::connect(&discovery, cache)
+    });
     if tier.is_none() {
         tracing::info!("no cache tier configured: every answer is computed");
     }

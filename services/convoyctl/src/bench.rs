@@ -205,7 +205,12 @@ pub async fn bench(
         for baseline in baselines {
             let op = match baseline {
                 Baseline::Tonic => {
-                    convoy_loadgen::baseline::tonic_floor(sample.clone(), data.clone()).await?
+                    convoy_loadgen::baseline::tonic_floor(
+                        sample.clone(),
+                        data.clone(),
+                        args.connections,
+                    )
+                    .await?
                 }
                 Baseline::Redis => {
                     let url = args
