@@ -88,17 +88,18 @@ async fn open_loop(op: Op, rate: f64, max_in_flight: usize, phases: Phases) -> R
         }
         tokio::time::sleep_until(due).await;
         let measured = due >= measured_from;
-        if measured {
-            lock(&recorder).send_lag(Instant::now().saturating_duration_since(due));
-        }
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 let (op, recorder) = (op.clone(), recorder.clone());
+                let lag = Instant::now().saturating_duration_since(due);
                 tokio::spawn(async move {
                     let outcome = op(n).await;
                     if measured {
                         let latency = Instant::now().saturating_duration_since(due);
-                        lock(&recorder).record(outcome, latency);
+                        // One lock per request, on its way out.
+                        let mut recorder = lock(&recorder);
+                        recorder.send_lag(lag);
+                        recorder.record(outcome, latency);
                     }
                     drop(slot);
                 });

@@ -6,8 +6,6 @@
 //! Not here: the requests of a run ([`crate::scenario`]).
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use convoy_client::ConvoyClient;
 use convoy_proto::v1 as pb;
@@ -120,7 +118,6 @@ pub async fn seed(
         .map(|i| format!("teams/{prefix}-{i}"))
         .collect();
     let conversations = client.conversations();
-    let done = Arc::new(AtomicU64::new(0));
     let teams_ref = &teams;
     let mut created = futures::stream::iter(0..count)
         .map(|i| {
@@ -143,10 +140,12 @@ pub async fn seed(
         })
         .buffer_unordered(concurrency.max(1));
     let mut names = vec![String::new(); count];
+    let mut done = 0;
     while let Some(result) = created.next().await {
         let (i, name) = result?;
         names[i] = name;
-        progress(done.fetch_add(1, Ordering::Relaxed) + 1);
+        done += 1;
+        progress(done);
     }
     drop(created);
     Ok(DataSet { teams, names })

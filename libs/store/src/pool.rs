@@ -20,8 +20,9 @@ use sqlx::{ConnectOptions, PgPool};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
-use crate::query_stats::{QueryStats, attribution_span};
+use crate::query_stats::QueryStats;
 use crate::replicas::{InFlight, Node, ReplicaSettings, ShardReplicas, primary_lsn};
+use crate::spans::check_span;
 
 use crate::StoreError;
 use crate::shard_map::{ShardIndex, ShardMap, redact_dsn};
@@ -243,7 +244,7 @@ impl ShardPools {
                 crate::pool_metrics::sample(&shard, &nodes[n + 1], replicas.pool(n));
             }
             let primary =
-                primary_lsn(&self.pools[index]).instrument(attribution_span(&shard, Node::Primary));
+                primary_lsn(&self.pools[index]).instrument(check_span(&shard, Node::Primary));
             let lsn = match tokio::time::timeout(settings.check_timeout, primary).await {
                 Ok(Ok(lsn)) => Some(lsn),
                 Ok(Err(e)) => {

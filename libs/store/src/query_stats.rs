@@ -57,7 +57,6 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::plans::{CapturedPlan, PlanRequest};
 use crate::pool_metrics::AcquireHistograms;
-use crate::replicas::Node;
 
 /// Each statement's duration in seconds, labelled `statement` and `shard`.
 pub const STATEMENT_DURATION: &str = "convoy_db_statement_duration_seconds";
@@ -496,6 +495,16 @@ pub fn statement_label(sql: &str) -> String {
     label_of(fingerprint(sql), sql)
 }
 
+/// The short id of statement `sql` in labels and `convoyctl queries`: `#` and the top 32
+/// bits of its [`fingerprint`] in hex, as `#1f2e3d4c`.
+pub fn statement_id(sql: &str) -> String {
+    id_of(fingerprint(sql))
+}
+
+fn id_of(fingerprint: u64) -> String {
+    format!("#{:08x}", fingerprint >> 32)
+}
+
 fn label_of(fingerprint: u64, sql: &str) -> String {
     let mut words = String::new();
     for word in sql.split_whitespace().take(LABEL_WORDS) {
@@ -511,7 +520,7 @@ fn label_of(fingerprint: u64, sql: &str) -> String {
         }
         words.truncate(cut);
     }
-    format!("{words} #{:08x}", fingerprint >> 32)
+    format!("{words} {}", id_of(fingerprint))
 }
 
 // === the layer ===
@@ -551,16 +560,6 @@ where
 /// with shards hands to `convoy_telemetry::TelemetryArgs::init_with`.
 pub fn global_layer() -> Box<dyn Layer<Registry> + Send + Sync> {
     Box::new(layer(QueryStats::global()))
-}
-
-/// A span naming `shard` and `node`, for the statements the store runs on its own (node
-/// checks), so they are attributed; TRACE, so the log output never sees it.
-pub(crate) fn attribution_span(shard: &str, node: Node) -> tracing::Span {
-    tracing::trace_span!(
-        "convoy_store.check",
-        db.namespace = shard,
-        convoy.node = %node,
-    )
 }
 
 /// Admits sqlx's statement and acquire events (and `enabled!` checks for them), and spans

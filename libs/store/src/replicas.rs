@@ -27,7 +27,7 @@ use rand::Rng;
 use sqlx::PgPool;
 use tracing::Instrument;
 
-use crate::query_stats::attribution_span;
+use crate::spans::check_span;
 
 /// Replica routing settings; every default is documented where it is declared.
 #[derive(Clone, Debug)]
@@ -340,7 +340,7 @@ impl ShardReplicas {
                        (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
                 )
                 .fetch_one(&replica.pool)
-                .instrument(attribution_span(shard, Node::Replica(n))),
+                .instrument(check_span(shard, Node::Replica(n))),
             )
             .await;
             let now = Instant::now();

@@ -7,15 +7,22 @@ use crate::replicas::Node;
 /// A client span for an operation on `node` of shard `shard`; enter it, or instrument the
 /// operation's future with it.
 pub fn db_span(shard: &str, node: Node) -> tracing::Span {
-    let node = match node {
-        Node::Primary => "primary".to_owned(),
-        Node::Replica(n) => format!("replica-{n}"),
-    };
     tracing::info_span!(
         "postgresql",
         otel.kind = "client",
         db.system.name = "postgresql",
         db.namespace = shard,
-        convoy.node = node,
+        convoy.node = %node,
+    )
+}
+
+/// A span naming `shard` and `node` for the statements the store runs on its own (node
+/// checks), so [`crate::query_stats`] attributes them; TRACE, so neither the logs nor the
+/// trace export see it.
+pub(crate) fn check_span(shard: &str, node: Node) -> tracing::Span {
+    tracing::trace_span!(
+        "convoy_store.check",
+        db.namespace = shard,
+        convoy.node = %node,
     )
 }

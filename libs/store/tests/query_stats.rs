@@ -140,7 +140,7 @@ async fn a_statement_run_n_times_counts_n_with_sane_quantiles_per_shard() {
         stats.p99.as_secs_f64() <= stats.max.as_secs_f64() * 1.02,
         "{stats:?}"
     );
-    assert!(stats.max < Duration::from_secs(5), "{stats:?}");
+    // Under the 5 s threshold: none slow.
     assert_eq!(stats.slow, 0);
 
     let all = recorded(&snapshotter);
@@ -208,14 +208,12 @@ async fn a_slow_statement_gets_its_plan_after_it_has_answered() {
     );
 
     let sql = "SELECT 'slept' AS what FROM pg_sleep($1)";
-    let started = std::time::Instant::now();
     let what: String = sqlx::query_scalar(sql)
         .bind(0.2_f64)
         .fetch_one(f.pool())
         .instrument(db_span("shard-0", Node::Primary))
         .await
         .unwrap();
-    let took = started.elapsed();
     assert_eq!(what, "slept");
     // Nothing ran between the answer and here (one thread): had the plan been captured
     // on the statement's path, it would be here already.
@@ -223,7 +221,6 @@ async fn a_slow_statement_gets_its_plan_after_it_has_answered() {
         f.stats.plan(sql).is_none(),
         "the plan is captured after the answer, not before"
     );
-    assert!(took < Duration::from_secs(2), "answered in {took:?}");
 
     let captured = tokio::time::timeout(PATIENCE, f.stats.wait_for_plan(sql))
         .await

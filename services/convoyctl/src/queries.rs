@@ -17,7 +17,7 @@ use std::time::Duration;
 use convoy_discovery::EtcdConfig;
 use convoy_discovery::shard_map::ShardMapStore;
 use convoy_store::ShardMap;
-use convoy_store::query_stats::{collapse, fingerprint};
+use convoy_store::query_stats::{collapse, statement_id};
 use convoy_store::shard_map::redact_dsn;
 use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -172,17 +172,17 @@ async fn connect(dsn: &str) -> Result<PgConnection, String> {
     }
 }
 
-/// The statements of the connected database, `pg_stat_statements`'s own queries left out.
-const BY_MEAN: &str = "SELECT query, calls, total_exec_time, mean_exec_time, max_exec_time, rows \
-     FROM pg_stat_statements \
-     WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-       AND query NOT ILIKE '%pg_stat_statements%' \
-     ORDER BY mean_exec_time DESC LIMIT $1";
-const BY_TOTAL: &str = "SELECT query, calls, total_exec_time, mean_exec_time, max_exec_time, rows \
-     FROM pg_stat_statements \
-     WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-       AND query NOT ILIKE '%pg_stat_statements%' \
-     ORDER BY total_exec_time DESC LIMIT $1";
+/// The statements of the connected database, `pg_stat_statements`'s own queries left out,
+/// ranked by `column` (a [`Ranking`]'s, never a user's text).
+fn top_statements(column: &str) -> String {
+    format!(
+        "SELECT query, calls, total_exec_time, mean_exec_time, max_exec_time, rows \
+         FROM pg_stat_statements \
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND query NOT ILIKE '%pg_stat_statements%' \
+         ORDER BY {column} DESC LIMIT $1"
+    )
+}
 
 /// The top statements, or how to enable `pg_stat_statements` where it is missing.
 async fn slowest(
@@ -207,11 +207,11 @@ async fn slowest(
              (the preload may already be there)"
         ));
     }
-    let sql = match options.by {
-        Ranking::Mean => BY_MEAN,
-        Ranking::Total => BY_TOTAL,
-    };
-    let rows: Vec<(String, i64, f64, f64, f64, i64)> = sqlx::query_as(sql)
+    let sql = top_statements(match options.by {
+        Ranking::Mean => "mean_exec_time",
+        Ranking::Total => "total_exec_time",
+    });
+    let rows: Vec<(String, i64, f64, f64, f64, i64)> = sqlx::query_as(&sql)
         .bind(i64::from(options.top))
         .fetch_all(&mut *conn)
         .await
@@ -307,7 +307,7 @@ pub fn render(shards: &[ShardQueries], options: &QueriesOptions) -> String {
                     millis(s.max_ms),
                     millis(s.total_ms),
                     s.rows.to_string(),
-                    format!("#{:08x}", fingerprint(&s.query) >> 32),
+                    statement_id(&s.query),
                     shorten(&s.query),
                 ]
             })),
@@ -402,10 +402,7 @@ mod tests {
             },
         ];
         let text = render(&shards, &options);
-        let id = format!(
-            "#{:08x}",
-            fingerprint("SELECT id FROM conversations WHERE team_id = $1") >> 32
-        );
+        let id = statement_id("SELECT id FROM conversations WHERE team_id = $1");
         assert!(
             text.starts_with("Slowest statements by total time, top 5"),
             "{text}"

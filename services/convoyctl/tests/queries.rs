@@ -70,10 +70,7 @@ async fn queries_lists_statements_and_seq_scanned_tables_and_says_how_to_enable_
         .unwrap_or_else(|| panic!("the statement is listed:\n{text}"));
     let cells: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(&cells[..2], ["shard-0", "3"], "3 calls on shard-0: {line}");
-    let id = format!(
-        "#{:08x}",
-        convoy_store::query_stats::fingerprint(statement) >> 32
-    );
+    let id = convoy_store::query_stats::statement_id(statement);
     assert!(
         line.contains(&id),
         "the metrics label's fingerprint {id}: {line}"
