@@ -94,6 +94,40 @@ ensure_python_deps() {
     python3 -c 'import grpc, grpc_reflection' || die "grpc / grpc_reflection still not importable after pip install"
 }
 
+# The cargo-deny that deny.toml is written for (its format changes between minor versions).
+CONVOY_CARGO_DENY_VERSION=0.20.2
+
+# Installs cargo-deny $CONVOY_CARGO_DENY_VERSION with cargo install (into cargo's bin folder,
+# ~/.cargo/bin by default, where it stays), unless `cargo deny` is that version already.
+ensure_cargo_deny() {
+    local want="$CONVOY_CARGO_DENY_VERSION" have
+    have="$(cargo deny --version 2>/dev/null || true)"
+    [[ "$have" == "cargo-deny $want" ]] && return 0
+    log "installing cargo-deny $want (found: ${have:-none}); about 3 minutes on 2 cores"
+    # Upstream's release profile (fat LTO, one codegen unit) builds in about 4.5 minutes on
+    # 2 cores, without them in about 2.5; the checks still take a second or two. --force:
+    # replaces a cargo-deny that cargo install did not put there itself.
+    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+        cargo install --locked --force "cargo-deny@$want" || die "cargo install --locked cargo-deny@$want failed"
+    have="$(cargo deny --version 2>/dev/null || true)"
+    [[ "$have" == "cargo-deny $want" ]] ||
+        die "after installing cargo-deny $want, cargo deny --version says '${have:-nothing}': is cargo's bin folder (~/.cargo/bin) on PATH, ahead of any other cargo-deny?"
+}
+
+# cargo deny's bans, licenses and sources checks against deny.toml, offline (no advisory
+# database needed): the crates are fetched first, from crates.io, as cargo test would. The
+# duplicate-version warnings come without their inclusion graphs; on a failure the errors are
+# printed again with them, to show through what a crate came in.
+cargo_deny_check() {
+    local checks=(bans licenses sources)
+    log "cargo fetch; cargo deny --offline check ${checks[*]}"
+    cargo fetch --quiet || die "cargo fetch failed"
+    if ! cargo deny --offline check --hide-inclusion-graph "${checks[@]}"; then
+        cargo deny --offline --log-level error check "${checks[@]}" || true
+        die "cargo deny check ${checks[*]} failed: see deny.toml for the policy"
+    fi
+}
+
 # Runs a command as the postgres OS user when root, directly otherwise; from / (the
 # postgres user may not be able to read the current folder) and without libpq's
 # environment variables.

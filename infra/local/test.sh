@@ -6,7 +6,8 @@
 # Steps, failing fast:
 #   0. the offline checks of infra/observability, infra/docker (hadolint, COPY sources),
 #      k8s/ (kustomize, schemas, checkov, consistency) and the Tiltfile (evaluated with
-#      Tilt's builtins stubbed): see each check.sh;
+#      Tilt's builtins stubbed): see each check.sh; then the dependency tree's policy in
+#      deny.toml: cargo fetch, cargo deny --offline check bans licenses sources;
 #   1. cargo test --workspace --all-targets, then cargo test --workspace --doc (the tests
 #      start their own private PostgreSQL servers);
 #   2. the fleet smoke: infra/local/up.sh --detach (dev build) in a temporary state folder on
@@ -30,7 +31,8 @@
 #   CONVOY_TEST_REDIS_PORT      the smoke fleet's Redis port (default 26479)
 #   CONVOY_TEST_CACHE_LISTEN    the smoke fleet's cache service address (default 127.0.0.1:26061)
 #   CONVOY_TEST_ROUTER_LISTEN   the smoke fleet's shard-router address (default 127.0.0.1:26071)
-# Installs missing system packages (apt) and the smoke client's Python packages (pip).
+# Installs missing system packages (apt), the smoke client's Python packages (pip) and
+# cargo-deny, pinned (cargo install into cargo's bin folder, about 3 minutes on 2 cores).
 set -euo pipefail
 
 # shellcheck source=infra/local/lib.sh
@@ -39,12 +41,15 @@ cd "$CONVOY_ROOT"
 
 ensure_packages
 ensure_python_deps
+ensure_cargo_deny
 bash infra/observability/check.sh
 # The deployment files, offline (no container engine, cluster or Tilt here): the
 # Dockerfile, the Kubernetes manifests, the Tiltfile.
 bash infra/docker/check.sh
 bash infra/k8s/check.sh
 bash infra/tilt/check.sh
+# Licenses, banned crates and sources of every dependency (deny.toml).
+cargo_deny_check
 
 if [[ "${CONVOY_SKIP_CARGO_TESTS:-0}" == 1 ]]; then
     log "CONVOY_SKIP_CARGO_TESTS=1: skipping cargo test"

@@ -48,6 +48,13 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$CONVOY_ROOT"
 
+# Authorization: with CONVOY_AUTH_KEYS (a directory of token issuers' public keys) the
+# services verify tokens; without it this local fleet serves every caller (--no-auth), as
+# the services refuse to start with neither (docs/security.md).
+if [[ -z "${CONVOY_AUTH_KEYS:-}" ]]; then
+    export CONVOY_NO_AUTH=true
+fi
+
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 
 mode=foreground

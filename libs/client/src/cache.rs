@@ -28,6 +28,9 @@ pub struct CacheClientConfig {
     pub timeout: Duration,
     /// Routing, breakers and endpoint connections.
     pub keyed: KeyedConfig,
+    /// The service's own token; calls made inside a user's call forward the user's token
+    /// beside it (see `convoy_auth`).
+    pub credentials: convoy_auth::Credentials,
 }
 
 impl Default for CacheClientConfig {
@@ -35,7 +38,17 @@ impl Default for CacheClientConfig {
         Self {
             timeout: Duration::from_millis(100),
             keyed: KeyedConfig::default(),
+            credentials: convoy_auth::Credentials::None,
         }
+    }
+}
+
+impl CacheClientConfig {
+    /// These settings with every connection over mutual TLS with `tls` (or, with `None`,
+    /// in plain text).
+    pub fn with_tls(mut self, tls: Option<convoy_mesh::MeshTls>) -> Self {
+        self.keyed.endpoint.tls = tls;
+        self
     }
 }
 
@@ -70,7 +83,12 @@ impl CacheClient {
         // Cache calls are never retried: each is timed once, around its deadline.
         let transport = crate::measured(BoxCloneSyncService::new(
             DeadlinePropagationLayer::new(config.timeout, Duration::ZERO)
-                .layer(TraceLayer::client().layer(channel.clone()))
+                .layer(
+                    TraceLayer::client().layer(
+                        convoy_auth::CredentialsLayer::new(config.credentials.clone())
+                            .layer(channel.clone()),
+                    ),
+                )
                 .map_err(TransportError),
         ));
         Self {

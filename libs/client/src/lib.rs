@@ -10,7 +10,8 @@
 //! gave none (AIP-155), so retrying them is safe. A client is a session: a read of one
 //! conversation carries the token of the session's latest write to it (if any: the caches
 //! check it against their versions), a read across a team the newest token its writes
-//! returned, so it reads its own writes.
+//! returned, so it reads its own writes. With [`ClientConfig::with_tls`] every connection
+//! is mutual TLS ([`MeshTls`], from the `--tls-*` flags of [`TlsArgs`]).
 
 #![forbid(unsafe_code)]
 
@@ -42,6 +43,9 @@ use session::{Scope, SharedSession};
 pub use analytics::AnalyticsClient;
 pub use cache::{CacheClient, CacheClientConfig};
 pub use conversation::ConversationClient;
+pub use convoy_auth::Credentials;
+use convoy_auth::CredentialsLayer;
+pub use convoy_mesh::tls::{MeshTls, TlsArgs};
 
 /// Where to find a service's instances.
 #[derive(Clone, Debug)]
@@ -69,6 +73,9 @@ pub struct ClientConfig {
     /// newest. So a client always reads its own writes, caches and replicas or not, and
     /// reads of conversations it never wrote stay cache-friendly. On by default.
     pub session_consistency: bool,
+    /// The token calls carry (and, inside a call a convoy server let through, the user's
+    /// token forwarded beside it). None by default: for servers running `--no-auth`.
+    pub credentials: Credentials,
 }
 
 impl Default for ClientConfig {
@@ -79,7 +86,17 @@ impl Default for ClientConfig {
             retry: RetryConfig::default(),
             balance: BalanceConfig::default(),
             session_consistency: true,
+            credentials: Credentials::None,
         }
+    }
+}
+
+impl ClientConfig {
+    /// These settings with every connection over mutual TLS with `tls` (or, with `None`,
+    /// in plain text).
+    pub fn with_tls(mut self, tls: Option<MeshTls>) -> Self {
+        self.balance.endpoint.tls = tls;
+        self
     }
 }
 
@@ -153,7 +170,10 @@ impl Stack {
             convoy_mesh::balanced_channel(changes, config.balance.clone());
         let transport = BoxCloneSyncService::new(
             DeadlinePropagationLayer::new(config.per_call_timeout, config.deadline_margin)
-                .layer(TraceLayer::client().layer(balanced))
+                .layer(
+                    TraceLayer::client()
+                        .layer(CredentialsLayer::new(config.credentials.clone()).layer(balanced)),
+                )
                 .map_err(TransportError),
         );
         let retry = Arc::new(config.retry.clone());

@@ -1,14 +1,16 @@
 //! The registration flags every convoy service takes, and registering with them.
 //!
 //! One definition (a clap `Args` group that services flatten into their own configuration)
-//! so `--etcd-endpoint`, `--advertise-addr`, `--instance-id`, `--zone` and
-//! `--registration-ttl-secs` mean the same everywhere.
+//! so `--etcd-endpoint`, `--advertise-addr`, `--instance-id`, `--zone`,
+//! `--registration-ttl-secs` and etcd's TLS (`--etcd-ca`, `--etcd-cert`, `--etcd-key`, also
+//! taken by `convoyctl`) mean the same everywhere.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::{
-    Endpoint, Error, EtcdConfig, Metadata, Registrar, Registration, RegistrationConfig,
+    Endpoint, Error, EtcdConfig, EtcdTls, Metadata, Registrar, Registration, RegistrationConfig,
     RegistrationStatus, Result,
 };
 
@@ -45,6 +47,38 @@ pub struct RegistrationArgs {
     /// endpoint set within 10 s; the lease is kept alive every third of it.
     #[arg(long, env = "CONVOY_REGISTRATION_TTL_SECS", default_value_t = 10)]
     pub registration_ttl_secs: u64,
+
+    /// TLS to etcd.
+    #[command(flatten)]
+    pub etcd_tls: EtcdTlsArgs,
+}
+
+/// TLS to etcd, with `CONVOY_ETCD_*` environment fallbacks (global flags, so `convoyctl`
+/// takes them after its subcommand too).
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct EtcdTlsArgs {
+    /// CA certificate (PEM) etcd's server certificates chain to; turns TLS to etcd on (the
+    /// endpoints must then be https://). None: plain text.
+    #[arg(long, env = "CONVOY_ETCD_CA", global = true)]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) to present to an etcd that runs with --client-cert-auth.
+    #[arg(long, env = "CONVOY_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"], global = true)]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, env = "CONVOY_ETCD_KEY", requires_all = ["etcd_cert", "etcd_ca"], global = true)]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The TLS these flags configure, if any.
+    pub fn tls(&self) -> Option<EtcdTls> {
+        self.etcd_ca.clone().map(|ca| EtcdTls {
+            ca,
+            identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+        })
+    }
 }
 
 impl RegistrationArgs {
@@ -52,6 +86,7 @@ impl RegistrationArgs {
     pub fn etcd_config(&self) -> Option<EtcdConfig> {
         (!self.etcd_endpoints.is_empty()).then(|| EtcdConfig {
             endpoints: self.etcd_endpoints.clone(),
+            tls: self.etcd_tls.tls(),
             ..EtcdConfig::default()
         })
     }

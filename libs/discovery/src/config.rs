@@ -3,6 +3,7 @@
 //! Not here: the key layout (see [`crate::keys`]) or how retries are spaced out at run time
 //! (the jitter lives with the retry loops' delay generator).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How to reach etcd, under which key prefix, and how patiently.
@@ -32,6 +33,20 @@ pub struct EtcdConfig {
     /// Default 100 ms doubling to 2 s: quick recovery from a blip, and a restarted etcd is
     /// not hammered by a whole fleet of watchers at once (the delays are jittered).
     pub reconnect_backoff: Backoff,
+    /// TLS to etcd (the endpoints must then be `https://`). Default none: plain text, as
+    /// etcd serves by default.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA its servers' certificates chain to and, for etcd's
+/// `--client-cert-auth`, a client certificate. The files are read at each connect, so
+/// rotated files are used from the next connection on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA certificate(s), PEM.
+    pub ca: PathBuf,
+    /// This process's certificate and its private key, PEM, if etcd asks for one.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for EtcdConfig {
@@ -47,6 +62,7 @@ impl Default for EtcdConfig {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(2),
             },
+            tls: None,
         }
     }
 }

@@ -7,9 +7,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
-use crate::config::EtcdConfig;
+use crate::config::{EtcdConfig, EtcdTls};
 use crate::{Error, Result};
 
 /// A client for `etcd.endpoints`. etcd-client connects lazily, so this succeeds while etcd is
@@ -20,9 +20,17 @@ pub(crate) async fn connect(etcd: &EtcdConfig) -> Result<Client> {
             "no etcd endpoints; give at least one URL such as http://127.0.0.1:2379".into(),
         ));
     }
-    let options = ConnectOptions::new()
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(etcd.connect_timeout)
         .with_keep_alive(etcd.http2_keepalive_interval, etcd.http2_keepalive_timeout);
+    if let Some(tls) = &etcd.tls {
+        if let Some(plain) = etcd.endpoints.iter().find(|e| e.starts_with("http://")) {
+            return Err(Error::InvalidConfig(format!(
+                "etcd TLS is configured, but endpoint {plain} is http://: give https:// URLs"
+            )));
+        }
+        options = options.with_tls(tls_options(tls)?);
+    }
     let connecting = Client::connect(&etcd.endpoints, Some(options));
     match tokio::time::timeout(etcd.request_timeout, connecting).await {
         Ok(Ok(client)) => Ok(client),
@@ -38,6 +46,26 @@ pub(crate) async fn connect(etcd: &EtcdConfig) -> Result<Client> {
             after: etcd.request_timeout,
         }),
     }
+}
+
+/// etcd-client's TLS settings, from the files named in `tls` (read now).
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions> {
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            Error::InvalidConfig(format!(
+                "reading the etcd TLS {what} {}: {e}",
+                path.display()
+            ))
+        })
+    };
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read("CA", &tls.ca)?));
+    if let Some((cert, key)) = &tls.identity {
+        options = options.identity(Identity::from_pem(
+            read("certificate", cert)?,
+            read("key", key)?,
+        ));
+    }
+    Ok(options)
 }
 
 /// Runs one etcd request, giving up after `limit`: etcd-client itself waits forever on a

@@ -38,8 +38,8 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use tower::discover::Change;
 
-pub use args::RegistrationArgs;
-pub use config::{Backoff, EtcdConfig, RegistrationConfig};
+pub use args::{EtcdTlsArgs, RegistrationArgs};
+pub use config::{Backoff, EtcdConfig, EtcdTls, RegistrationConfig};
 pub use endpoint::{Endpoint, Metadata};
 pub use list::list_services;
 pub use registration::{Registrar, Registration, RegistrationStatus};

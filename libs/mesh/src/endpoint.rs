@@ -11,6 +11,10 @@
 //! over the live ones in turn: one HTTP/2 connection tops out near 85-100k calls/s (one
 //! socket, one lock on the connection's state), so a hot endpoint needs several.
 //!
+//! With [`EndpointConfig::tls`] every connection is mutual TLS ([`crate::tls`]), opened
+//! with the material in force when it connects; a reconnect after a certificate rotation
+//! takes the new one.
+//!
 //! Not here: choosing between endpoints (the balancer) or judging answers (the breaker).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +29,8 @@ use tokio::task::AbortHandle;
 use tonic::body::Body;
 use tonic::transport::Channel;
 use tower::{BoxError, Service};
+
+use crate::tls::{MeshTls, TlsConnector};
 
 /// How endpoints connect.
 #[derive(Clone, Debug)]
@@ -42,6 +48,8 @@ pub struct EndpointConfig {
     /// HTTP/2 connections per endpoint. 2: twice one connection's ceiling for little cost;
     /// raise it for endpoints that take tens of thousands of calls a second.
     pub connections: usize,
+    /// Mutual TLS for every connection. Default none: plain text (local runs, tests).
+    pub tls: Option<MeshTls>,
 }
 
 impl Default for EndpointConfig {
@@ -53,6 +61,7 @@ impl Default for EndpointConfig {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             connections: 2,
+            tls: None,
         }
     }
 }
@@ -143,11 +152,7 @@ impl Drop for AbortOnDrop {
 impl EndpointService {
     /// Starts connecting to `addr` (`host:port`) in the background.
     pub fn new(addr: String, config: EndpointConfig) -> Result<Self, BoxError> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(config.keepalive_interval)
-            .keep_alive_timeout(config.keepalive_timeout);
+        let endpoint = endpoint(&addr, &config)?;
         let shared = Arc::new(Shared {
             slots: (0..config.connections.max(1))
                 .map(|_| Slot {
@@ -198,6 +203,40 @@ impl EndpointService {
     }
 }
 
+/// One connection to `addr` (`host:port`) with `config`'s settings, TLS included, for
+/// one-off callers such as an operator tool's health check. Calls that should outlive a
+/// broken connection go through an [`EndpointService`].
+pub async fn connect(addr: &str, config: &EndpointConfig) -> Result<Channel, BoxError> {
+    Ok(open(&endpoint(addr, config)?, config.tls.as_ref()).await?)
+}
+
+/// tonic's endpoint for `addr`. Always `http://`: TLS, when configured, is ours
+/// ([`TlsConnector`]), and tonic would add its own to an `https://` URI.
+fn endpoint(addr: &str, config: &EndpointConfig) -> Result<tonic::transport::Endpoint, BoxError> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(config.keepalive_interval)
+            .keep_alive_timeout(config.keepalive_timeout),
+    )
+}
+
+/// Opens one connection (TCP + TLS when configured + HTTP/2).
+async fn open(
+    endpoint: &tonic::transport::Endpoint,
+    tls: Option<&MeshTls>,
+) -> Result<Channel, tonic::transport::Error> {
+    match tls {
+        None => endpoint.connect().await,
+        Some(tls) => {
+            endpoint
+                .connect_with_connector(TlsConnector::new(tls.clone()))
+                .await
+        }
+    }
+}
+
 /// Whether a channel error is tonic's own deadline timer rather than a transport failure.
 fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
@@ -221,7 +260,7 @@ async fn connect_loop(
     let mut backoff = config.min_backoff;
     let mut generation = 0;
     loop {
-        match endpoint.connect().await {
+        match open(&endpoint, config.tls.as_ref()).await {
             Ok(channel) => {
                 tracing::debug!(%addr, "endpoint connected");
                 backoff = config.min_backoff;

@@ -6,7 +6,8 @@
 //! shutdown. Client side, outermost first: RED metrics per logical call ([`metrics`]),
 //! deadline propagation ([`propagation`]), retries paid from a budget ([`retry`]), p2c
 //! balancing over discovered endpoints ([`balance`], [`shed_load`]), a circuit breaker
-//! ([`breaker`]) and a connection-aware endpoint ([`endpoint`]).
+//! ([`breaker`]) and a connection-aware endpoint ([`endpoint`]). Both sides speak mutual TLS
+//! when given certificate files ([`tls`], reloaded as they change).
 //!
 //! Every layer reports its state through the `metrics` facade (the exporter is the
 //! service's choice, see `convoy-telemetry`): `convoy_rpc_server_duration_seconds` and
@@ -15,7 +16,8 @@
 //! `convoy_client_retries_total{budget}`, `convoy_breaker_transitions_total{transition}`,
 //! `convoy_breaker_state{endpoint}`, `convoy_server_shed_total`, `convoy_server_in_flight`,
 //! `convoy_client_endpoint_updates_total{change}`, `convoy_client_failfast_total`,
-//! `convoy_client_reconnects_total`.
+//! `convoy_client_reconnects_total`, `convoy_tls_reloads_total{outcome}`,
+//! `convoy_tls_handshake_failures_total`.
 
 #![forbid(unsafe_code)]
 
@@ -31,6 +33,7 @@ pub mod propagation;
 pub mod retry;
 pub mod server;
 pub mod shed_load;
+pub mod tls;
 pub mod trace;
 
 pub use balance::{BalanceConfig, BalancedChannel, balanced_channel};
@@ -42,4 +45,5 @@ pub use metrics::{RpcCall, RpcMetricsLayer};
 pub use propagation::DeadlinePropagationLayer;
 pub use retry::{RetryBudget, RetryConfig, RetryPolicy};
 pub use server::{ServerBuilder, ServerConfig, ServerError};
+pub use tls::{MeshTls, TlsArgs};
 pub use trace::TraceLayer;

@@ -21,6 +21,7 @@ use std::time::Duration;
 use convoy_proto::methods::Idempotency;
 use rand::Rng;
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 
@@ -151,12 +152,23 @@ impl RetryPolicy {
         if !self.idempotency.retryable() || self.attempts >= self.config.max_attempts {
             return None;
         }
-        let pushback = status.metadata().get(RETRY_PUSHBACK).map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|text| text.parse::<u64>().ok())
-                .map(Duration::from_millis)
-        });
+        // The server's word on when to come back: `grpc-retry-pushback-ms`, else a
+        // `google.rpc.RetryInfo` detail (rate limits send both).
+        let pushback = status
+            .metadata()
+            .get(RETRY_PUSHBACK)
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|text| text.parse::<u64>().ok())
+                    .map(Duration::from_millis)
+            })
+            .or_else(|| {
+                status
+                    .get_details_retry_info()
+                    .and_then(|info| info.retry_delay)
+                    .map(Some)
+            });
         match (status.code(), pushback) {
             // A malformed or negative pushback means "do not retry" (gRFC A6).
             (_, Some(None)) => None,
@@ -385,6 +397,35 @@ mod tests {
                 .await
                 .unwrap_err();
             assert_eq!(backend.attempts(), 1, "pushback {bad:?} means do not retry");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_info_sets_the_wait_when_no_pushback_header_came() {
+        use tonic_types::ErrorDetails;
+        let backend = Backend::default();
+        let (policy, _) = new_policy(Idempotency::Idempotent);
+        let limited = || {
+            Err(Status::with_error_details(
+                Code::ResourceExhausted,
+                "over the team's rate",
+                ErrorDetails::with_retry_info(Some(Duration::from_millis(300))),
+            ))
+        };
+        Retry::new(policy, backend.service(limited))
+            .oneshot(tonic::Request::new(7))
+            .await
+            .unwrap_err();
+        let times: Vec<_> = backend
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| *t)
+            .collect();
+        assert!(times.len() > 1, "retried after the RetryInfo delay");
+        for pair in times.windows(2) {
+            assert_eq!(pair[1] - pair[0], Duration::from_millis(300));
         }
     }
 

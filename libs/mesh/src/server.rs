@@ -10,16 +10,20 @@
 //! health turns NOT_SERVING, then the listener stops accepting and in-flight calls drain,
 //! bounded by [`ServerConfig::drain_timeout`]. A drain hook runs between the two (see
 //! [`ServerBuilder::serve_with_drain_hook`]): services deregister from etcd there.
+//!
+//! With [`ServerConfig::tls`] the listener takes only mutual TLS ([`crate::tls::accept`]),
+//! but for plain-text health checks, which the kubelet's gRPC probes need.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::body::Body;
 use tonic::server::NamedService;
-use tonic::service::RoutesBuilder;
+use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -54,7 +58,22 @@ pub struct ServerConfig {
     pub max_concurrent_calls: usize,
     /// How long a shed client is told to wait (`grpc-retry-pushback-ms`). Default 100 ms.
     pub shed_pushback: Duration,
+    /// Mutual TLS on the listener: clients must present a certificate from the CA. Default
+    /// none: plain text (local runs, tests).
+    pub tls: Option<crate::tls::MeshTls>,
+    /// Authentication, authorization and per-team rate limits for every `/convoy.*` call
+    /// (see `convoy_auth`). `None`: every caller may call everything (`--no-auth`).
+    pub auth: Option<Arc<convoy_auth::Authorizer>>,
+    /// Largest request message accepted, in bytes (tonic's decoding limit, and what the
+    /// authorization layer buffers at most). Default 4 MiB.
+    pub max_message_bytes: usize,
+    /// Largest header block a client may send, in bytes. Default 16 KiB (a bearer token and
+    /// a forwarded one fit several times over).
+    pub max_header_list_bytes: u32,
 }
+
+/// tonic's own default decoding limit, named: the authorization layer buffers no more.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -66,7 +85,22 @@ impl Default for ServerConfig {
             max_concurrent_streams: 1024,
             max_concurrent_calls: 256,
             shed_pushback: Duration::from_millis(100),
+            tls: None,
+            auth: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_header_list_bytes: 16 << 10,
         }
+    }
+}
+
+impl ServerConfig {
+    /// These settings with the authorization `args` ask for (none with `--no-auth`).
+    pub fn with_auth(
+        mut self,
+        args: &convoy_auth::AuthArgs,
+    ) -> Result<Self, convoy_auth::AuthConfigError> {
+        self.auth = args.authorizer(self.max_message_bytes)?;
+        Ok(self)
     }
 }
 
@@ -87,12 +121,15 @@ pub struct ServerBuilder {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     health: HealthReporter,
+    /// The health service alone, answered in plain text beside TLS (for the kubelet).
+    probes: Routes,
 }
 
 impl ServerBuilder {
     /// A server with health checking and, if configured, reflection.
     pub fn new(config: ServerConfig) -> Self {
         let (health, health_service) = tonic_health::server::health_reporter();
+        let probes = Routes::new(health_service.clone());
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
         Self {
@@ -100,6 +137,7 @@ impl ServerBuilder {
             routes,
             names: Vec::new(),
             health,
+            probes,
         }
     }
 
@@ -168,7 +206,8 @@ impl ServerBuilder {
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
         }
-        tracing::info!(addr = ?local, services = ?self.names, "serving gRPC");
+        let tls = self.config.tls.is_some();
+        tracing::info!(addr = ?local, services = ?self.names, tls, "serving gRPC");
 
         let health = self.health.clone();
         let names = self.names.clone();
@@ -185,11 +224,12 @@ impl ServerBuilder {
             let _ = stopping_tx.send(());
         };
 
-        let serve = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(self.config.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(self.config.http2_keepalive_timeout))
             .max_concurrent_streams(Some(self.config.max_concurrent_streams))
+            .http2_max_header_list_size(self.config.max_header_list_bytes)
             // Outermost first: every call is measured, those refused inside included (shed
             // RESOURCE_EXHAUSTED, expired DEADLINE_EXCEEDED, panicked INTERNAL); a panic
             // anywhere becomes INTERNAL; expired calls are refused before they take a
@@ -198,19 +238,34 @@ impl ServerBuilder {
             .layer(crate::trace::TraceLayer::server())
             .layer(crate::panic::catch_panic_layer())
             .layer(DeadlineLayer::default())
+            // Authorized and charged before taking a bulkhead permit: a stranger or a team
+            // over its rate cannot crowd out admitted calls.
+            .layer(convoy_auth::AuthLayer::new(self.config.auth.clone()))
             .layer(BulkheadLayer::new(
                 self.config.max_concurrent_calls,
                 self.config.shed_pushback,
             ))
-            .add_routes(self.routes.routes())
-            // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it on
-            // every accepted socket here, or Nagle's algorithm meets the client's delayed
-            // ACK and small responses wait ~40 ms (measured: 44 ms per cache Get).
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                signal,
-            );
+            .add_routes(self.routes.routes());
+        // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it on
+        // every accepted socket here, or Nagle's algorithm meets the client's delayed
+        // ACK and small responses wait ~40 ms (measured: 44 ms per cache Get).
+        let accepted = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (tls, probes) = (self.config.tls.clone(), self.probes.clone());
+        let serve = async move {
+            match tls {
+                None => router.serve_with_incoming_shutdown(accepted, signal).await,
+                Some(tls) => {
+                    let incoming = crate::tls::accept::incoming(accepted, tls, probes);
+                    router.serve_with_incoming_shutdown(incoming, signal).await
+                }
+            }
+        };
 
+        // Key reloads and rate-bucket upkeep, for as long as the server runs.
+        let _maintenance =
+            self.config.auth.clone().map(|auth| {
+                tokio_util::task::AbortOnDropHandle::new(tokio::spawn(auth.maintain()))
+            });
         let drain_timeout = self.config.drain_timeout;
         tokio::select! {
             result = serve => result?,

@@ -1,6 +1,7 @@
 //! Real, private servers for tests: PostgreSQL, Redis and etcd, each started
 //! on free loopback ports (127.0.0.1) in its own temporary folder, and
-//! stopped and deleted when its handle is dropped.
+//! stopped and deleted when its handle is dropped. And certificates for TLS tests
+//! ([`certs`]).
 //!
 //! Not for production or shared environments: the servers are tuned for speed
 //! over safety, trust every loopback client, and keep nothing after a test.
@@ -19,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod certs;
 mod error;
 mod etcd;
 mod ports;

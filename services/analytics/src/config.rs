@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use convoy_client::Discovery;
 use convoy_discovery::{RegistrationArgs, ShardArgs};
-use convoy_mesh::ServerConfig;
+use convoy_mesh::{MeshTls, ServerConfig, TlsArgs};
 use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
@@ -81,6 +81,16 @@ pub struct Config {
     /// Logs and metrics (`--log-format`, `--metrics-listen`).
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+
+    /// Mutual TLS with the fleet, for this server and its clients (`--tls-cert`,
+    /// `--tls-key`, `--tls-ca`).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// Who may call, and how often (`--auth-keys` or `--no-auth`, `--auth-token-file`,
+    /// `--rate-limit-*`; see docs/security.md).
+    #[command(flatten)]
+    pub auth: convoy_auth::AuthArgs,
 }
 
 impl Config {
@@ -100,9 +110,10 @@ impl Config {
             .map(Discovery::Etcd)
     }
 
-    /// Server settings.
-    pub fn server_config(&self) -> ServerConfig {
+    /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).
+    pub fn server_config(&self, tls: Option<MeshTls>) -> ServerConfig {
         ServerConfig {
+            tls,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             reflection: self.reflection,
             max_concurrent_calls: self.max_concurrent_calls,

@@ -50,6 +50,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     // Served for as long as this function runs, from before the first call it could count.
     let _metrics = config.telemetry.serve_metrics().await?;
+    let tls = config.tls.load()?;
     let deregister = config
         .registration
         .register_until_drained(
@@ -58,11 +59,14 @@ pub async fn serve(
             listener.local_addr()?,
         )
         .await?;
+    let credentials = config.auth.credentials()?;
     let tier = config.cache_discovery().map(|discovery| {
         let cache = CacheClientConfig {
             timeout: Duration::from_millis(config.cache_timeout_ms),
+            credentials: credentials.clone(),
             ..CacheClientConfig::default()
-        };
+        }
+        .with_tls(tls.clone());
         CacheClient::connect(&discovery, cache)
     });
     if tier.is_none() {
@@ -77,7 +81,7 @@ pub async fn serve(
         Scatter::new(shards.pools.clone(), config.shard_timeout()),
         cache,
     );
-    let result = ServerBuilder::new(config.server_config())
+    let result = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
         .add_service(AnalyticsServiceServer::new(api))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use convoy_discovery::RegistrationArgs;
-use convoy_mesh::ServerConfig;
+use convoy_mesh::{MeshTls, ServerConfig, TlsArgs};
 use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
@@ -52,12 +52,22 @@ pub struct Config {
     /// Logs and metrics (`--log-format`, `--metrics-listen`).
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+
+    /// Mutual TLS with the fleet (`--tls-cert`, `--tls-key`, `--tls-ca`).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// Who may call, and how often (`--auth-keys` or `--no-auth`, `--auth-token-file`,
+    /// `--rate-limit-*`; see docs/security.md).
+    #[command(flatten)]
+    pub auth: convoy_auth::AuthArgs,
 }
 
 impl Config {
-    /// Server settings.
-    pub fn server_config(&self) -> ServerConfig {
+    /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).
+    pub fn server_config(&self, tls: Option<MeshTls>) -> ServerConfig {
         ServerConfig {
+            tls,
             max_concurrent_calls: self.max_concurrent_calls,
             ..ServerConfig::default()
         }

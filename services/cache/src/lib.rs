@@ -32,6 +32,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     // Served for as long as this function runs, from before the first call it could count.
     let _metrics = config.telemetry.serve_metrics().await?;
+    let tls = config.tls.load()?;
     let capacity = config.l1_capacity_mib << 20;
     let l1 = L1::new(L1Config {
         capacity_bytes: capacity,
@@ -58,7 +59,7 @@ pub async fn serve(
         )
         .await?;
     let api = CacheApi::new(l1, l2, bus, config.max_ttl(), capacity);
-    let result = ServerBuilder::new(config.server_config())
+    let result = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
         .add_service(CacheServiceServer::new(api))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;

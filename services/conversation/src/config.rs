@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use convoy_client::Discovery;
 use convoy_discovery::{RegistrationArgs, ShardArgs};
-use convoy_mesh::ServerConfig;
+use convoy_mesh::{MeshTls, ServerConfig, TlsArgs};
 use convoy_store::PoolSettings;
 use convoy_store::shard_map::redact_dsn;
 use convoy_telemetry::TelemetryArgs;
@@ -115,6 +115,16 @@ pub struct Config {
     /// Logs and metrics (`--log-format`, `--metrics-listen`).
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+
+    /// Mutual TLS with the fleet, for this server and its clients (`--tls-cert`,
+    /// `--tls-key`, `--tls-ca`).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// Who may call, and how often (`--auth-keys` or `--no-auth`, `--auth-token-file`,
+    /// `--rate-limit-*`; see docs/security.md).
+    #[command(flatten)]
+    pub auth: convoy_auth::AuthArgs,
 }
 
 impl Config {
@@ -134,9 +144,10 @@ impl Config {
             .map(Discovery::Etcd)
     }
 
-    /// Server settings.
-    pub fn server_config(&self) -> ServerConfig {
+    /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).
+    pub fn server_config(&self, tls: Option<MeshTls>) -> ServerConfig {
         ServerConfig {
+            tls,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             reflection: self.reflection,
             max_concurrent_calls: self.max_concurrent_calls,
@@ -154,7 +165,7 @@ impl Config {
              drain_timeout_secs={} \
              max_concurrent_calls={} reflection={} etcd_endpoints={:?} advertise_addr={:?} \
              zone={} registration_ttl_secs={} redis={} cache={:?} local_cache_mib={} \
-             metrics_listen={:?}",
+             metrics_listen={:?} tls_cert={:?}",
             self.listen,
             shards.shard_map,
             dsns,
@@ -173,6 +184,7 @@ impl Config {
             self.cache_discovery(),
             self.local_cache_mib,
             self.telemetry.metrics_listen,
+            self.tls.tls_cert,
         )
     }
 }

@@ -32,7 +32,7 @@ use convoy_cache::l1::{L1, L1Config};
 use convoy_cache::l2::{L2, L2Config};
 use convoy_cache::subscriber::{self, Subscriber};
 use convoy_client::{CacheClient, CacheClientConfig};
-use convoy_mesh::ServerBuilder;
+use convoy_mesh::{MeshTls, ServerBuilder};
 use convoy_proto::v1::conversation_service_server::ConversationServiceServer;
 use convoy_store::ShardPools;
 use tokio::net::TcpListener;
@@ -89,6 +89,7 @@ impl Tasks {
 fn caches(
     config: &Config,
     tasks: &mut Tasks,
+    tls: Option<MeshTls>,
 ) -> anyhow::Result<(Option<LocalCache>, Option<CacheClient>)> {
     let local = match &config.redis_url {
         Some(url) if config.local_cache_mib > 0 => {
@@ -105,11 +106,14 @@ fn caches(
         }
         _ => None,
     };
+    let credentials = config.auth.credentials()?;
     let tier = config.cache_discovery().map(|discovery| {
         let cache = CacheClientConfig {
             timeout: Duration::from_millis(config.cache_timeout_ms),
+            credentials: credentials.clone(),
             ..CacheClientConfig::default()
-        };
+        }
+        .with_tls(tls);
         CacheClient::connect(&discovery, cache)
     });
     if tier.is_none() {
@@ -127,6 +131,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     // Served for as long as this function runs, from before the first call it could count.
     let _metrics = config.telemetry.serve_metrics().await?;
+    let tls = config.tls.load()?;
     let store = Arc::new(store);
     // Shutdown order: health NOT_SERVING, then deregister (peers drop us at once), then
     // stop accepting and drain.
@@ -152,7 +157,7 @@ pub async fn serve(
             tracing::warn!("no --redis-url: the outbox is not relayed to the invalidation bus");
         }
     }
-    let (local, tier) = caches(config, &mut tasks)?;
+    let (local, tier) = caches(config, &mut tasks, tls.clone())?;
     let mut api =
         ConversationApi::new(store.clone(), ReadThrough::new(local.clone(), tier.clone()));
     if let Some(url) = &config.redis_url
@@ -171,7 +176,7 @@ pub async fn serve(
             L2::new(L2Config::new(url.clone()))?,
         )));
     }
-    let result = ServerBuilder::new(config.server_config())
+    let result = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
         .add_service(grpc_service(api))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;

@@ -15,3 +15,4 @@ pub mod reshard;
 pub mod shards;
 pub mod status;
 mod table;
+pub mod token;

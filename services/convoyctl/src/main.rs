@@ -1,7 +1,8 @@
 //! `convoyctl`: convoy's operator CLI.
 
 use clap::{Parser, Subcommand};
-use convoy_discovery::EtcdConfig;
+use convoy_client::TlsArgs;
+use convoy_discovery::{EtcdConfig, EtcdTlsArgs};
 
 /// Operate a convoy fleet.
 #[derive(Debug, Parser)]
@@ -16,6 +17,14 @@ struct Cli {
         global = true
     )]
     etcd_endpoints: Vec<String>,
+
+    /// TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
+
+    /// Mutual TLS with the fleet's services (`--tls-cert`, `--tls-key`, `--tls-ca`).
+    #[command(flatten)]
+    tls: TlsArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -50,6 +59,11 @@ enum Command {
     /// --clients) through the SDK, then its baselines the same way, and reports them side
     /// by side.
     Bench(Box<convoyctl::bench::BenchArgs>),
+    /// Key pairs and tokens for local set-ups (`keygen`, `mint`; see docs/security.md).
+    Token {
+        #[command(subcommand)]
+        command: convoyctl::token::TokenCommand,
+    },
     /// The cache tier.
     Cache {
         #[command(subcommand)]
@@ -94,15 +108,18 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let etcd = EtcdConfig {
         endpoints: cli.etcd_endpoints,
+        tls: cli.etcd_tls.tls(),
         ..EtcdConfig::default()
     };
+    let tls = cli.tls.load()?;
     match cli.command {
+        Command::Token { command } => convoyctl::token::run(&command)?,
         Command::Status => {
-            let rows = convoyctl::status::status(&etcd).await?;
+            let rows = convoyctl::status::status(&etcd, tls.as_ref()).await?;
             print!("{}", convoyctl::status::render(&rows));
         }
         Command::Shards => {
-            let shards = convoyctl::shards::shards(&etcd).await?;
+            let shards = convoyctl::shards::shards(&etcd, tls.as_ref()).await?;
             print!("{}", convoyctl::shards::render(&shards));
         }
         Command::Reshard {
@@ -125,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .expect("a valid template"),
             );
-            let done = convoyctl::reshard::reshard(&etcd, &plan, |op| {
+            let done = convoyctl::reshard::reshard(&etcd, tls.as_ref(), &plan, |op| {
                 bar.set_length(op.rows_total.max(op.rows_copied).max(0) as u64);
                 bar.set_position(op.rows_copied.max(0) as u64);
                 bar.set_message(convoyctl::reshard::phase(op));
@@ -144,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .expect("a valid template"),
             );
-            let report = convoyctl::bench::bench(&args, &etcd, |done, total| {
+            let report = convoyctl::bench::bench(&args, &etcd, tls.as_ref(), |done, total| {
                 if bar.is_hidden() {
                     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
                     bar.set_length(total);

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
+use convoy_client::MeshTls;
 use convoy_discovery::{Endpoint, EtcdConfig};
+use convoy_mesh::endpoint::EndpointConfig;
 use futures::future::join_all;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -20,22 +22,31 @@ pub struct InstanceStatus {
     pub health: String,
 }
 
-/// Lists every registered instance and checks each one's health concurrently.
-pub async fn status(etcd: &EtcdConfig) -> anyhow::Result<Vec<InstanceStatus>> {
+/// Lists every registered instance and checks each one's health concurrently, over mutual
+/// TLS with `tls`.
+pub async fn status(
+    etcd: &EtcdConfig,
+    tls: Option<&MeshTls>,
+) -> anyhow::Result<Vec<InstanceStatus>> {
     let endpoints = convoy_discovery::list_services(etcd).await?;
-    Ok(join_all(endpoints.into_iter().map(|endpoint| async move {
-        let health = check(&endpoint.addr).await;
-        InstanceStatus { endpoint, health }
+    let config = EndpointConfig {
+        connect_timeout: HEALTH_TIMEOUT,
+        tls: tls.cloned(),
+        ..EndpointConfig::default()
+    };
+    Ok(join_all(endpoints.into_iter().map(|endpoint| {
+        let config = &config;
+        async move {
+            let health = check(&endpoint.addr, config).await;
+            InstanceStatus { endpoint, health }
+        }
     }))
     .await)
 }
 
-async fn check(addr: &str) -> String {
+async fn check(addr: &str, config: &EndpointConfig) -> String {
     let attempt = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(HEALTH_TIMEOUT)
-            .connect()
-            .await?;
+        let channel = convoy_mesh::endpoint::connect(addr, config).await?;
         let response = HealthClient::new(channel)
             .check(HealthCheckRequest::default())
             .await?;

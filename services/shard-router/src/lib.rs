@@ -49,6 +49,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     // Served for as long as this function runs, from before the first call it could count.
     let _metrics = config.telemetry.serve_metrics().await?;
+    let tls = config.tls.load()?;
     let etcd = config
         .registration
         .etcd_config()
@@ -95,7 +96,7 @@ pub async fn serve(
             listener.local_addr()?,
         )
         .await?;
-    let result = ServerBuilder::new(config.server_config())
+    let result = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
         .add_service(ShardRouterServiceServer::new(RouterApi::new(
             pools, store, records,
         )))

@@ -22,6 +22,7 @@ async fn instance(redis: &Redis, extra: &[&str]) -> CacheServiceClient<tonic::tr
         addr.to_string(),
         "--redis-url".into(),
         redis.url(),
+        "--no-auth".into(),
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let config = cache_service::Config::try_parse_from(args).unwrap();

@@ -64,6 +64,7 @@ impl Instance {
             args.push(shard.dsn());
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
+        auth_default(&mut args);
         let config = Config::try_parse_from(args).expect("config");
         let store = conversation::connect(&config)
             .await
@@ -263,6 +264,7 @@ impl Fleet {
         let mut args = vec!["analytics".to_owned(), "--listen".into(), addr.to_string()];
         args.extend(self.shard_flags());
         args.extend(extra.iter().map(|s| (*s).to_owned()));
+        auth_default(&mut args);
         let config = analytics::Config::try_parse_from(args).expect("analytics config");
         let shards = analytics::connect(&config).await.expect("analytics shards");
         let (tx, rx) = oneshot::channel();
@@ -315,6 +317,16 @@ impl CacheInstance {
     /// Starts a cache instance over the Redis at `redis_url` with `extra` flags, and waits
     /// until it serves with its bus subscriber synced (its first step flushes the L1).
     pub async fn start(redis_url: &str, extra: &[&str]) -> CacheInstance {
+        Self::start_with_token(redis_url, extra, None).await
+    }
+
+    /// Like [`CacheInstance::start`], for an instance with authorization on: `token` (a
+    /// service's or an admin's) is what the start-up probe presents.
+    pub async fn start_with_token(
+        redis_url: &str,
+        extra: &[&str],
+        token: Option<&str>,
+    ) -> CacheInstance {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let mut args = vec![
@@ -325,6 +337,7 @@ impl CacheInstance {
             redis_url.to_owned(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
+        auth_default(&mut args);
         let config = cache_service::Config::try_parse_from(args).expect("cache config");
         let server = tokio::spawn(async move {
             cache_service::serve(&config, listener, std::future::pending()).await
@@ -333,7 +346,14 @@ impl CacheInstance {
         let mut client = instance.client().await;
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                match client.stats(pb::CacheStatsRequest {}).await {
+                let mut probe = tonic::Request::new(pb::CacheStatsRequest {});
+                if let Some(token) = token {
+                    probe.metadata_mut().insert(
+                        "authorization",
+                        format!("Bearer {token}").parse().expect("a token header"),
+                    );
+                }
+                match client.stats(probe).await {
                     Ok(stats) if stats.get_ref().bus_flushes >= 1 => break,
                     _ => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
@@ -353,6 +373,13 @@ impl CacheInstance {
 impl Drop for CacheInstance {
     fn drop(&mut self) {
         self.server.abort();
+    }
+}
+
+/// Tests run services with `--no-auth` unless they configure authorization themselves.
+fn auth_default(args: &mut Vec<String>) {
+    if !args.iter().any(|a| a == "--auth-keys" || a == "--no-auth") {
+        args.push("--no-auth".into());
     }
 }
 
@@ -415,6 +442,17 @@ impl Router {
     /// Starts a router on the etcd at `etcd_endpoint`, seeding `seed` if etcd holds no map,
     /// with `extra` flags.
     pub async fn start(etcd_endpoint: &str, seed: &ShardMap, extra: &[&str]) -> Router {
+        Self::start_with_token(etcd_endpoint, seed, extra, None).await
+    }
+
+    /// Like [`Router::start`], for a router with authorization on: `token` (a service's or
+    /// an admin's) is what the start-up probe presents.
+    pub async fn start_with_token(
+        etcd_endpoint: &str,
+        seed: &ShardMap,
+        extra: &[&str],
+        token: Option<&str>,
+    ) -> Router {
         let file = tempfile::NamedTempFile::new().expect("temp file");
         std::fs::write(file.path(), seed.to_toml()).expect("write the seed map");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -429,6 +467,7 @@ impl Router {
             file.path().display().to_string(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
+        auth_default(&mut args);
         let config = shard_router::Config::try_parse_from(args).expect("router config");
         let task = tokio::spawn(async move {
             shard_router::serve(&config, listener, std::future::pending()).await
@@ -442,11 +481,14 @@ impl Router {
                 .await
             {
                 let mut candidate = ShardRouterServiceClient::new(channel);
-                if candidate
-                    .get_shard_map(pb::GetShardMapRequest {})
-                    .await
-                    .is_ok()
-                {
+                let mut probe = tonic::Request::new(pb::GetShardMapRequest {});
+                if let Some(token) = token {
+                    probe.metadata_mut().insert(
+                        "authorization",
+                        format!("Bearer {token}").parse().expect("a token header"),
+                    );
+                }
+                if candidate.get_shard_map(probe).await.is_ok() {
                     client = Some(candidate);
                     break;
                 }

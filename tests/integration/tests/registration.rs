@@ -120,7 +120,7 @@ async fn convoyctl_status_shows_each_instance_and_its_health() {
         endpoints: vec![etcd.endpoint()],
         ..EtcdConfig::default()
     };
-    let rows = convoyctl::status::status(&etcd_config).await.unwrap();
+    let rows = convoyctl::status::status(&etcd_config, None).await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].endpoint.addr, fleet.addr.to_string());
     assert_eq!(rows[0].health, "SERVING");

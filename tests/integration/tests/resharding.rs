@@ -350,7 +350,7 @@ async fn moving_half_of_shard_0_under_load_loses_nothing_and_no_client_call_fail
         add_replicas: Vec::new(),
     };
     let mut phases = Vec::new();
-    let reshard = convoyctl::reshard::reshard(&etcd, &plan, |op| {
+    let reshard = convoyctl::reshard::reshard(&etcd, None, &plan, |op| {
         let phase = convoyctl::reshard::phase(op);
         if phases.last() != Some(&phase) {
             phases.push(phase);

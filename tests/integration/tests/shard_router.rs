@@ -155,12 +155,11 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
     assert_eq!(adopted.epoch, 2, "the stored map wins over a seed");
 
     // convoyctl finds a router through etcd.
-    let listed = convoyctl::shards::shards(&EtcdConfig {
+    let etcd_config = EtcdConfig {
         endpoints: vec![etcd.endpoint()],
         ..EtcdConfig::default()
-    })
-    .await
-    .unwrap();
+    };
+    let listed = convoyctl::shards::shards(&etcd_config, None).await.unwrap();
     assert_eq!(listed.epoch, 2);
     let table = convoyctl::shards::render(&listed);
     assert!(table.contains("shard-0  replica-0"), "{table}");

@@ -1,0 +1,33 @@
+//! Who may call convoy, which teams' data they may touch, and how often.
+//!
+//! Every convoy server runs [`AuthLayer`]: bearer tokens (signed JWTs, EdDSA or RS256) are
+//! verified against a directory of public keys ([`Verifier`], claims cached until expiry),
+//! each RPC is checked against the policy its `.proto` declares ([`policy`]), the teams a
+//! request names are read from its encoding before it is decoded ([`wire`]), and each
+//! team's calls are rate-limited per role ([`RateLimits`]). Clients present tokens and
+//! forward their user's with [`CredentialsLayer`]. The model is in docs/security.md.
+
+#![forbid(unsafe_code)]
+
+mod args;
+mod claims;
+mod client;
+mod keys;
+mod layer;
+mod limit;
+mod mint;
+pub mod policy;
+mod verify;
+pub mod wire;
+
+pub use args::{AuthArgs, AuthConfigError, KEY_RELOAD_INTERVAL};
+pub use claims::{ALL_TEAMS, AUDIENCE, Caller, Claims, Role};
+pub use client::{Credentials, CredentialsLayer, TokenFile, TokenFileError, WithCredentials};
+pub use keys::{KeyError, KeySet, LEEWAY_SECS};
+pub use layer::{
+    AuthLayer, AuthService, Authorizer, ERROR_DOMAIN, SUBJECT_HEADER, forwarded_token,
+    with_forwarded_token,
+};
+pub use limit::{Rate, RateLimitConfig, RateLimits};
+pub use mint::{KeyPair, MintError, Signer, generate_key_pair};
+pub use verify::{MAX_TOKEN_BYTES, TokenError, Verifier};
