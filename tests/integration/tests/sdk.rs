@@ -206,12 +206,15 @@ async fn an_instance_answering_unavailable_is_ejected_and_readmitted_when_it_rec
     );
     let (_, retries_while_breaking, _) = conversations.retry_counts();
     assert!(retries_while_breaking > 0, "B was called and failed");
-    // Ejected: B gets no more calls, so no more retries are needed.
+    // Ejected: B gets no more calls, so hardly any more retries are needed (in rotation it
+    // would take about half of 200 calls; a slow machine may let the breaker's open
+    // interval pass and one half-open probe or two reach B, each costing one retry).
     assert_eq!(read_n(&conversations, &name, 200).await, 0);
     let (_, retries_after, _) = conversations.retry_counts();
-    assert_eq!(
-        retries_after, retries_while_breaking,
-        "B is out of rotation"
+    assert!(
+        retries_after - retries_while_breaking <= 2,
+        "B is out of rotation: {} more retries",
+        retries_after - retries_while_breaking
     );
 
     // Recover B, then leave it alone in the set: reads succeed only if its breaker let a
