@@ -23,23 +23,31 @@ pub enum Credentials {
     /// None: for servers running `--no-auth`.
     #[default]
     None,
-    /// A fixed token.
-    Token(Arc<str>),
+    /// A fixed token, as its `authorization` value (see [`Credentials::token`]).
+    Token(HeaderValue),
     /// A token read from a file and read again when the file changes (a service's own
     /// token, mounted from a Kubernetes Secret that the operator rotates).
     File(Arc<TokenFile>),
 }
 
 impl Credentials {
-    /// `authorization`'s value now, if any.
-    pub fn header(&self) -> Option<HeaderValue> {
-        let token = match self {
-            Credentials::None => return None,
-            Credentials::Token(token) => token.clone(),
-            Credentials::File(file) => file.current()?,
-        };
-        HeaderValue::try_from(format!("Bearer {token}")).ok()
+    /// A fixed token; `None` if it cannot be a header value (not visible ASCII).
+    pub fn token(token: &str) -> Option<Self> {
+        bearer(token).map(Credentials::Token)
     }
+
+    /// `authorization`'s value now, if any (built once per token, not per call).
+    pub fn header(&self) -> Option<HeaderValue> {
+        match self {
+            Credentials::None => None,
+            Credentials::Token(value) => Some(value.clone()),
+            Credentials::File(file) => file.current(),
+        }
+    }
+}
+
+fn bearer(token: &str) -> Option<HeaderValue> {
+    HeaderValue::try_from(format!("Bearer {}", token.trim())).ok()
 }
 
 /// A token file; see [`Credentials::File`].
@@ -51,7 +59,8 @@ pub struct TokenFile {
 
 #[derive(Debug)]
 struct TokenState {
-    token: Option<Arc<str>>,
+    /// `Bearer <token>`, ready to send.
+    token: Option<HeaderValue>,
     modified: Option<SystemTime>,
     checked: Instant,
 }
@@ -76,15 +85,15 @@ impl TokenFile {
         Ok(Self {
             path: path.to_owned(),
             state: Mutex::new(TokenState {
-                token: Some(Arc::from(token.trim())),
+                token: bearer(&token),
                 modified,
                 checked: Instant::now(),
             }),
         })
     }
 
-    /// The token, read again first if the file changed since the last look.
-    pub fn current(&self) -> Option<Arc<str>> {
+    /// `Bearer <token>`, read again first if the file changed since the last look.
+    pub fn current(&self) -> Option<HeaderValue> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.checked.elapsed() >= TOKEN_FILE_RECHECK {
             state.checked = Instant::now();
@@ -94,7 +103,7 @@ impl TokenFile {
             if modified != state.modified {
                 match std::fs::read_to_string(&self.path) {
                     Ok(token) => {
-                        state.token = Some(Arc::from(token.trim()));
+                        state.token = bearer(&token);
                         state.modified = modified;
                     }
                     // Mid-swap or gone: keep the last token.
@@ -160,9 +169,8 @@ where
         }
         if !headers.contains_key(SUBJECT_HEADER)
             && let Some(user) = forwarded_token()
-            && let Ok(value) = HeaderValue::try_from(&*user)
         {
-            headers.insert(SUBJECT_HEADER, value);
+            headers.insert(SUBJECT_HEADER, user);
         }
         self.inner.call(request)
     }

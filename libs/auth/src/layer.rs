@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use convoy_proto::v1::TeamScope;
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame as BodyFrame;
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
@@ -42,7 +42,8 @@ use crate::policy::{self, MethodPolicy};
 use crate::verify::{TokenError, Verifier};
 use crate::wire::{self, WireError};
 
-/// The header a service puts the user's token in when it calls on the user's behalf.
+/// The header a service puts its user's `authorization` value (`Bearer <token>`) in when it
+/// calls on the user's behalf.
 pub const SUBJECT_HEADER: &str = "x-convoy-subject";
 
 /// `google.rpc.ErrorInfo.domain` of this layer's refusals.
@@ -52,24 +53,21 @@ pub const ERROR_DOMAIN: &str = "auth.convoy.dev";
 const FLEET: &str = "_fleet";
 
 tokio::task_local! {
-    static FORWARD: Option<Arc<str>>;
+    static FORWARD: Option<HeaderValue>;
 }
 
-/// The token of the user the current call acts for, inside a call this layer let through:
-/// what a client sends on as [`SUBJECT_HEADER`]. `None` outside calls, in tasks spawned
-/// from them, and when the caller is a service acting on its own.
-pub fn forwarded_token() -> Option<Arc<str>> {
+/// The user the current call acts for (`Bearer <token>`), inside a call this layer let
+/// through: what a client sends on as [`SUBJECT_HEADER`]. `None` outside calls, in tasks
+/// spawned from them, and when the caller is a service acting on its own.
+pub fn forwarded_token() -> Option<HeaderValue> {
     FORWARD.try_with(Clone::clone).ok().flatten()
 }
 
-/// Runs `future` as if inside a call acting for the bearer of `token` (for tests and for
-/// work a service does on a user's behalf outside the call).
-pub async fn with_forwarded_token<F: Future>(token: Option<Arc<str>>, future: F) -> F::Output {
+/// Runs `future` as if inside a call acting for the bearer of `token` (`Bearer <token>`;
+/// for work a service does on a user's behalf outside the call).
+pub async fn with_forwarded_token<F: Future>(token: Option<HeaderValue>, future: F) -> F::Output {
     FORWARD.scope(token, future).await
 }
-
-/// A verified token's claims, with the token (to forward).
-type Verified = (Arc<Claims>, Arc<str>);
 
 /// What the layer needs; shared by every connection.
 #[derive(Debug)]
@@ -107,38 +105,37 @@ impl Authorizer {
         tokio::join!(keys, buckets);
     }
 
-    fn token(&self, headers: &HeaderMap, name: &str) -> Result<Option<Verified>, Status> {
+    /// The claims of the token in header `name`, if it is there. Both headers carry
+    /// `Bearer <token>`: a service forwards its user's `authorization` value as it came.
+    fn token(&self, headers: &HeaderMap, name: &str) -> Result<Option<Arc<Claims>>, Status> {
         let Some(value) = headers.get(name) else {
             return Ok(None);
         };
         let text = value
             .to_str()
             .map_err(|_| unauthenticated("TOKEN_INVALID", format!("{name} is not ASCII")))?;
-        let token = if name == http::header::AUTHORIZATION.as_str() {
-            text.strip_prefix("Bearer ")
-                .or_else(|| text.strip_prefix("bearer "))
-                .ok_or_else(|| {
-                    unauthenticated("TOKEN_INVALID", "authorization must be `Bearer <token>`")
-                })?
-        } else {
-            text
-        }
-        .trim();
+        let token = text
+            .strip_prefix("Bearer ")
+            .or_else(|| text.strip_prefix("bearer "))
+            .ok_or_else(|| {
+                unauthenticated("TOKEN_INVALID", format!("{name} must be `Bearer <token>`"))
+            })?
+            .trim();
         let claims = self
             .verifier
             .verify(token)
             .map_err(|e| unauthenticated(e.reason(), token_message(name, &e)))?;
-        Ok(Some((claims, Arc::from(token))))
+        Ok(Some(claims))
     }
 
     /// Steps 2 and 3 up to the teams: who calls, and whether their role may call `policy`.
     fn authenticate(
         &self,
         headers: &HeaderMap,
-        path: &str,
         policy: &MethodPolicy,
-    ) -> Result<(Caller, Option<Arc<str>>), Status> {
-        let (actor, actor_token) = self
+    ) -> Result<(Caller, Option<HeaderValue>), Status> {
+        let path = policy.path.as_str();
+        let actor = self
             .token(headers, http::header::AUTHORIZATION.as_str())?
             .ok_or_else(|| {
                 unauthenticated(
@@ -154,14 +151,15 @@ impl Authorizer {
                 path,
             ));
         }
-        let forward = match &subject {
-            Some((_, token)) => Some(token.clone()),
-            None => (actor.role != Role::Service).then_some(actor_token),
+        // The user's header value, forwarded as it came (a cheap clone of its bytes).
+        let forward = if subject.is_some() {
+            headers.get(SUBJECT_HEADER).cloned()
+        } else if actor.role != Role::Service {
+            headers.get(http::header::AUTHORIZATION).cloned()
+        } else {
+            None
         };
-        let caller = Caller {
-            actor,
-            subject: subject.map(|(claims, _)| claims),
-        };
+        let caller = Caller { actor, subject };
         if !caller.may_call(policy.role) {
             return Err(denied(
                 "ROLE_INSUFFICIENT",
@@ -177,13 +175,12 @@ impl Authorizer {
     }
 
     /// Step 3 for one message: every team it names must be reachable; returns the first.
-    fn check_teams(
+    fn check_teams<'m>(
         &self,
         caller: &Caller,
-        policy: &MethodPolicy,
-        path: &str,
-        message: &[u8],
-    ) -> Result<String, Status> {
+        policy: &'static MethodPolicy,
+        message: &'m [u8],
+    ) -> Result<&'m str, Status> {
         let values = wire::team_values(message, policy).map_err(|e| match e {
             WireError::Malformed => Status::invalid_argument(e.to_string()),
             WireError::NotUtf8(field) => bad_request(&field, "must be UTF-8"),
@@ -203,13 +200,13 @@ impl Authorizer {
                 return Err(denied(
                     "TEAM_NOT_ALLOWED",
                     format!("the caller may not reach team {team:?}"),
-                    path,
+                    &policy.path,
                 ));
             }
             first.get_or_insert(team);
         }
         match first {
-            Some(team) => Ok(team.to_owned()),
+            Some(team) => Ok(team),
             None => {
                 let field = &policy.team_fields[0].name;
                 Err(bad_request(
@@ -362,12 +359,20 @@ where
         let Some(authorizer) = self.authorizer.clone() else {
             return Box::pin(async move { inner.call(request).await.map_err(Into::into) });
         };
-        let path = request.uri().path().to_owned();
+        let path = request.uri().path();
         if !path.starts_with("/convoy.") {
             return Box::pin(async move { inner.call(request).await.map_err(Into::into) });
         }
+        let Some(policy) = policy::policy(path) else {
+            let status = denied(
+                "NO_POLICY",
+                format!("{path} declares no access policy"),
+                path,
+            );
+            return Box::pin(async move { Ok(status.into_http()) });
+        };
         Box::pin(async move {
-            match authorize(&authorizer, &path, request).await {
+            match authorize(&authorizer, policy, request).await {
                 Ok((request, forward)) => FORWARD
                     .scope(forward, inner.call(request))
                     .await
@@ -382,17 +387,10 @@ where
 /// forward.
 async fn authorize(
     authorizer: &Arc<Authorizer>,
-    path: &str,
+    policy: &'static MethodPolicy,
     request: Request<Body>,
-) -> Result<(Request<Body>, Option<Arc<str>>), Status> {
-    let Some(policy) = policy::policy(path) else {
-        return Err(denied(
-            "NO_POLICY",
-            format!("{path} declares no access policy"),
-            path,
-        ));
-    };
-    let (caller, forward) = authorizer.authenticate(request.headers(), path, policy)?;
+) -> Result<(Request<Body>, Option<HeaderValue>), Status> {
+    let (caller, forward) = authorizer.authenticate(request.headers(), policy)?;
     let (mut parts, body) = request.into_parts();
     let body = match policy.scope {
         TeamScope::Request | TeamScope::CacheKey if policy.client_streaming => {
@@ -405,7 +403,6 @@ async fn authorize(
                     authorizer: authorizer.clone(),
                     caller: caller.clone(),
                     policy,
-                    path: path.to_owned(),
                 },
                 first: None,
                 failed: false,
@@ -440,8 +437,8 @@ async fn authorize(
                     "compressed requests are not accepted",
                 ));
             }
-            let team = authorizer.check_teams(&caller, policy, path, &frame.message)?;
-            authorizer.charge(&caller, &team)?;
+            let team = authorizer.check_teams(&caller, policy, &frame.message)?;
+            authorizer.charge(&caller, team)?;
             Body::new(http_body_util::Full::new(bytes))
         }
         TeamScope::Fleet | TeamScope::Unspecified => {
@@ -458,7 +455,6 @@ struct StreamCheck {
     authorizer: Arc<Authorizer>,
     caller: Caller,
     policy: &'static MethodPolicy,
-    path: String,
 }
 
 impl StreamCheck {
@@ -468,10 +464,10 @@ impl StreamCheck {
                 "compressed requests are not accepted",
             ));
         }
-        let team =
-            self.authorizer
-                .check_teams(&self.caller, self.policy, &self.path, &frame.message)?;
-        self.authorizer.charge(&self.caller, &team)
+        let team = self
+            .authorizer
+            .check_teams(&self.caller, self.policy, &frame.message)?;
+        self.authorizer.charge(&self.caller, team)
     }
 }
 

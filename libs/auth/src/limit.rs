@@ -70,12 +70,12 @@ pub struct RateLimitConfig {
 /// The buckets; see the module docs.
 #[derive(Debug)]
 pub struct RateLimits {
-    reader: Option<DefaultKeyedRateLimiter<String>>,
-    writer: Option<DefaultKeyedRateLimiter<String>>,
-    admin: Option<DefaultKeyedRateLimiter<String>>,
+    reader: Option<DefaultKeyedRateLimiter<u64>>,
+    writer: Option<DefaultKeyedRateLimiter<u64>>,
+    admin: Option<DefaultKeyedRateLimiter<u64>>,
 }
 
-fn limiter(rate: Option<Rate>) -> Option<DefaultKeyedRateLimiter<String>> {
+fn limiter(rate: Option<Rate>) -> Option<DefaultKeyedRateLimiter<u64>> {
     let rate = rate?;
     let period = rate.per / rate.count.get();
     let quota = Quota::with_period(period)?.allow_burst(rate.count);
@@ -103,10 +103,10 @@ impl RateLimits {
         let Some(limiter) = limiter else {
             return Ok(());
         };
-        // `check_key` takes the key by reference; a team seen for the first time is
-        // copied once into the map.
+        // Keyed by the team's 64-bit hash, so a call allocates nothing (two teams share a
+        // bucket only on a hash collision).
         limiter
-            .check_key(&team.to_owned())
+            .check_key(&xxhash_rust::xxh3::xxh3_64(team.as_bytes()))
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 

@@ -17,6 +17,8 @@ use prost::Message;
 /// The policy of one method, ready for the layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MethodPolicy {
+    /// The method's path (`/convoy.v1.CacheService/Get`), for refusals.
+    pub path: String,
     /// The least role needed.
     pub role: AccessRole,
     /// Where the teams it touches are named.
@@ -39,6 +41,9 @@ pub struct TeamField {
 /// Why the contract's policies do not make a table (a build problem, caught by tests).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
+    /// The descriptor set does not decode.
+    #[error("the descriptor set does not decode: {0}")]
+    Decode(String),
     /// A method declares no policy.
     #[error("{0} declares no (convoy.v1.access) option")]
     Missing(String),
@@ -179,11 +184,7 @@ fn resolve(
 
 /// Builds the table from an encoded descriptor set (convoy's, or a test's).
 pub fn build(descriptor_set: &[u8]) -> Result<HashMap<String, MethodPolicy>, PolicyError> {
-    let set = FileSet::decode(descriptor_set).map_err(|e| PolicyError::BadField {
-        method: String::new(),
-        field: String::new(),
-        why: format!("the descriptor set does not decode: {e}"),
-    })?;
+    let set = FileSet::decode(descriptor_set).map_err(|e| PolicyError::Decode(e.to_string()))?;
     let types = message_types(&set);
     let mut table = HashMap::new();
     for file in &set.file {
@@ -220,8 +221,9 @@ pub fn build(descriptor_set: &[u8]) -> Result<HashMap<String, MethodPolicy>, Pol
                     })
                     .collect::<Result<_, _>>()?;
                 table.insert(
-                    path,
+                    path.clone(),
                     MethodPolicy {
+                        path,
                         role: access.role(),
                         scope,
                         team_fields,

@@ -130,14 +130,8 @@ pub fn team_of<'a>(field: &str, value: &'a str, cache_key: bool) -> Option<&'a s
 /// Splits complete gRPC messages off the front of `buf` (1 byte compressed flag, 4 bytes
 /// big-endian length, the message). Returns `None` when `buf` holds no complete frame yet.
 pub fn next_frame(buf: &mut Bytes) -> Option<Frame> {
-    if buf.len() < 5 {
-        return None;
-    }
+    let len = frame_len(buf).filter(|len| buf.len() - 5 >= *len)?;
     let compressed = buf[0] != 0;
-    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-    if buf.len() - 5 < len {
-        return None;
-    }
     buf.advance(5);
     Some(Frame {
         compressed,

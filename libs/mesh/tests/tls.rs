@@ -36,11 +36,7 @@ fn options() -> TlsOptions {
 fn identity(dir: &Path, leaf: &TestLeaf, cas: &[&TestCa]) -> (SecretDir, MeshTls) {
     std::fs::create_dir_all(dir).unwrap();
     let secret = SecretDir::create(dir, leaf, cas).unwrap();
-    let files = TlsFiles {
-        cert: secret.cert(),
-        key: secret.key(),
-        ca: secret.ca(),
-    };
+    let files = TlsFiles::secret_dir(secret.root());
     let tls = MeshTls::load(files, options()).unwrap();
     (secret, tls)
 }

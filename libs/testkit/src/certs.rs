@@ -141,6 +141,11 @@ impl SecretDir {
         Ok(())
     }
 
+    /// The folder, as it would be mounted.
+    pub fn root(&self) -> &std::path::Path {
+        &self.root
+    }
+
     /// The certificate file (`tls.crt`).
     pub fn cert(&self) -> PathBuf {
         self.root.join("tls.crt")

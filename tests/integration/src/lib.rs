@@ -346,13 +346,7 @@ impl CacheInstance {
         let mut client = instance.client().await;
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                let mut probe = tonic::Request::new(pb::CacheStatsRequest {});
-                if let Some(token) = token {
-                    probe.metadata_mut().insert(
-                        "authorization",
-                        format!("Bearer {token}").parse().expect("a token header"),
-                    );
-                }
+                let probe = authorized(pb::CacheStatsRequest {}, token);
                 match client.stats(probe).await {
                     Ok(stats) if stats.get_ref().bus_flushes >= 1 => break,
                     _ => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -374,6 +368,18 @@ impl Drop for CacheInstance {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+/// `message` as a request carrying `authorization: Bearer <token>` when `token` is given.
+pub fn authorized<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("a token header"),
+        );
+    }
+    request
 }
 
 /// Tests run services with `--no-auth` unless they configure authorization themselves.
@@ -481,13 +487,7 @@ impl Router {
                 .await
             {
                 let mut candidate = ShardRouterServiceClient::new(channel);
-                let mut probe = tonic::Request::new(pb::GetShardMapRequest {});
-                if let Some(token) = token {
-                    probe.metadata_mut().insert(
-                        "authorization",
-                        format!("Bearer {token}").parse().expect("a token header"),
-                    );
-                }
+                let probe = authorized(pb::GetShardMapRequest {}, token);
                 if candidate.get_shard_map(probe).await.is_ok() {
                     client = Some(candidate);
                     break;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes};
 use convoy_auth::{AUDIENCE, Claims, ERROR_DOMAIN, Role, SUBJECT_HEADER, Signer};
 use convoy_integration_tests::{
-    CacheInstance, Fleet, Router, channel_to, message, new_conversation,
+    CacheInstance, Fleet, Router, authorized, channel_to, message, new_conversation,
 };
 use convoy_proto::v1 as pb;
 use convoy_store::ShardMap;
@@ -93,7 +93,7 @@ async fn call(
             metadata.insert("authorization", format!("Bearer {token}").parse().unwrap());
         }
         if let Some(subject) = &who.subject {
-            metadata.insert(SUBJECT_HEADER, subject.parse().unwrap());
+            metadata.insert(SUBJECT_HEADER, format!("Bearer {subject}").parse().unwrap());
         }
     };
     match shape {
@@ -285,14 +285,10 @@ async fn every_rpc_refuses_the_wrong_callers_and_serves_the_right_one() {
     let mut client =
         pb::conversation_service_client::ConversationServiceClient::new(s.fleet.channel().await);
     let create = |title: &str| {
-        let mut request = tonic::Request::new(new_conversation("acme", title, "body"));
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", writer.token.as_deref().unwrap())
-                .parse()
-                .unwrap(),
-        );
-        request
+        authorized(
+            new_conversation("acme", title, "body"),
+            writer.token.as_deref(),
+        )
     };
     let kept = client
         .create_conversation(create("kept"))
@@ -791,25 +787,20 @@ async fn forged_and_foreign_tokens_are_unauthenticated() {
     let path = "/convoy.v1.ConversationService/ListConversations";
     // Signed by a key the fleet does not have, under the fleet's key id.
     let stranger = convoy_auth::generate_key_pair().unwrap();
-    let forged = Signer::from_pem("test-1", stranger.private_pem.as_bytes())
-        .unwrap()
-        .mint(
-            "mallory",
-            &["*".to_owned()],
-            Role::Admin,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+    let admin_signed_as = |kid: &str| {
+        Signer::from_pem(kid, stranger.private_pem.as_bytes())
+            .unwrap()
+            .mint(
+                "mallory",
+                &["*".to_owned()],
+                Role::Admin,
+                Duration::from_secs(60),
+            )
+            .unwrap()
+    };
+    let forged = admin_signed_as("test-1");
     // Under a key id nobody configured.
-    let unknown = Signer::from_pem("elsewhere", stranger.private_pem.as_bytes())
-        .unwrap()
-        .mint(
-            "mallory",
-            &["*".to_owned()],
-            Role::Admin,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+    let unknown = admin_signed_as("elsewhere");
     // For another audience, with the right key.
     let foreign = s
         .tokens
@@ -930,12 +921,9 @@ async fn reads_through_the_cache_tier_act_for_the_reader() {
     let writer = bearer(&s.tokens.mint(Role::Writer, &["acme"]));
     let reader = bearer(&s.tokens.mint(Role::Reader, &["acme"]));
     let mut grpc = pb::conversation_service_client::ConversationServiceClient::new(conv.clone());
-    let mut create = tonic::Request::new(new_conversation("acme", "cached", "body"));
-    create.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", writer.token.as_deref().unwrap())
-            .parse()
-            .unwrap(),
+    let create = authorized(
+        new_conversation("acme", "cached", "body"),
+        writer.token.as_deref(),
     );
     let name = grpc
         .create_conversation(create)
@@ -959,14 +947,13 @@ async fn reads_through_the_cache_tier_act_for_the_reader() {
     let id = name.rsplit('/').next().unwrap().to_owned();
     let mut cache =
         pb::cache_service_client::CacheServiceClient::new(channel_to(s.cache.addr).await);
-    let mut request = tonic::Request::new(pb::CacheGetRequest {
-        key: format!("conv:acme:{id}"),
-        min_version: 0,
-        peek: true,
-    });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", s.tokens.service).parse().unwrap(),
+    let request = authorized(
+        pb::CacheGetRequest {
+            key: format!("conv:acme:{id}"),
+            min_version: 0,
+            peek: true,
+        },
+        Some(&s.tokens.service),
     );
     let found = cache.get(request).await.unwrap().into_inner();
     assert!(

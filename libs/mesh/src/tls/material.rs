@@ -32,6 +32,18 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
+impl TlsFiles {
+    /// The files of a mounted `kubernetes.io/tls` Secret with a `ca.crt` key: `tls.crt`,
+    /// `tls.key` and `ca.crt` in `dir`.
+    pub fn secret_dir(dir: &std::path::Path) -> Self {
+        Self {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            ca: dir.join("ca.crt"),
+        }
+    }
+}
+
 /// Why TLS material could not be loaded; each names the file concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -268,11 +280,7 @@ mod tests {
 
     fn secret(dir: &Path, ca: &TestCa) -> (SecretDir, TlsFiles) {
         let secret = SecretDir::create(dir, &ca.leaf(), &[ca]).unwrap();
-        let files = TlsFiles {
-            cert: secret.cert(),
-            key: secret.key(),
-            ca: secret.ca(),
-        };
+        let files = TlsFiles::secret_dir(secret.root());
         (secret, files)
     }
 

@@ -256,11 +256,7 @@ mod tests {
     /// A handle whose reloader never runs during the test: each test looks itself.
     fn handle(dir: &Path, ca: &TestCa) -> (SecretDir, MeshTls) {
         let secret = SecretDir::create(dir, &ca.leaf(), &[ca]).unwrap();
-        let files = TlsFiles {
-            cert: secret.cert(),
-            key: secret.key(),
-            ca: secret.ca(),
-        };
+        let files = TlsFiles::secret_dir(secret.root());
         let options = TlsOptions {
             reload_interval: Duration::from_secs(3600),
             ..TlsOptions::default()
