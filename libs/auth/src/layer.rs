@@ -305,15 +305,16 @@ fn rate_limited(team: &str, wait: Duration) -> Status {
     status
 }
 
-/// Applies [`Authorizer`] to a server; `None` lets every call through (`--no-auth`).
-#[derive(Clone, Debug, Default)]
+/// Applies [`Authorizer`] to a server. A server without authorization (`--no-auth`) leaves
+/// the layer out (`tower::util::option_layer`), so its calls pay nothing for it.
+#[derive(Clone, Debug)]
 pub struct AuthLayer {
-    authorizer: Option<Arc<Authorizer>>,
+    authorizer: Arc<Authorizer>,
 }
 
 impl AuthLayer {
-    /// The layer; `None` turns authorization off.
-    pub fn new(authorizer: Option<Arc<Authorizer>>) -> Self {
+    /// The layer.
+    pub fn new(authorizer: Arc<Authorizer>) -> Self {
         Self { authorizer }
     }
 }
@@ -333,7 +334,7 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone, Debug)]
 pub struct AuthService<S> {
     inner: S,
-    authorizer: Option<Arc<Authorizer>>,
+    authorizer: Arc<Authorizer>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -356,9 +357,7 @@ where
         // The clone that was polled ready serves this call (tower's usual dance).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Some(authorizer) = self.authorizer.clone() else {
-            return Box::pin(async move { inner.call(request).await.map_err(Into::into) });
-        };
+        let authorizer = self.authorizer.clone();
         let path = request.uri().path();
         if !path.starts_with("/convoy.") {
             return Box::pin(async move { inner.call(request).await.map_err(Into::into) });

@@ -240,7 +240,9 @@ impl ServerBuilder {
             .layer(DeadlineLayer::default())
             // Authorized and charged before taking a bulkhead permit: a stranger or a team
             // over its rate cannot crowd out admitted calls.
-            .layer(convoy_auth::AuthLayer::new(self.config.auth.clone()))
+            .layer(tower::util::option_layer(
+                self.config.auth.clone().map(convoy_auth::AuthLayer::new),
+            ))
             .layer(BulkheadLayer::new(
                 self.config.max_concurrent_calls,
                 self.config.shed_pushback,
