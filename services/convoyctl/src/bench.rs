@@ -140,12 +140,12 @@ impl BenchArgs {
     }
 }
 
-/// Runs the bench (over mutual TLS with `tls`); `progress` hears how many conversations are
+/// Runs the bench (reaching the fleet with `access`); `progress` hears how many conversations are
 /// seeded so far.
 pub async fn bench(
     args: &BenchArgs,
     etcd: &EtcdConfig,
-    tls: Option<&convoy_client::MeshTls>,
+    access: &crate::access::Access,
     progress: impl Fn(u64, u64),
 ) -> anyhow::Result<Report> {
     let discovery = if args.addr.is_empty() {
@@ -153,13 +153,12 @@ pub async fn bench(
     } else {
         Discovery::Static(args.addr.clone())
     };
-    let mut config = ClientConfig {
+    let mut config = access.with(ClientConfig {
         per_call_timeout: Duration::from_millis(args.timeout_ms),
         // Reads carry no token: a dashboard's reads, free to use every cache.
         session_consistency: false,
         ..ClientConfig::default()
-    }
-    .with_tls(tls.cloned());
+    });
     config.balance.endpoint.connections = args.connections.max(1);
     // Every request in flight may wait in front of the balancer, rather than in the SDK.
     config.balance.queue_capacity = config.balance.queue_capacity.max(args.max_in_flight);

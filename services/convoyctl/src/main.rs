@@ -1,7 +1,6 @@
 //! `convoyctl`: convoy's operator CLI.
 
 use clap::{Parser, Subcommand};
-use convoy_client::TlsArgs;
 use convoy_discovery::{EtcdConfig, EtcdTlsArgs};
 
 /// Operate a convoy fleet.
@@ -22,9 +21,9 @@ struct Cli {
     #[command(flatten)]
     etcd_tls: EtcdTlsArgs,
 
-    /// Mutual TLS with the fleet's services (`--tls-cert`, `--tls-key`, `--tls-ca`).
+    /// The token and mutual TLS convoyctl's service calls use.
     #[command(flatten)]
-    tls: TlsArgs,
+    access: convoyctl::access::AccessArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -111,15 +110,15 @@ async fn main() -> anyhow::Result<()> {
         tls: cli.etcd_tls.tls(),
         ..EtcdConfig::default()
     };
-    let tls = cli.tls.load()?;
+    let access = cli.access.load()?;
     match cli.command {
         Command::Token { command } => convoyctl::token::run(&command)?,
         Command::Status => {
-            let rows = convoyctl::status::status(&etcd, tls.as_ref()).await?;
+            let rows = convoyctl::status::status(&etcd, access.tls.as_ref()).await?;
             print!("{}", convoyctl::status::render(&rows));
         }
         Command::Shards => {
-            let shards = convoyctl::shards::shards(&etcd, tls.as_ref()).await?;
+            let shards = convoyctl::shards::shards(&etcd, &access).await?;
             print!("{}", convoyctl::shards::render(&shards));
         }
         Command::Reshard {
@@ -142,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .expect("a valid template"),
             );
-            let done = convoyctl::reshard::reshard(&etcd, tls.as_ref(), &plan, |op| {
+            let done = convoyctl::reshard::reshard(&etcd, &access, &plan, |op| {
                 bar.set_length(op.rows_total.max(op.rows_copied).max(0) as u64);
                 bar.set_position(op.rows_copied.max(0) as u64);
                 bar.set_message(convoyctl::reshard::phase(op));
@@ -161,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .expect("a valid template"),
             );
-            let report = convoyctl::bench::bench(&args, &etcd, tls.as_ref(), |done, total| {
+            let report = convoyctl::bench::bench(&args, &etcd, &access, |done, total| {
                 if bar.is_hidden() {
                     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
                     bar.set_length(total);

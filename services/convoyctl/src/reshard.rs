@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use convoy_client::MeshTls;
+use crate::access::Access;
 use convoy_discovery::EtcdConfig;
 use convoy_proto::v1 as pb;
 
@@ -25,15 +25,15 @@ pub struct Reshard {
 }
 
 /// Starts the move (adding the shard if asked) and polls it until it ends, calling
-/// `progress` with each state seen; returns the final state. The router is reached over
-/// mutual TLS with `tls`.
+/// `progress` with each state seen; returns the final state. The router is reached with
+/// `access`.
 pub async fn reshard(
     etcd: &EtcdConfig,
-    tls: Option<&MeshTls>,
+    access: &Access,
     plan: &Reshard,
     mut progress: impl FnMut(&pb::Operation),
 ) -> anyhow::Result<pb::Operation> {
-    let mut client = router(etcd, tls);
+    let mut client = router(etcd, access);
     if let Some(primary) = &plan.add_primary {
         client
             .add_shard(pb::AddShardRequest {

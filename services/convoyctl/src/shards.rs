@@ -1,29 +1,28 @@
 //! `convoyctl shards`: the shard map as the shard-router serves it, with every node's health
 //! and replica lag.
 
-use convoy_client::{ClientConfig, Discovery, MeshTls};
+use convoy_client::Discovery;
 use convoy_discovery::EtcdConfig;
 use convoy_proto::v1 as pb;
 use convoy_proto::v1::shard_router_service_client::ShardRouterServiceClient;
 
-/// A client of the shard-routers found in etcd (over mutual TLS with `tls`).
+use crate::access::Access;
+
+/// A client of the shard-routers found in etcd, with `access`.
 pub fn router(
     etcd: &EtcdConfig,
-    tls: Option<&MeshTls>,
+    access: &Access,
 ) -> ShardRouterServiceClient<convoy_client::Transport> {
     ShardRouterServiceClient::new(convoy_client::transport(
         &Discovery::Etcd(etcd.clone()),
         "shard-router",
-        ClientConfig::default().with_tls(tls.cloned()),
+        access.client_config(),
     ))
 }
 
 /// The shards (and the map's epoch) from a shard-router found in etcd.
-pub async fn shards(
-    etcd: &EtcdConfig,
-    tls: Option<&MeshTls>,
-) -> anyhow::Result<pb::ListShardsResponse> {
-    Ok(router(etcd, tls)
+pub async fn shards(etcd: &EtcdConfig, access: &Access) -> anyhow::Result<pb::ListShardsResponse> {
+    Ok(router(etcd, access)
         .list_shards(pb::ListShardsRequest {})
         .await?
         .into_inner())

@@ -350,7 +350,8 @@ async fn moving_half_of_shard_0_under_load_loses_nothing_and_no_client_call_fail
         add_replicas: Vec::new(),
     };
     let mut phases = Vec::new();
-    let reshard = convoyctl::reshard::reshard(&etcd, None, &plan, |op| {
+    let access = convoyctl::access::Access::default();
+    let reshard = convoyctl::reshard::reshard(&etcd, &access, &plan, |op| {
         let phase = convoyctl::reshard::phase(op);
         if phases.last() != Some(&phase) {
             phases.push(phase);

@@ -159,7 +159,9 @@ async fn the_router_serves_the_map_its_changes_placement_and_health() {
         endpoints: vec![etcd.endpoint()],
         ..EtcdConfig::default()
     };
-    let listed = convoyctl::shards::shards(&etcd_config, None).await.unwrap();
+    let listed = convoyctl::shards::shards(&etcd_config, &convoyctl::access::Access::default())
+        .await
+        .unwrap();
     assert_eq!(listed.epoch, 2);
     let table = convoyctl::shards::render(&listed);
     assert!(table.contains("shard-0  replica-0"), "{table}");
