@@ -361,3 +361,42 @@ host_port_of() {
     esac
     printf '%s %s\n' "$host" "$port"
 }
+
+# dev_auth STATE_DIR CONVOYCTL: authorization for a local fleet. Unless the environment
+# already decides it (CONVOY_NO_AUTH=true or 1: every caller is served; CONVOY_AUTH_KEYS: your
+# own keys, and your own tokens in CONVOY_AUTH_TOKEN_FILE), it keeps a development key pair
+# in STATE_DIR/auth (dev-1.key, and keys/dev-1.pem for the services), mints fresh tokens
+# there at every start (30 days each: service.token for the services' calls to each other,
+# admin.token for convoyctl, acme-writer.token for team acme's clients) and exports
+# CONVOY_AUTH_KEYS and CONVOY_AUTH_TOKEN_FILE. Sets AUTH_DIR to that folder, or to nothing
+# when the environment decided. Serialized with flock: Tilt starts services concurrently.
+dev_auth() {
+    local state="$1" ctl="$2" role team name
+    AUTH_DIR=""
+    case "${CONVOY_NO_AUTH:-}" in
+    "" | false | 0 | no | off) ;;
+    *) return 0 ;;
+    esac
+    [[ -z "${CONVOY_AUTH_KEYS:-}" ]] || return 0
+    AUTH_DIR="$state/auth"
+    mkdir -p "$AUTH_DIR"
+    chmod 0700 "$AUTH_DIR"
+    (
+        flock 9
+        if [[ ! -f "$AUTH_DIR/dev-1.key" ]]; then
+            "$ctl" token keygen --kid dev-1 --out "$AUTH_DIR" --keys "$AUTH_DIR/keys" >/dev/null ||
+                die "convoyctl token keygen failed"
+        fi
+        for spec in service:'*':service admin:'*':admin writer:acme:acme-writer; do
+            IFS=: read -r role team name <<<"$spec"
+            "$ctl" token mint --key "$AUTH_DIR/dev-1.key" --team "$team" --role "$role" \
+                --subject "local-$name" --ttl-hours 720 >"$AUTH_DIR/$name.token.new" ||
+                die "convoyctl token mint failed"
+            chmod 0600 "$AUTH_DIR/$name.token.new"
+            # A rename: a service reading the file never sees half a token.
+            mv -f "$AUTH_DIR/$name.token.new" "$AUTH_DIR/$name.token"
+        done
+    ) 9>"$AUTH_DIR/.lock"
+    export CONVOY_AUTH_KEYS="$AUTH_DIR/keys"
+    export CONVOY_AUTH_TOKEN_FILE="$AUTH_DIR/service.token"
+}

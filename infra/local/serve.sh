@@ -28,13 +28,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$CONVOY_ROOT"
 
-# Authorization: with CONVOY_AUTH_KEYS (a directory of token issuers' public keys) the
-# services verify tokens; without it this local fleet serves every caller (--no-auth), as
-# the services refuse to start with neither (docs/security.md).
-if [[ -z "${CONVOY_AUTH_KEYS:-}" ]]; then
-    export CONVOY_NO_AUTH=true
-fi
-
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 
 ready=0
@@ -201,6 +194,12 @@ write_shard_map() {
         done
     } >"$STATE_DIR/shard-map.toml"
 }
+
+# Authorization as up.sh's: the development key pair and tokens of $STATE_DIR/auth unless the
+# environment decides (CONVOY_NO_AUTH, or CONVOY_AUTH_KEYS as Tilt's auth resource sets it).
+case "$component" in
+shard-router | cache | conversation | analytics) dev_auth "$STATE_DIR" "$(binary convoyctl)" ;;
+esac
 
 # Flags and unset variables as up.sh's (NO_COLOR aside: Tilt shows colours, a log file does not).
 case "$component" in

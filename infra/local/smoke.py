@@ -6,6 +6,10 @@ built at run time from the descriptors the server serves.
 
 usage: python3 infra/local/smoke.py HOST:PORT [ANALYTICS_HOST:PORT]
 
+Calls carry the bearer token in $CONVOY_TOKEN, or in the file $CONVOY_TOKEN_FILE (up.sh writes
+a development admin token to .convoy/auth/admin.token); with one, the smoke also checks that a
+call without it is refused with UNAUTHENTICATED.
+
 With an analytics address, it also asks the analytics service for the smoke team's summary,
 carrying the conversation calls' consistency token, and expects the smoke's conversation.
 
@@ -16,6 +20,7 @@ every step passes, 1 when one fails, 2 on bad usage or missing packages.
 from __future__ import annotations
 
 import collections
+import os
 import secrets
 import sys
 import time
@@ -107,7 +112,7 @@ def describe_rpc_error(e: grpc.RpcError) -> str:
 class Client:
     """Dynamic stubs over one channel, from the server's reflection service."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, bearer: str | None = None) -> None:
         raw = grpc.insecure_channel(target)
         try:
             grpc.channel_ready_future(raw).result(timeout=TIMEOUT_S)
@@ -120,6 +125,8 @@ class Client:
         self.pool = descriptor_pool.DescriptorPool(self.db)
         # The newest consistency token a write returned (see `send`).
         self.token: str | None = None
+        # The bearer token every call carries, if any.
+        self.bearer = bearer
 
     def close(self) -> None:
         self._raw.close()
@@ -147,8 +154,9 @@ class Client:
         """An empty request message for `service/method`, to fill in before `send`."""
         return message_factory.GetMessageClass(self._method(service, method).input_type)()
 
-    def send(self, service: str, method: str, req):
-        """A unary call of `service/method`, with a deadline."""
+    def send(self, service: str, method: str, req, *, anonymous: bool = False):
+        """A unary call of `service/method`, with a deadline (and no bearer token when
+        `anonymous`)."""
         resp_cls = message_factory.GetMessageClass(self._method(service, method).output_type)
         stub = self.channel.unary_unary(
             f"/{service}/{method}",
@@ -157,12 +165,24 @@ class Client:
         )
         # Session consistency: every call carries the newest write's consistency token, so
         # reads see this client's writes even when a replica answers them.
-        metadata = [(TOKEN_HEADER, self.token)] if self.token else None
-        resp, call = stub.with_call(req, timeout=TIMEOUT_S, metadata=metadata)
+        metadata = [(TOKEN_HEADER, self.token)] if self.token else []
+        if self.bearer and not anonymous:
+            metadata.append(("authorization", f"Bearer {self.bearer}"))
+        resp, call = stub.with_call(req, timeout=TIMEOUT_S, metadata=metadata or None)
         for key, value in call.initial_metadata() or ():
             if key == TOKEN_HEADER:
                 self.token = value
         return resp
+
+
+def bearer_from_env() -> str | None:
+    """$CONVOY_TOKEN, or the contents of $CONVOY_TOKEN_FILE, or None."""
+    token = os.environ.get("CONVOY_TOKEN")
+    path = os.environ.get("CONVOY_TOKEN_FILE")
+    if not token and path:
+        with open(path, encoding="ascii") as f:
+            token = f.read().strip()
+    return token or None
 
 
 def enum_value(message_descriptor, field: str, name: str) -> int:
@@ -186,14 +206,15 @@ def main(argv: list[str]) -> int:
         return 2
     target = argv[1]
     analytics_target = argv[2] if len(argv) == 3 else None
-    total = 8 if analytics_target else 7
+    bearer = bearer_from_env()
+    total = 7 + (1 if analytics_target else 0) + (1 if bearer else 0)
     team = f"teams/smoke-{secrets.token_hex(4)}"
     title = "Flaky test in CI"
     state: dict = {}
     passed = failed = 0
 
     try:
-        client = Client(target)
+        client = Client(target, bearer)
     except StepFailed as e:
         print(f"FAIL connect: {e}", file=sys.stderr)
         print(f"smoke: 0 passed, {total} failed")
@@ -305,7 +326,7 @@ def main(argv: list[str]) -> int:
         raise StepFailed("the call succeeded; want INVALID_ARGUMENT")
 
     def analytics():
-        other = Client(analytics_target)
+        other = Client(analytics_target, bearer)
         try:
             # The conversation calls' token: the summary must include their writes.
             other.token = client.token
@@ -326,6 +347,19 @@ def main(argv: list[str]) -> int:
         )
         return f"1 conversation, 1 message, from {list(resp.coverage.shards)}"
 
+    def anonymous():
+        req = client.request(CONVERSATION_SERVICE, "ListConversations")
+        req.parent = team
+        try:
+            client.send(CONVERSATION_SERVICE, "ListConversations", req, anonymous=True)
+        except grpc.RpcError as e:
+            check(
+                e.code() == grpc.StatusCode.UNAUTHENTICATED,
+                f"got {describe_rpc_error(e)}, want UNAUTHENTICATED",
+            )
+            return "UNAUTHENTICATED"
+        raise StepFailed("the call without a token succeeded; want UNAUTHENTICATED")
+
     try:
         step(1, f"reflection lists {CONVERSATION_SERVICE} and {HEALTH_SERVICE}", None, list_services)
         step(2, "Health/Check is SERVING", "reflection", health)
@@ -336,6 +370,8 @@ def main(argv: list[str]) -> int:
         step(7, "GetConversation of a malformed name is INVALID_ARGUMENT", "reflection", malformed)
         if analytics_target:
             step(8, f"AnalyticsService/GetTeamSummary of {team} counts it", "name", analytics)
+        if bearer:
+            step(total, "ListConversations without a token is UNAUTHENTICATED", "reflection", anonymous)
     finally:
         client.close()
 

@@ -11,7 +11,9 @@
 #   1. cargo test --workspace --all-targets, then cargo test --workspace --doc (the tests
 #      start their own private PostgreSQL servers);
 #   2. the fleet smoke: infra/local/up.sh --detach (dev build) in a temporary state folder on
-#      ports of its own, so it never touches your own fleet; infra/local/smoke.py against it,
+#      ports of its own, so it never touches your own fleet, with authorization on (up.sh's
+#      development key; the smoke's calls carry its admin token); infra/local/smoke.py against
+#      it (which also checks that a call without a token is UNAUTHENTICATED),
 #      `convoyctl status` must show the instance SERVING in etcd, the writes must reach the
 #      invalidation bus in Redis, `convoyctl cache consistency` must show them checked and
 #      consistent (every write sampled, checked after 200 ms), each shard's replica must be a
@@ -106,6 +108,10 @@ trap 'exit 129' HUP
 
 log "fleet smoke: starting a detached fleet in $smoke_state"
 env "${smoke_env[@]}" bash infra/local/up.sh --detach
+# up.sh made a development key pair and tokens: the smoke's calls (smoke.py, convoyctl) carry
+# its admin token.
+[[ -s "$smoke_state/auth/admin.token" ]] || die "up.sh did not mint $smoke_state/auth/admin.token"
+export CONVOY_TOKEN_FILE="$smoke_state/auth/admin.token"
 read -r host port < <(host_port_of "${CONVOY_TEST_LISTEN:-127.0.0.1:26051}")
 [[ "$host" == *:* ]] && host="[$host]"
 analytics_addr="${CONVOY_TEST_ANALYTICS_LISTEN:-127.0.0.1:26081}"

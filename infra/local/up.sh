@@ -32,6 +32,11 @@
 #                         :9171, :9181: the targets of infra/observability/prometheus/prometheus.yml)
 #   CONVOY_STATE_DIR      where data, logs and PID files live (default .convoy at the repo root)
 #   CONVOY_PG_BIN         folder with initdb/pg_ctl (default: newest /usr/lib/postgresql/*/bin)
+#   CONVOY_NO_AUTH        true: the services serve every caller, with no token (default: they
+#                         verify tokens signed by the development key in $CONVOY_STATE_DIR/auth)
+#   CONVOY_AUTH_KEYS, CONVOY_AUTH_TOKEN_FILE
+#                         your own issuers' public keys and the services' own token, instead
+#                         of the development key pair (docs/security.md)
 #   Other CONVOY_* variables (CONVOY_LOG_FORMAT, CONVOY_POOL_MAX_CONNECTIONS, ...) reach the
 #   conversation binary, which reads them itself (see `conversation --help`).
 #
@@ -41,19 +46,14 @@
 # map, and the conversation service routes by the map in etcd),
 # $CONVOY_STATE_DIR/etcd (etcd data), $CONVOY_STATE_DIR/redis (Redis's append-only file),
 # $CONVOY_STATE_DIR/logs (postgres and service logs), $CONVOY_STATE_DIR/run (PID files of a
-# detached fleet).
+# detached fleet), $CONVOY_STATE_DIR/auth (the development key pair, kept, and tokens minted
+# at every start: admin.token for convoyctl, acme-writer.token for team acme's clients,
+# service.token for the services' own calls).
 set -euo pipefail
 
 # shellcheck source=infra/local/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$CONVOY_ROOT"
-
-# Authorization: with CONVOY_AUTH_KEYS (a directory of token issuers' public keys) the
-# services verify tokens; without it this local fleet serves every caller (--no-auth), as
-# the services refuse to start with neither (docs/security.md).
-if [[ -z "${CONVOY_AUTH_KEYS:-}" ]]; then
-    export CONVOY_NO_AUTH=true
-fi
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 
@@ -258,28 +258,42 @@ print_status() {
 }
 
 print_howto() {
+    local ctl="$CTL_BIN --etcd-endpoint $ETCD_URL" grpcurl="grpcurl -plaintext" smoke_env="" auth_lines
+    auth_lines="  auth:   none (CONVOY_NO_AUTH): every caller may call everything"
+    if [[ -n "$AUTH_DIR" ]]; then
+        ctl="$CTL_BIN --etcd-endpoint $ETCD_URL --token-file $AUTH_DIR/admin.token"
+        # shellcheck disable=SC2016 # the $(cat ...) is for the reader's shell
+        grpcurl="grpcurl -plaintext -H \"authorization: Bearer \$(cat $AUTH_DIR/acme-writer.token)\""
+        smoke_env="CONVOY_TOKEN_FILE=$AUTH_DIR/admin.token "
+        auth_lines="  auth:   tokens signed by the development key $AUTH_DIR/dev-1.key (public: $AUTH_DIR/keys);
+          team acme's writer: $AUTH_DIR/acme-writer.token, admin: $AUTH_DIR/admin.token;
+          more: $CTL_BIN token mint --key $AUTH_DIR/dev-1.key --team T --role reader|writer|admin"
+    elif [[ -n "${CONVOY_AUTH_KEYS:-}" ]]; then
+        auth_lines="  auth:   tokens signed by the keys in $CONVOY_AUTH_KEYS (add --token-file to convoyctl, -H 'authorization: Bearer ...' to grpcurl)"
+    fi
     cat <<EOF
 
 convoy is up: conversation service on $LISTEN, cache service on $CACHE_LISTEN,
-  shard-router on $ROUTER_LISTEN (the shards' health and lag: $CTL_BIN --etcd-endpoint $ETCD_URL shards),
+  shard-router on $ROUTER_LISTEN (the shards' health and lag: $ctl shards),
   analytics service on $ANALYTICS_LISTEN
   shards: postgres://postgres@127.0.0.1:$(shard_port 0)/convoy, postgres://postgres@127.0.0.1:$(shard_port 1)/convoy
           ($REPLICAS streaming replica(s) each; the map: $SHARD_MAP)
-  etcd:   $ETCD_URL (the fleet as etcd sees it: $CTL_BIN --etcd-endpoint $ETCD_URL status)
+  etcd:   $ETCD_URL (the fleet as etcd sees it: $ctl status)
   redis:  $REDIS_URL (invalidation bus: redis-cli -p $REDIS_PORT XLEN convoy:invalidations)
+$auth_lines
   logs:   $LOG_DIR
   metrics: http://$METRICS_LISTEN/metrics (conversation), http://$CACHE_METRICS_LISTEN/metrics (cache),
            http://$ROUTER_METRICS_LISTEN/metrics (shard-router), http://$ANALYTICS_METRICS_LISTEN/metrics (analytics)
 
 Call it with the Python smoke client (stock gRPC + server reflection; deps in infra/local/requirements.txt):
-  python3 infra/local/smoke.py $CALL_ADDR
+  ${smoke_env}python3 infra/local/smoke.py $CALL_ADDR
 
 or, if you have grpcurl:
-  grpcurl -plaintext $CALL_ADDR list
-  grpcurl -plaintext -d '{"parent":"teams/acme","conversation":{"title":"Flaky test in CI","intent":"INTENT_DEBUG"}}' $CALL_ADDR convoy.v1.ConversationService/CreateConversation
-  grpcurl -plaintext -d '{"parent":"teams/acme"}' $CALL_ADDR convoy.v1.ConversationService/ListConversations
+  $grpcurl $CALL_ADDR list
+  $grpcurl -d '{"parent":"teams/acme","conversation":{"title":"Flaky test in CI","intent":"INTENT_DEBUG"}}' $CALL_ADDR convoy.v1.ConversationService/CreateConversation
+  $grpcurl -d '{"parent":"teams/acme"}' $CALL_ADDR convoy.v1.ConversationService/ListConversations
   grpcurl -plaintext -d '{"service":"convoy.v1.ConversationService"}' $CALL_ADDR grpc.health.v1.Health/Check
-  grpcurl -plaintext -d '{"filter":{"parent":"teams/acme","start_time":"2026-01-01T00:00:00Z","end_time":"2027-01-01T00:00:00Z"}}' $ANALYTICS_LISTEN convoy.v1.AnalyticsService/GetTeamSummary
+  $grpcurl -d '{"filter":{"parent":"teams/acme","start_time":"2026-01-01T00:00:00Z","end_time":"2027-01-01T00:00:00Z"}}' $ANALYTICS_LISTEN convoy.v1.AnalyticsService/GetTeamSummary
 
 EOF
 }
@@ -367,6 +381,8 @@ CTL_BIN="$(built_binary convoyctl)"
 CACHE_BIN="$(built_binary cache)"
 ROUTER_BIN="$(built_binary shard-router)"
 ANALYTICS_BIN="$(built_binary analytics)"
+# Tokens: a development key pair and fresh tokens in $STATE_DIR/auth (lib.sh's dev_auth).
+dev_auth "$STATE_DIR" "$CTL_BIN"
 
 SERVICE_PID=""
 ETCD_PID=""
