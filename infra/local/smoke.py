@@ -314,16 +314,22 @@ def main(argv: list[str]) -> int:
         check(names == [state["name"]], f"listed {names}, want [{state['name']!r}]")
         return f"{len(names)} conversation"
 
-    def malformed():
+    def refused_with(code, send):
+        """Runs send(), which must fail with `code`; returns the code's name."""
         try:
-            client.call(CONVERSATION_SERVICE, "GetConversation", name="teams/Not A Name/convs/x")
+            send()
         except grpc.RpcError as e:
-            check(
-                e.code() == grpc.StatusCode.INVALID_ARGUMENT,
-                f"got {describe_rpc_error(e)}, want INVALID_ARGUMENT",
-            )
-            return "INVALID_ARGUMENT"
-        raise StepFailed("the call succeeded; want INVALID_ARGUMENT")
+            check(e.code() == code, f"got {describe_rpc_error(e)}, want {code.name}")
+            return code.name
+        raise StepFailed(f"the call succeeded; want {code.name}")
+
+    def malformed():
+        return refused_with(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda: client.call(
+                CONVERSATION_SERVICE, "GetConversation", name="teams/Not A Name/convs/x"
+            ),
+        )
 
     def analytics():
         other = Client(analytics_target, bearer)
@@ -350,15 +356,10 @@ def main(argv: list[str]) -> int:
     def anonymous():
         req = client.request(CONVERSATION_SERVICE, "ListConversations")
         req.parent = team
-        try:
-            client.send(CONVERSATION_SERVICE, "ListConversations", req, anonymous=True)
-        except grpc.RpcError as e:
-            check(
-                e.code() == grpc.StatusCode.UNAUTHENTICATED,
-                f"got {describe_rpc_error(e)}, want UNAUTHENTICATED",
-            )
-            return "UNAUTHENTICATED"
-        raise StepFailed("the call without a token succeeded; want UNAUTHENTICATED")
+        return refused_with(
+            grpc.StatusCode.UNAUTHENTICATED,
+            lambda: client.send(CONVERSATION_SERVICE, "ListConversations", req, anonymous=True),
+        )
 
     try:
         step(1, f"reflection lists {CONVERSATION_SERVICE} and {HEALTH_SERVICE}", None, list_services)
