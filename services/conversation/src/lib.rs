@@ -3,6 +3,7 @@
 //! Data flows one way: [`service`] (gRPC) → [`validate`] (requests become [`model`] values)
 //! → [`store`] (SQL on the owning shard) → [`wire`] (replies). [`error`] maps every failure
 //! to a gRPC status in one place. GetConversation reads through the caches ([`cached`]).
+//! [`ingest`] takes transcripts as a stream of lines into the same store.
 //! Every write leaves an outbox row that [`relay`] publishes on the invalidation bus, and
 //! [`sampler`] checks a share of writes against every cache layer. The binary (`main.rs`)
 //! only wires config, telemetry, backends and server together through [`serve`].
@@ -13,6 +14,7 @@ pub mod cached;
 pub mod config;
 pub mod error;
 pub mod fingerprint;
+pub mod ingest;
 pub mod limits;
 pub mod model;
 pub mod names;
@@ -34,12 +36,14 @@ use convoy_cache::subscriber::{self, Subscriber};
 use convoy_client::{CacheClient, CacheClientConfig};
 use convoy_mesh::{MeshTls, ServerBuilder};
 use convoy_proto::v1::conversation_service_server::ConversationServiceServer;
+use convoy_proto::v1::ingest_service_server::IngestServiceServer;
 use convoy_store::ShardPools;
 use tokio::net::TcpListener;
 use tokio_util::task::AbortOnDropHandle;
 
 pub use cached::{LocalCache, ReadThrough};
 pub use config::Config;
+pub use ingest::IngestApi;
 use sampler::Sampler;
 pub use service::ConversationApi;
 pub use store::ConversationStore;
@@ -71,6 +75,12 @@ pub async fn connect(config: &Config) -> anyhow::Result<ConversationStore> {
 /// The gRPC service, with the contract's message-size limit.
 pub fn grpc_service(api: ConversationApi) -> ConversationServiceServer<ConversationApi> {
     ConversationServiceServer::new(api)
+        .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES)
+}
+
+/// The ingestion service, with the same message-size limit.
+pub fn ingest_service(store: Arc<ConversationStore>) -> IngestServiceServer<IngestApi> {
+    IngestServiceServer::new(IngestApi::new(store))
         .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES)
 }
 
@@ -178,6 +188,7 @@ pub async fn serve(
     }
     let result = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
         .add_service(grpc_service(api))
+        .add_service(ingest_service(store.clone()))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
     drop(tasks);

@@ -152,6 +152,20 @@ pub struct NewConversation {
     pub request: Option<(Uuid, [u8; 8])>,
 }
 
+/// A conversation as an ingestion stream declares it: created on first sight, its declared
+/// fields updated when they change (metadata merged key by key).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IngestConversation {
+    /// Where it goes.
+    pub name: ConversationName,
+    /// Title.
+    pub title: String,
+    /// Intent, when the source says.
+    pub intent: Option<Intent>,
+    /// Metadata to merge into the stored metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
 /// A validated update: `None` leaves a field as it is.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConversationPatch {

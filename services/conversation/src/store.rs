@@ -857,6 +857,46 @@ impl ConversationStore {
         .await
     }
 
+    /// Declares a conversation for ingestion: creates it, or updates its title, intent and
+    /// metadata (merged key by key) where they differ. A declaration that changes nothing
+    /// writes nothing (no version, no outbox row), so re-importing a transcript is a no-op.
+    /// Returns the conversation when it was written.
+    pub async fn declare(&self, c: &IngestConversation) -> Result<Option<Conversation>, ApiError> {
+        let statement = format!(
+            "WITH changed AS (\
+               INSERT INTO conversations AS c (team_id, id, title, intent, status, metadata) \
+               VALUES ($1, $2, $3, COALESCE($4, 'other'), 'active', $5) \
+               ON CONFLICT (team_id, id) DO UPDATE SET \
+                 title = EXCLUDED.title, \
+                 intent = COALESCE($4, c.intent), \
+                 metadata = c.metadata || EXCLUDED.metadata, \
+                 version = c.version + 1, \
+                 updated_at = now() \
+               WHERE (c.title, c.intent, c.metadata) IS DISTINCT FROM \
+                     (EXCLUDED.title, COALESCE($4, c.intent), c.metadata || EXCLUDED.metadata) \
+               RETURNING {COLUMNS}, xmax = 0 AS inserted), \
+             outboxed AS (INSERT INTO outbox (team_id, conversation_id, version, kind, tags) \
+               SELECT team_id, id, version, \
+                 CASE WHEN inserted THEN 'created' ELSE 'updated' END, \
+                 ARRAY['team:' || team_id] FROM changed) \
+             SELECT {COLUMNS} FROM changed"
+        );
+        let statement = &statement;
+        let row: Option<ConversationRow> = self
+            .on_shard(&c.name.team, |pool: PgPool, _replicas| async move {
+                Ok(sqlx::query_as(statement)
+                    .bind(c.name.team.as_str())
+                    .bind(c.name.id)
+                    .bind(&c.title)
+                    .bind(c.intent.map(Intent::as_str))
+                    .bind(Json(&c.metadata))
+                    .fetch_optional(&pool)
+                    .await?)
+            })
+            .await?;
+        row.map(ConversationRow::into_model).transpose()
+    }
+
     /// Lists a page of a conversation's events.
     pub async fn list_events(&self, q: &EventsQuery, at: &ReadAt) -> Result<Page<Event>, ApiError> {
         let name = &q.conversation;

@@ -589,13 +589,12 @@ pub fn delete(
     v.finish(|| (name.expect("checked"), expected))
 }
 
+/// An event, its fields' paths made by `field` (only on error).
 fn event(
     e: &pb::ConversationEvent,
-    prefix: &str,
-    index: usize,
+    field: impl Fn(&str) -> String,
     v: &mut Violations,
 ) -> Option<NewEvent> {
-    let field = |name: &str| format!("{prefix}[{index}].{name}");
     let kind = v.check_at(
         || field("kind"),
         match pb::EventKind::try_from(e.kind) {
@@ -732,13 +731,97 @@ pub fn append(
         .events
         .iter()
         .enumerate()
-        .map(|(i, e)| event(e, "events", i, &mut v))
+        .map(|(i, e)| event(e, |name| format!("events[{i}].{name}"), &mut v))
         .collect();
     v.finish(|| {
         (
             name.expect("checked"),
             events.into_iter().map(|e| e.expect("checked")).collect(),
         )
+    })
+}
+
+/// Validates an ingestion stream's conversation declaration. A declaration without an
+/// intent leaves the stored one (or makes `other`).
+pub fn ingest_conversation(c: &pb::IngestConversation) -> Result<IngestConversation, ApiError> {
+    let mut v = Violations::default();
+    let name = v.check("conversation.name", ConversationName::parse(&c.name));
+    let title = v.check("conversation.title", title(&c.title));
+    let intent = if c.intent == pb::Intent::Unspecified as i32 {
+        Some(None)
+    } else {
+        v.check("conversation.intent", intent(c.intent).map(Some))
+    };
+    let metadata = v.check("conversation.metadata", metadata(&c.metadata));
+    v.finish(|| IngestConversation {
+        name: name.expect("checked"),
+        title: title.expect("checked"),
+        intent: intent.expect("checked"),
+        metadata: metadata.expect("checked"),
+    })
+}
+
+/// Validates one ingested line: its conversation and its event. A line the client could
+/// not parse (`raw_line`) becomes a RAW event when it is a JSON object with a `timestamp`
+/// (its `uuid`, when it has one, is its event id, so a re-send is a no-op); anything else is
+/// a violation of that line only.
+pub fn ingest_line(line: &pb::IngestLine) -> Result<(ConversationName, NewEvent), ApiError> {
+    let mut v = Violations::default();
+    let name = v.check(
+        "line.conversation",
+        ConversationName::parse(&line.conversation),
+    );
+    let event = match (&line.event, line.raw_line.is_empty()) {
+        (Some(e), true) => event(e, |name| format!("line.event.{name}"), &mut v),
+        (Some(_), false) => {
+            v.add(
+                "line",
+                "carries both an event and a raw_line: send one of them",
+            );
+            None
+        }
+        (None, false) => v.check("line.raw_line", raw_line(&line.raw_line)),
+        (None, true) => {
+            v.add("line", "carries neither an event nor a raw_line");
+            None
+        }
+    };
+    v.finish(|| (name.expect("checked"), event.expect("checked")))
+}
+
+/// A raw source line as a RAW event; see [`ingest_line`].
+fn raw_line(text: &str) -> Result<NewEvent, String> {
+    let value = raw_json(text)?.ok_or("is empty")?;
+    let serde_json::Value::Object(fields) = &value else {
+        return Err("is JSON but not an object: a transcript line is one JSON object".into());
+    };
+    let occurred_at = match fields.get("timestamp") {
+        Some(serde_json::Value::String(t)) => DateTime::parse_from_rfc3339(t)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| format!("has a `timestamp` that is not RFC 3339 ({e}): {t:?}"))?,
+        _ => {
+            return Err("has no `timestamp` string: send it as an event with an occur_time".into());
+        }
+    };
+    let event_id = match fields.get("uuid") {
+        Some(serde_json::Value::String(id)) => optional_text(id, MAX_EVENT_ID_BYTES)
+            .map_err(|why| format!("has a `uuid` that {why}"))?,
+        _ => None,
+    };
+    Ok(NewEvent {
+        event_id,
+        parent_event_id: None,
+        kind: EventKind::Raw,
+        role: None,
+        occurred_at,
+        content: String::new(),
+        tool_name: None,
+        tool_call_id: None,
+        is_error: false,
+        model: None,
+        usage: TokenUsage::default(),
+        is_sidechain: false,
+        raw_json: Some(value),
     })
 }
 

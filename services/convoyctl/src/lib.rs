@@ -4,13 +4,16 @@
 //! map with every node's health and lag, from the shard-router, `reshard`, an online
 //! slot move followed to its end, `queries`, each shard's slowest statements and
 //! sequentially scanned large tables, from Postgres' statistics, and `bench`, a load
-//! scenario with its same-run baselines.
+//! scenario with its same-run baselines, and `import claude-code`, Claude Code transcripts
+//! into conversations.
 
 #![forbid(unsafe_code)]
 
 pub mod access;
 pub mod bench;
 pub mod cache;
+pub mod claude_code;
+pub mod import;
 pub mod queries;
 pub mod reshard;
 pub mod shards;

@@ -63,6 +63,11 @@ enum Command {
         #[command(subcommand)]
         command: convoyctl::token::TokenCommand,
     },
+    /// Imports transcripts into conversations (re-running imports only what is new).
+    Import {
+        #[command(subcommand)]
+        source: ImportSource,
+    },
     /// The cache tier.
     Cache {
         #[command(subcommand)]
@@ -85,6 +90,14 @@ enum Command {
         #[arg(long = "shard-dsn", env = "CONVOY_SHARD_DSNS", value_delimiter = ',')]
         shard_dsn: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImportSource {
+    /// Claude Code sessions (`~/.claude/projects/<project>/<session>.jsonl`): one
+    /// conversation per session, titled by its summary or first prompt, with its project
+    /// and branch as metadata; a progress bar, then a summary.
+    ClaudeCode(convoyctl::import::ClaudeCodeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,12 +204,52 @@ async fn main() -> anyhow::Result<()> {
             let shards = convoyctl::queries::queries(&targets, &options).await;
             print!("{}", convoyctl::queries::render(&shards, &options));
         }
+        Command::Import {
+            source: ImportSource::ClaudeCode(args),
+        } => import_claude_code(&args, &etcd, &access).await?,
         Command::Cache {
             command: CacheCommand::Consistency { redis_url },
         } => {
             let report = convoyctl::cache::consistency(&redis_url).await?;
             print!("{}", report.render());
         }
+    }
+    Ok(())
+}
+
+async fn import_claude_code(
+    args: &convoyctl::import::ClaudeCodeArgs,
+    etcd: &EtcdConfig,
+    access: &convoyctl::access::Access,
+) -> anyhow::Result<()> {
+    let discovery = if args.addr.is_empty() {
+        convoy_client::Discovery::Etcd(etcd.clone())
+    } else {
+        convoy_client::Discovery::Static(args.addr.clone())
+    };
+    let client = convoyctl::import::client(&discovery, access);
+    let mut importer = convoyctl::import::Importer::new(client, args.options())?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "importing {bar:40} {pos}/{len} lines ({per_sec}, {eta})",
+        )
+        .expect("a valid template"),
+    );
+    importer
+        .pass(|sent, total| {
+            bar.set_length(total);
+            bar.set_position(sent);
+        })
+        .await?;
+    bar.finish_and_clear();
+    print!("{}", importer.summary().render());
+    if args.follow {
+        eprintln!("following {} (Ctrl-C to stop)", args.path.display());
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        importer.follow(stop).await?;
+        print!("{}", importer.summary().render());
     }
     Ok(())
 }

@@ -382,6 +382,23 @@ pub fn authorized<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     request
 }
 
+/// A digest of everything a shard stores for conversations (their rows, events and
+/// idempotency records, every column): equal digests, nothing written.
+pub async fn stored_digest(pool: &PgPool) -> String {
+    sqlx::query_scalar(
+        "SELECT concat_ws(' ', \
+           (SELECT md5(coalesce(string_agg(c::text, ',' ORDER BY team_id, id), '')) \
+              FROM conversations c), \
+           (SELECT md5(coalesce(string_agg(e::text, ',' ORDER BY team_id, conversation_id, sequence), '')) \
+              FROM conversation_events e), \
+           (SELECT md5(coalesce(string_agg(r::text, ',' ORDER BY team_id, request_id), '')) \
+              FROM create_requests r))",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("digest of the shard")
+}
+
 /// Tests run services with `--no-auth` unless they configure authorization themselves.
 fn auth_default(args: &mut Vec<String>) {
     if !args.iter().any(|a| a == "--auth-keys" || a == "--no-auth") {

@@ -469,8 +469,6 @@ async fn matrix(s: &Secured) -> Matrix {
             false,
             Outcome::Ok,
         ),
-        // Ingestion and live streams are not served yet (issue 10): authorization still
-        // stands in front of them.
         Row {
             shape: Shape::ClientStream,
             ..conversation_row(
@@ -479,14 +477,17 @@ async fn matrix(s: &Secured) -> Matrix {
                     item: Some(pb::ingest_events_request::Item::Conversation(
                         pb::IngestConversation {
                             name: kept.clone(),
+                            title: "ingested".into(),
                             ..Default::default()
                         },
                     )),
                 }),
                 true,
-                Outcome::Handler(Code::Unimplemented),
+                Outcome::Ok,
             )
         },
+        // Live streams are not served yet (issue 10): authorization still stands in front
+        // of them.
         Row {
             shape: Shape::ServerStream,
             ..conversation_row(
@@ -1036,22 +1037,6 @@ fn fuzzed(rng: &mut StdRng, valid: &[u8]) -> Bytes {
     Bytes::from(body)
 }
 
-/// A digest of everything the shard stores for conversations.
-async fn stored(pool: &sqlx::PgPool) -> String {
-    sqlx::query_scalar(
-        "SELECT concat_ws(' ', \
-           (SELECT md5(coalesce(string_agg(c::text, ',' ORDER BY team_id, id), '')) \
-              FROM conversations c), \
-           (SELECT md5(coalesce(string_agg(e::text, ',' ORDER BY team_id, conversation_id, sequence), '')) \
-              FROM conversation_events e), \
-           (SELECT md5(coalesce(string_agg(r::text, ',' ORDER BY team_id, request_id), '')) \
-              FROM create_requests r))",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
 /// A digest of every key in Redis (the cache tier's L2 and the invalidation bus).
 async fn cached(redis: &mut redis::aio::MultiplexedConnection) -> Vec<(String, Vec<u8>)> {
     let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -1127,7 +1112,7 @@ async fn fuzzed_requests_to_every_rpc_are_refused_precisely_and_write_nothing() 
     let expired = bearer(&t.expired());
     let garbage = bearer("eyJhbGciOiJFZERTQSJ9.e30.c2lnbmF0dXJl");
     let nobody = As::default();
-    let rows_before = stored(&pool).await;
+    let rows_before = convoy_integration_tests::stored_digest(&pool).await;
     let redis_before = settled(&mut redis).await;
     let mut calls = 0;
     for row in &rows {
@@ -1164,7 +1149,7 @@ async fn fuzzed_requests_to_every_rpc_are_refused_precisely_and_write_nothing() 
         }
     }
     assert_eq!(
-        stored(&pool).await,
+        convoy_integration_tests::stored_digest(&pool).await,
         rows_before,
         "seed {seed}: a refused call wrote to Postgres"
     );
@@ -1192,7 +1177,7 @@ async fn fuzzed_requests_to_every_rpc_are_refused_precisely_and_write_nothing() 
     for row in &rows {
         for _ in 0..24 {
             let body = fuzzed(&mut rng, &row.body);
-            let before = stored(&pool).await;
+            let before = convoy_integration_tests::stored_digest(&pool).await;
             let result = call(&row.channel, row.path, row.shape, body.clone(), &row.right).await;
             let Err(status) = result else {
                 *codes.entry((row.path, "Ok".to_owned())).or_default() += 1;
@@ -1213,7 +1198,7 @@ async fn fuzzed_requests_to_every_rpc_are_refused_precisely_and_write_nothing() 
                 row.path
             );
             assert_eq!(
-                stored(&pool).await,
+                convoy_integration_tests::stored_digest(&pool).await,
                 before,
                 "seed {seed}: {} with {body:?} was refused ({status:?}) but wrote",
                 row.path
