@@ -18,7 +18,8 @@
 #      invalidation bus in Redis, `convoyctl cache consistency` must show them checked and
 #      consistent (every write sampled, checked after 200 ms), each shard's replica must be a
 #      standby that received the smoke's writes, `convoyctl queries` must list the smoke's
-#      inserts from pg_stat_statements, `convoyctl bench` must run every scenario (and
+#      inserts from pg_stat_statements, `convoyctl import claude-code` must import the test
+#      transcripts exactly (and nothing on a second run), `convoyctl bench` must run every scenario (and
 #      get's baselines) for a second without an error; after a SIGKILL the
 #      instance must leave etcd within its lease TTL; then up.sh --stop, always.
 #
@@ -186,6 +187,20 @@ assert targets == ["get", "baseline:tonic", "baseline:redis", "baseline:sql"], t
 for s in report["summaries"]:
     assert s["ok"] == 20 and s["p50_us"] > 0 and s["p99_us"] >= s["p50_us"], s
 PY
+
+# Transcripts in: the hand-written Claude Code sessions of the integration tests, through
+# the discovered fleet with the admin token, twice (the second finds nothing new).
+import_args=(claude-code tests/integration/fixtures/claude-code --team smoke-import
+    --state-file "$smoke_state/import-state.json")
+for run in first second; do
+    log "fleet smoke: convoyctl import ${import_args[*]} ($run run)"
+    imported="$("${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$etcd_url" import "${import_args[@]}")" ||
+        die "convoyctl import claude-code failed"
+    printf '%s\n' "$imported"
+    want="3 files, 2 sessions, 20 lines: 19 events stored, 0 already there, 2 lines skipped"
+    [[ "$run" == second ]] && want="3 files, 0 sessions, 0 lines: 0 events stored, 0 already there, 0 lines skipped"
+    grep -qF "$want" <<<"$imported" || die "convoyctl import ($run run) did not report: $want"
+done
 
 # The smoke's writes reached the invalidation bus through the outbox relay.
 redis_port="${CONVOY_TEST_REDIS_PORT:-26479}"

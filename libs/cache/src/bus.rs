@@ -41,17 +41,23 @@ pub struct BusMessage {
     pub version: Version,
     /// Tags it invalidates (for example `team:acme`).
     pub tags: Vec<String>,
+    /// What the change was (`created`, `updated`, `deleted`, `events_appended`: the outbox
+    /// row's kind), for live streams; empty when the publisher did not say.
+    pub kind: String,
+    /// When it was written (the outbox row's time), in microseconds since the Unix epoch;
+    /// 0 when the publisher did not say.
+    pub written_at_us: i64,
 }
 
 /// Appends messages atomically, numbering them from the bus's counter. KEYS: the stream,
-/// the counter. ARGV: MAXLEN, then five fields per message.
+/// the counter. ARGV: MAXLEN, then seven fields per message.
 const PUBLISH_LUA: &str = r#"
 local ids = {}
-for i = 2, #ARGV, 5 do
+for i = 2, #ARGV, 7 do
   local seq = redis.call('INCR', KEYS[2])
   ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
     'seq', seq, 'shard', ARGV[i], 'outbox_id', ARGV[i + 1], 'key', ARGV[i + 2],
-    'version', ARGV[i + 3], 'tags', ARGV[i + 4])
+    'version', ARGV[i + 3], 'tags', ARGV[i + 4], 'kind', ARGV[i + 5], 'at', ARGV[i + 6])
 end
 return ids
 "#;
@@ -112,7 +118,9 @@ impl L2 {
                 .arg(m.outbox_id)
                 .arg(&m.key)
                 .arg(m.version.0)
-                .arg(m.tags.join(&TAG_SEPARATOR.to_string()));
+                .arg(m.tags.join(&TAG_SEPARATOR.to_string()))
+                .arg(&m.kind)
+                .arg(m.written_at_us);
         }
         self.bounded("publish", async {
             let mut conn = self.conn().await?;
@@ -165,6 +173,9 @@ impl L2 {
                             .filter(|t| !t.is_empty())
                             .map(str::to_owned)
                             .collect(),
+                        // Absent from messages published before these fields existed.
+                        kind: field("kind").unwrap_or_default(),
+                        written_at_us: field("at").and_then(|at| at.parse().ok()).unwrap_or(0),
                     })
                 })();
                 Ok(Received {

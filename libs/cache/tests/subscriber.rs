@@ -27,6 +27,8 @@ fn message(key: &str, version: i64) -> BusMessage {
         key: key.into(),
         version: Version(version),
         tags: Vec::new(),
+        kind: "updated".into(),
+        written_at_us: 1_700_000_000_000_000,
     }
 }
 
@@ -220,6 +222,11 @@ async fn concurrent_publishers_number_messages_without_holes() {
         (1..=200).collect::<Vec<u64>>(),
         "in stream order, contiguous"
     );
+    // Every field comes back as it was published.
+    for received in &read {
+        let got = received.message.as_ref().expect("a well-formed message");
+        assert_eq!(got, &message(&got.key, got.version.0));
+    }
 }
 
 #[tokio::test]

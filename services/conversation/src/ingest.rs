@@ -28,6 +28,7 @@ use crate::error::ApiError;
 use crate::limits::{MAX_DECODING_MESSAGE_BYTES, MAX_EVENTS_PER_BATCH};
 use crate::model::{IngestConversation, NewEvent};
 use crate::names::ConversationName;
+use crate::sampler::Sampler;
 use crate::store::ConversationStore;
 use crate::validate;
 
@@ -42,12 +43,23 @@ pub const MAX_REPORTED_ERRORS: usize = 1000;
 #[derive(Clone, Debug)]
 pub struct IngestApi {
     store: Arc<ConversationStore>,
+    sampler: Option<Arc<Sampler>>,
 }
 
 impl IngestApi {
     /// A service storing through `store`.
     pub fn new(store: Arc<ConversationStore>) -> Self {
-        Self { store }
+        Self {
+            store,
+            sampler: None,
+        }
+    }
+
+    /// Hands every write to `sampler` (the consistency sampler), as the conversation API
+    /// does.
+    pub fn with_sampler(mut self, sampler: Option<Arc<Sampler>>) -> Self {
+        self.sampler = sampler;
+        self
     }
 }
 
@@ -90,6 +102,8 @@ struct Report {
     duplicates: i64,
     rejected: i64,
     errors: Vec<pb::LineError>,
+    /// Conversations written, with the versions their writes made (for the sampler).
+    written: Vec<(ConversationName, i64)>,
 }
 
 impl Report {
@@ -211,7 +225,15 @@ impl IngestApi {
     async fn store(&self, batch: Batch) -> Result<Report, Status> {
         let store = self.store.clone();
         match tokio::spawn(store_batch(store, batch)).await {
-            Ok(result) => result.map_err(ApiError::into_status),
+            Ok(Ok(mut report)) => {
+                if let Some(sampler) = &self.sampler {
+                    for (name, version) in report.written.drain(..) {
+                        sampler.observe(&name, version);
+                    }
+                }
+                Ok(report)
+            }
+            Ok(Err(e)) => Err(e.into_status()),
             Err(e) => Err(ApiError::Internal(format!("ingest task failed: {e}")).into_status()),
         }
     }
@@ -220,7 +242,11 @@ impl IngestApi {
 async fn store_batch(store: Arc<ConversationStore>, batch: Batch) -> Result<Report, ApiError> {
     let mut report = Report::default();
     for declared in &batch.declared {
-        store.declare(declared).await?;
+        if let Some(written) = store.declare(declared).await? {
+            report
+                .written
+                .push((declared.name.clone(), written.version.0));
+        }
     }
     for (name, lines) in batch.lines {
         let (sources, events): (Vec<String>, Vec<NewEvent>) = place(lines).into_iter().unzip();
@@ -234,6 +260,11 @@ async fn store_batch(store: Arc<ConversationStore>, batch: Batch) -> Result<Repo
                     .increment(duplicates);
                 report.stored += stored as i64;
                 report.duplicates += duplicates as i64;
+                if stored > 0 {
+                    report
+                        .written
+                        .push((name.clone(), written.value.conversation.version.0));
+                }
             }
             Err(ApiError::NotFound(_)) => {
                 for source in sources {

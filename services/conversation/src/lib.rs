@@ -79,9 +79,8 @@ pub fn grpc_service(api: ConversationApi) -> ConversationServiceServer<Conversat
 }
 
 /// The ingestion service, with the same message-size limit.
-pub fn ingest_service(store: Arc<ConversationStore>) -> IngestServiceServer<IngestApi> {
-    IngestServiceServer::new(IngestApi::new(store))
-        .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES)
+pub fn ingest_service(api: IngestApi) -> IngestServiceServer<IngestApi> {
+    IngestServiceServer::new(api).max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES)
 }
 
 /// Background tasks that end with the server, however it ends (a dropped `serve` future
@@ -170,10 +169,11 @@ pub async fn serve(
     let (local, tier) = caches(config, &mut tasks, tls.clone())?;
     let mut api =
         ConversationApi::new(store.clone(), ReadThrough::new(local.clone(), tier.clone()));
+    let mut sampler = None;
     if let Some(url) = &config.redis_url
         && config.consistency_sample_ratio > 0.0
     {
-        api = api.with_sampler(Arc::new(Sampler::new(
+        sampler = Some(Arc::new(Sampler::new(
             config.consistency_sample_ratio,
             config
                 .consistency_check_after_ms
@@ -186,9 +186,13 @@ pub async fn serve(
             L2::new(L2Config::new(url.clone()))?,
         )));
     }
+    if let Some(sampler) = &sampler {
+        api = api.with_sampler(sampler.clone());
+    }
+    let ingest = IngestApi::new(store.clone()).with_sampler(sampler);
     let result = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
         .add_service(grpc_service(api))
-        .add_service(ingest_service(store.clone()))
+        .add_service(ingest_service(ingest))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
     drop(tasks);

@@ -176,6 +176,9 @@ pub async fn reconcile(
     Ok(unmarked)
 }
 
+/// An outbox row: id, team, conversation, version, tags, kind, written at (µs).
+type OutboxRow = (i64, String, Uuid, i64, Vec<String>, String, i64);
+
 /// Publishes one batch of shard `index`'s outbox; returns how many rows.
 pub async fn relay_once(
     store: &ConversationStore,
@@ -188,8 +191,9 @@ pub async fn relay_once(
     };
     let pool = pools.pool(index);
     let mut tx = pool.begin().await?;
-    let rows: Vec<(i64, String, Uuid, i64, Vec<String>)> = sqlx::query_as(
-        "SELECT id, team_id, conversation_id, version, tags FROM outbox \
+    let rows: Vec<OutboxRow> = sqlx::query_as(
+        "SELECT id, team_id, conversation_id, version, tags, kind, \
+           (EXTRACT(EPOCH FROM created_at) * 1000000)::bigint FROM outbox \
          WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(BATCH)
@@ -201,13 +205,17 @@ pub async fn relay_once(
     }
     let messages: Vec<BusMessage> = rows
         .iter()
-        .map(|(id, team, conversation, version, tags)| BusMessage {
-            shard: shard.clone(),
-            outbox_id: *id,
-            key: cache_key(team, *conversation),
-            version: Version(*version),
-            tags: tags.clone(),
-        })
+        .map(
+            |(id, team, conversation, version, tags, kind, at)| BusMessage {
+                shard: shard.clone(),
+                outbox_id: *id,
+                key: cache_key(team, *conversation),
+                version: Version(*version),
+                tags: tags.clone(),
+                kind: kind.clone(),
+                written_at_us: *at,
+            },
+        )
         .collect();
     // Redis's own copy first (raising each key's floor there), then every L1 via the bus.
     // Concurrently: a batch is up to BATCH requests, pipelined on L2's one connection.

@@ -128,6 +128,8 @@ async fn a_write_published_on_the_bus_empties_every_instances_l1() {
         key: "conv:acme:7".into(),
         version: convoy_cache::Version(2),
         tags: vec![],
+        kind: "updated".into(),
+        written_at_us: 0,
     }])
     .await
     .unwrap();
