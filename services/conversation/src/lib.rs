@@ -3,7 +3,8 @@
 //! Data flows one way: [`service`] (gRPC) → [`validate`] (requests become [`model`] values)
 //! → [`store`] (SQL on the owning shard) → [`wire`] (replies). [`error`] maps every failure
 //! to a gRPC status in one place. GetConversation reads through the caches ([`cached`]).
-//! [`ingest`] takes transcripts as a stream of lines into the same store.
+//! [`ingest`] takes transcripts as a stream of lines into the same store; [`watch`] streams
+//! conversations' events and teams' changes live, fed by the invalidation bus.
 //! Every write leaves an outbox row that [`relay`] publishes on the invalidation bus, and
 //! [`sampler`] checks a share of writes against every cache layer. The binary (`main.rs`)
 //! only wires config, telemetry, backends and server together through [`serve`].
@@ -24,6 +25,7 @@ pub mod sampler;
 pub mod service;
 pub mod store;
 pub mod validate;
+pub mod watch;
 pub mod wire;
 
 use std::future::Future;
@@ -37,6 +39,7 @@ use convoy_client::{CacheClient, CacheClientConfig};
 use convoy_mesh::{MeshTls, ServerBuilder};
 use convoy_proto::v1::conversation_service_server::ConversationServiceServer;
 use convoy_proto::v1::ingest_service_server::IngestServiceServer;
+use convoy_proto::v1::watch_service_server::WatchServiceServer;
 use convoy_store::ShardPools;
 use tokio::net::TcpListener;
 use tokio_util::task::AbortOnDropHandle;
@@ -190,9 +193,23 @@ pub async fn serve(
         api = api.with_sampler(sampler.clone());
     }
     let ingest = IngestApi::new(store.clone()).with_sampler(sampler);
+    // Live streams follow the bus this instance's writes are relayed to.
+    let hub = match &config.redis_url {
+        Some(url) => {
+            let hub = watch::WatchHub::new(store.clone());
+            tasks.spawn(watch::follow_bus(
+                hub.clone(),
+                L2::new(L2Config::new(url.clone()))?,
+                Duration::from_millis(config.bus_poll_ms.max(1)),
+            ));
+            Some(hub)
+        }
+        None => None,
+    };
     let result = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
         .add_service(grpc_service(api))
         .add_service(ingest_service(ingest))
+        .add_service(WatchServiceServer::new(watch::WatchApi::new(hub)))
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
     drop(tasks);
