@@ -246,6 +246,7 @@ analytics)
     bin="$(binary analytics)"
     exec env -u CONVOY_LISTEN -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS -u CONVOY_METRICS_LISTEN \
         "$bin" --listen "$ANALYTICS_LISTEN" --etcd-endpoint "$ETCD_URL" \
-        --shard-map-from-etcd --metrics-listen "$ANALYTICS_METRICS_LISTEN"
+        --shard-map-from-etcd --metrics-listen "$ANALYTICS_METRICS_LISTEN" \
+        --prices "${CONVOY_PRICES:-$CONVOY_ROOT/infra/local/prices.toml}"
     ;;
 esac

@@ -537,7 +537,7 @@ fi
 log "starting analytics on $ANALYTICS_LISTEN (log: $ANALYTICS_LOG)"
 env -u CONVOY_LISTEN -u CONVOY_SHARD_MAP -u CONVOY_SHARD_DSNS -u CONVOY_METRICS_LISTEN NO_COLOR=1 \
     setsid "$ANALYTICS_BIN" --listen "$ANALYTICS_LISTEN" --etcd-endpoint "$ETCD_URL" --shard-map-from-etcd \
-    --metrics-listen "$ANALYTICS_METRICS_LISTEN" \
+    --metrics-listen "$ANALYTICS_METRICS_LISTEN" --prices "${CONVOY_PRICES:-$CONVOY_ROOT/infra/local/prices.toml}" \
     </dev/null >>"$ANALYTICS_LOG" 2>&1 &
 ANALYTICS_PID=$!
 wait_for_port "$ANALYTICS_PID" "$ANALYTICS_HOST" "$ANALYTICS_PORT" "the analytics service" "$ANALYTICS_LOG"

@@ -52,6 +52,12 @@ pub struct Partial {
     pub scored: i64,
     /// Durations, sketched.
     pub durations: DDSketch,
+    /// Event groupings: tokens by kind (input, output, cache creation, cache read).
+    pub tokens: [i64; 4],
+    /// Event groupings: tool calls.
+    pub calls: i64,
+    /// Event groupings: tool results flagged as errors.
+    pub errors: i64,
 }
 
 impl std::fmt::Debug for Partial {
@@ -74,6 +80,9 @@ impl Default for Partial {
             effectiveness_sum: 0.0,
             scored: 0,
             durations: DDSketch::new(sketch_config()),
+            tokens: [0; 4],
+            calls: 0,
+            errors: 0,
         }
     }
 }
@@ -113,6 +122,22 @@ impl Partial {
         self.durations
             .merge(&other.durations)
             .expect("every partial uses sketch_config()");
+        for (mine, theirs) in self.tokens.iter_mut().zip(other.tokens) {
+            *mine += theirs;
+        }
+        self.calls += other.calls;
+        self.errors += other.errors;
+    }
+
+    /// The tokens on the wire.
+    pub fn token_usage(&self) -> pb::TokenUsage {
+        let [input, output, creation, read] = self.tokens;
+        pb::TokenUsage {
+            input_tokens: input,
+            output_tokens: output,
+            cache_creation_input_tokens: creation,
+            cache_read_input_tokens: read,
+        }
     }
 
     /// The figures on the wire.

@@ -60,6 +60,11 @@ pub struct Config {
     #[arg(long, env = "CONVOY_ANALYTICS_FLEET_TTL_SECS", default_value_t = 30)]
     pub fleet_ttl_secs: u64,
 
+    /// The price table GetUsage estimates cost with (TOML: dollars per million tokens per
+    /// model; see `infra/local/prices.toml`). Without one every model is unpriced.
+    #[arg(long, env = "CONVOY_PRICES")]
+    pub prices: Option<std::path::PathBuf>,
+
     /// How long in-flight calls may drain at shutdown, in seconds. 20: below Kubernetes'
     /// default 30 s grace period.
     #[arg(long, env = "CONVOY_DRAIN_TIMEOUT_SECS", default_value_t = 20)]

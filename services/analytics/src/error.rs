@@ -17,9 +17,6 @@ pub enum ApiError {
     /// The caller asked for a complete answer and these shards did not give theirs.
     #[error("shards {} did not answer in time; the answer would be incomplete", .0.join(", "))]
     Incomplete(Vec<String>),
-    /// The method is part of the contract but not served yet.
-    #[error("{0}")]
-    Unimplemented(&'static str),
 }
 
 fn describe(violations: &[FieldViolation]) -> String {
@@ -54,7 +51,6 @@ impl ApiError {
                 );
                 Status::with_error_details(Code::Unavailable, message, details)
             }
-            Self::Unimplemented(_) => Status::unimplemented(message),
         }
     }
 }

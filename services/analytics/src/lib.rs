@@ -13,6 +13,7 @@ pub mod aggregate;
 pub mod cached;
 pub mod config;
 pub mod error;
+pub mod prices;
 pub mod query;
 pub mod scatter;
 pub mod service;
@@ -77,10 +78,15 @@ pub async fn serve(
         Duration::from_secs(config.team_ttl_secs),
         Duration::from_secs(config.fleet_ttl_secs),
     );
+    let prices = match &config.prices {
+        Some(path) => prices::Prices::load(path)?,
+        None => prices::Prices::default(),
+    };
     let api = AnalyticsApi::new(
         Scatter::new(shards.pools.clone(), config.shard_timeout()),
         cache,
-    );
+    )
+    .with_prices(prices);
     let result = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
         .add_service(AnalyticsServiceServer::new(api))
         .serve_with_drain_hook(listener, shutdown, deregister)

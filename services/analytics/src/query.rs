@@ -56,14 +56,27 @@ pub enum Grouping {
         /// How many.
         limit: u32,
     },
+    /// Events with token usage, per UTC day (of the event) and model.
+    Usage {
+        /// The price table's fingerprint: its answers are cached under it.
+        prices: u64,
+    },
+    /// Tool calls and failed results, per tool (by the event's time), the `limit` most
+    /// called.
+    Tools {
+        /// How many.
+        limit: u32,
+    },
 }
 
 impl Grouping {
     /// How many groups a top-N grouping keeps; every group for the others.
     pub fn limit(&self) -> u32 {
         match self {
-            Self::TopTeams { limit } | Self::TopMetadata { limit, .. } => *limit,
-            Self::Total | Self::Intent | Self::Bucket(_) => u32::MAX,
+            Self::TopTeams { limit } | Self::TopMetadata { limit, .. } | Self::Tools { limit } => {
+                *limit
+            }
+            Self::Total | Self::Intent | Self::Bucket(_) | Self::Usage { .. } => u32::MAX,
         }
     }
 }
@@ -73,9 +86,9 @@ impl Grouping {
 pub struct Query {
     /// Whose conversations.
     pub scope: Scope,
-    /// Created at or after this.
+    /// Created (for event groupings: happened) at or after this.
     pub start: DateTime<Utc>,
-    /// Created before this.
+    /// Created (happened) before this.
     pub end: DateTime<Utc>,
     /// Only this intent (its stored text).
     pub intent: Option<&'static str>,

@@ -262,11 +262,27 @@ pub async fn run(
     } else {
         position.saturating_sub(1)
     };
+    let mut groups = Groups::new();
+    if matches!(
+        query.grouping,
+        Grouping::Usage { .. } | Grouping::Tools { .. }
+    ) {
+        let rows = events_sql("", query).build().fetch_all(&mut *conn).await?;
+        for row in rows {
+            let partial = groups.entry(row.try_get(0)?).or_default();
+            partial.count += row.try_get::<i64, _>(1)?;
+            partial.calls += row.try_get::<i64, _>(2)?;
+            partial.errors += row.try_get::<i64, _>(3)?;
+            for (k, slot) in partial.tokens.iter_mut().enumerate() {
+                *slot += row.try_get::<Option<i64>, _>(4 + k)?.unwrap_or(0);
+            }
+        }
+        return Ok((lsn, groups));
+    }
     let rows = conversations_sql("", query, slots)
         .build()
         .fetch_all(&mut *conn)
         .await?;
-    let mut groups = Groups::new();
     for row in rows {
         let group: String = row.try_get(0)?;
         let status: String = row.try_get(1)?;
@@ -325,6 +341,10 @@ fn conversations_sql<'a>(
                 .push_bind(key)
                 .push(", '')");
         }
+        // Event groupings read events (`events_sql`); never asked here.
+        Grouping::Usage { .. } | Grouping::Tools { .. } => {
+            sql.push("''::text");
+        }
     }
     sql.push(
         " AS g, status, message_count, duration_seconds, effectiveness_score, \
@@ -371,13 +391,85 @@ fn conversations_sql<'a>(
     sql
 }
 
+/// The aggregate over one team's `conversation_events` for an event grouping (usage per
+/// day and model; tool calls and errors per tool), by the event's time. Columns: group,
+/// events, tool calls, failed tool results, then the four token sums. A result names its
+/// tool when its client said, else its call's (joined by `tool_call_id`). The team's rows
+/// are found by the primary key's `team_id` prefix; the time range by the BRIN index.
+fn events_sql<'a>(prefix: &str, query: &'a Query) -> QueryBuilder<'a, Postgres> {
+    let mut sql = QueryBuilder::new(prefix);
+    let team = query.team().map_or("", |t| t.as_str());
+    let group = match &query.grouping {
+        Grouping::Usage { .. } => format!(
+            "(extract(epoch FROM date_bin(interval '1 day', e.occurred_at, \
+              timestamptz '{BUCKET_ORIGIN}')))::bigint::text || '|' || coalesce(e.model, '')"
+        ),
+        _ => "coalesce(e.tool_name, c.tool_name)".to_owned(),
+    };
+    sql.push(format!(
+        "SELECT {group} AS g, count(*), \
+           count(*) FILTER (WHERE e.kind = 'tool_call'), \
+           count(*) FILTER (WHERE e.kind = 'tool_result' AND e.is_error), \
+           sum(e.input_tokens)::bigint, sum(e.output_tokens)::bigint, \
+           sum(e.cache_creation_input_tokens)::bigint, sum(e.cache_read_input_tokens)::bigint \
+         FROM conversation_events e "
+    ));
+    let tools = matches!(query.grouping, Grouping::Tools { .. });
+    if tools {
+        sql.push(
+            "LEFT JOIN conversation_events c ON e.kind = 'tool_result' AND e.tool_name IS NULL \
+               AND c.team_id = e.team_id AND c.conversation_id = e.conversation_id \
+               AND c.kind = 'tool_call' AND c.tool_call_id = e.tool_call_id ",
+        );
+    }
+    sql.push("WHERE e.team_id = ")
+        .push_bind(team)
+        .push(" AND e.occurred_at >= ")
+        .push_bind(query.start)
+        .push(" AND e.occurred_at < ")
+        .push_bind(query.end);
+    if tools {
+        sql.push(" AND e.kind IN ('tool_call', 'tool_result')");
+    } else {
+        sql.push(
+            " AND (e.input_tokens + e.output_tokens + e.cache_creation_input_tokens \
+               + e.cache_read_input_tokens) > 0",
+        );
+    }
+    if query.intent.is_some() || query.status.is_some() {
+        sql.push(" AND e.conversation_id IN (SELECT id FROM conversations WHERE team_id = ")
+            .push_bind(team);
+        if let Some(intent) = query.intent {
+            sql.push(" AND intent = ").push_bind(intent);
+        }
+        if let Some(status) = query.status {
+            sql.push(" AND status = ").push_bind(status);
+        }
+        sql.push(")");
+    }
+    sql.push(" GROUP BY g");
+    if tools {
+        // A team lives on one shard: its top N is the answer's.
+        sql.push(
+            " HAVING coalesce(e.tool_name, c.tool_name) IS NOT NULL ORDER BY 3 DESC, g LIMIT ",
+        )
+        .push_bind(i64::from(query.grouping.limit()));
+    }
+    sql
+}
+
 /// The plan Postgres chooses for `query` on the node behind `pool` (EXPLAIN, text), over
 /// `slots` for a fleet query: what the index tests and operators look at.
 pub async fn explain(pool: &PgPool, query: &Query, slots: &[i16]) -> Result<String, sqlx::Error> {
-    let lines: Vec<String> = conversations_sql("EXPLAIN ", query, slots)
-        .build_query_scalar()
-        .fetch_all(pool)
-        .await?;
+    let mut sql = if matches!(
+        query.grouping,
+        Grouping::Usage { .. } | Grouping::Tools { .. }
+    ) {
+        events_sql("EXPLAIN ", query)
+    } else {
+        conversations_sql("EXPLAIN ", query, slots)
+    };
+    let lines: Vec<String> = sql.build_query_scalar().fetch_all(pool).await?;
     Ok(lines.join("\n"))
 }
 

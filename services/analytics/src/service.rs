@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::aggregate::{Groups, Partial, merge_groups};
 use crate::cached::{AnswerCache, CachedAnswer, Lookup};
 use crate::error::ApiError;
+use crate::prices::Prices;
 use crate::query::{Query, intent_of};
 use crate::scatter::{Scatter, bucket_start};
 use crate::validate;
@@ -22,6 +23,7 @@ use crate::validate;
 pub struct AnalyticsApi {
     scatter: Scatter,
     cache: AnswerCache,
+    prices: std::sync::Arc<Prices>,
 }
 
 /// A response that says which shards it covers.
@@ -44,13 +46,25 @@ answers!(
     pb::IntentBreakdown,
     pb::TimeSeries,
     pb::MetadataBreakdown,
-    pb::FleetOverview
+    pb::FleetOverview,
+    pb::UsageReport,
+    pb::ToolStats
 );
 
 impl AnalyticsApi {
     /// Answers from `scatter`, cached in `cache`.
     pub fn new(scatter: Scatter, cache: AnswerCache) -> Self {
-        Self { scatter, cache }
+        Self {
+            scatter,
+            cache,
+            prices: Default::default(),
+        }
+    }
+
+    /// Estimates GetUsage's cost with `prices`.
+    pub fn with_prices(mut self, prices: Prices) -> Self {
+        self.prices = std::sync::Arc::new(prices);
+        self
     }
 
     /// `query`'s answer, shaped by `build` from the merged figures: from the cache when it
@@ -220,22 +234,72 @@ impl AnalyticsService for AnalyticsApi {
 
     async fn get_usage(
         &self,
-        _request: Request<pb::GetUsageRequest>,
+        request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::UsageReport>, Status> {
-        Err(ApiError::Unimplemented(
-            "GetUsage comes with transcript ingestion (token counts per event); not served yet",
-        )
-        .into())
+        let token = token(&request)?;
+        let query = validate::usage(request.get_ref(), self.prices.fingerprint())?;
+        let prices = self.prices.clone();
+        let answer = self
+            .answer(query, token, |groups| {
+                let mut rows: Vec<(i64, pb::UsageRow)> = groups
+                    .into_iter()
+                    .filter_map(|(group, partial)| {
+                        let (day, model) = group.split_once('|')?;
+                        let start = bucket_start(day)?;
+                        let token_usage = partial.token_usage();
+                        let (estimated_cost_usd, priced) = prices.cost(model, &token_usage);
+                        Some((
+                            start.timestamp(),
+                            pb::UsageRow {
+                                day: Some(timestamp(start.timestamp_millis())),
+                                model: model.to_owned(),
+                                token_usage: Some(token_usage),
+                                estimated_cost_usd,
+                                priced,
+                            },
+                        ))
+                    })
+                    .collect();
+                rows.sort_by(|(a, ra), (b, rb)| a.cmp(b).then_with(|| ra.model.cmp(&rb.model)));
+                pb::UsageReport {
+                    rows: rows.into_iter().map(|(_, row)| row).collect(),
+                    coverage: None,
+                }
+            })
+            .await?;
+        Ok(Response::new(answer))
     }
 
     async fn get_tool_stats(
         &self,
-        _request: Request<pb::GetToolStatsRequest>,
+        request: Request<pb::GetToolStatsRequest>,
     ) -> Result<Response<pb::ToolStats>, Status> {
-        Err(ApiError::Unimplemented(
-            "GetToolStats comes with transcript ingestion (tool calls per event); not served yet",
-        )
-        .into())
+        let token = token(&request)?;
+        let query = validate::tool_stats(request.get_ref())?;
+        let limit = query.grouping.limit() as usize;
+        let answer = self
+            .answer(query, token, |groups| {
+                let mut rows: Vec<pb::ToolRow> = groups
+                    .into_iter()
+                    .map(|(tool_name, partial)| pb::ToolRow {
+                        tool_name,
+                        call_count: partial.calls,
+                        error_count: partial.errors,
+                    })
+                    .collect();
+                rows.sort_by(|a, b| {
+                    b.call_count
+                        .cmp(&a.call_count)
+                        .then_with(|| a.tool_name.cmp(&b.tool_name))
+                });
+                rows.truncate(limit);
+                pb::ToolStats {
+                    rows,
+                    coverage: None,
+                }
+            })
+            .await?;
+        Ok(Response::new(answer))
     }
 
     async fn get_metadata_breakdown(

@@ -122,6 +122,26 @@ pub fn metadata_breakdown(request: &pb::GetMetadataBreakdownRequest) -> Result<Q
     )
 }
 
+/// GetUsage, priced with the table of fingerprint `prices`.
+pub fn usage(request: &pb::GetUsageRequest, prices: u64) -> Result<Query, ApiError> {
+    team_query(
+        request.filter.as_ref(),
+        Grouping::Usage { prices },
+        Violations::default(),
+    )
+}
+
+/// GetToolStats.
+pub fn tool_stats(request: &pb::GetToolStatsRequest) -> Result<Query, ApiError> {
+    let mut violations = Violations::default();
+    let limit = limit("limit", request.limit, &mut violations);
+    team_query(
+        request.filter.as_ref(),
+        Grouping::Tools { limit },
+        violations,
+    )
+}
+
 /// GetFleetOverview.
 pub fn fleet_overview(request: &pb::GetFleetOverviewRequest) -> Result<Query, ApiError> {
     let mut violations = Violations::default();

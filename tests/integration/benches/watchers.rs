@@ -50,9 +50,8 @@ async fn main() {
     let before = rss_kib();
     let mut streams = Vec::with_capacity(WATCHERS);
     for i in 0..WATCHERS {
-        let mut watch = pb::watch_service_client::WatchServiceClient::new(
-            channels[i % CONNECTIONS].clone(),
-        );
+        let mut watch =
+            pb::watch_service_client::WatchServiceClient::new(channels[i % CONNECTIONS].clone());
         let stream = watch
             .watch_conversation(pb::WatchConversationRequest {
                 name: names[i % CONVERSATIONS].clone(),

@@ -524,23 +524,17 @@ async fn matrix(s: &Secured) -> Matrix {
                 bucket_width: pb::BucketWidth::Day.into(),
             }),
         ),
-        Row {
-            outcome: Outcome::Handler(Code::Unimplemented),
-            ..analytics_row(
-                "/convoy.v1.AnalyticsService/GetUsage",
-                enc(pb::GetUsageRequest { filter: filter() }),
-            )
-        },
-        Row {
-            outcome: Outcome::Handler(Code::Unimplemented),
-            ..analytics_row(
-                "/convoy.v1.AnalyticsService/GetToolStats",
-                enc(pb::GetToolStatsRequest {
-                    filter: filter(),
-                    limit: 0,
-                }),
-            )
-        },
+        analytics_row(
+            "/convoy.v1.AnalyticsService/GetUsage",
+            enc(pb::GetUsageRequest { filter: filter() }),
+        ),
+        analytics_row(
+            "/convoy.v1.AnalyticsService/GetToolStats",
+            enc(pb::GetToolStatsRequest {
+                filter: filter(),
+                limit: 0,
+            }),
+        ),
         analytics_row(
             "/convoy.v1.AnalyticsService/GetMetadataBreakdown",
             enc(pb::GetMetadataBreakdownRequest {

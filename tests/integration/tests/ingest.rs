@@ -453,3 +453,149 @@ async fn an_ingest_stream_reports_each_bad_line_and_stores_the_rest() {
         .events;
     assert_eq!(made_events.len(), 1);
 }
+
+#[tokio::test]
+async fn usage_and_tool_analytics_of_imported_transcripts_match_sql_and_the_files() {
+    let fleet = Fleet::start_with(1, &[]).await;
+    let prices = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../infra/local/prices.toml");
+    let prices = prices.display().to_string();
+    let analytics = fleet.start_analytics(&["--prices", &prices]).await;
+    let mut import = importer(&fleet, &fixtures(), None);
+    import.pass(|_, _| {}).await.unwrap();
+    let mut client = pb::analytics_service_client::AnalyticsServiceClient::new(
+        convoy_integration_tests::channel_to(analytics.addr).await,
+    );
+    let filter = || {
+        Some(pb::AnalyticsFilter {
+            parent: "teams/acme".into(),
+            start_time: Some(prost_types::Timestamp {
+                seconds: 1_793_491_200, // 2026-11-01T00:00:00Z
+                nanos: 0,
+            }),
+            end_time: Some(prost_types::Timestamp {
+                seconds: 1_793_836_800, // 2026-11-05T00:00:00Z
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+    };
+    let usage = client
+        .get_usage(pb::GetUsageRequest { filter: filter() })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(i64, String, [i64; 4], bool)> = usage
+        .rows
+        .iter()
+        .map(|r| {
+            let t = r.token_usage.unwrap();
+            (
+                r.day.unwrap().seconds,
+                r.model.clone(),
+                [
+                    t.input_tokens,
+                    t.output_tokens,
+                    t.cache_creation_input_tokens,
+                    t.cache_read_input_tokens,
+                ],
+                r.priced,
+            )
+        })
+        .collect();
+    // The same sums, straight from SQL.
+    let pool = fleet.shard_pool(0).await;
+    let sql: Vec<(i64, String, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT extract(epoch FROM date_trunc('day', occurred_at AT TIME ZONE 'UTC'))::bigint, \
+           coalesce(model, ''), sum(input_tokens)::bigint, sum(output_tokens)::bigint, \
+           sum(cache_creation_input_tokens)::bigint, sum(cache_read_input_tokens)::bigint \
+         FROM conversation_events WHERE team_id = 'acme' \
+         GROUP BY 1, 2 \
+         HAVING sum(input_tokens + output_tokens + cache_creation_input_tokens + cache_read_input_tokens) > 0 \
+         ORDER BY 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let expected: Vec<(i64, String, [i64; 4], bool)> = sql
+        .into_iter()
+        .map(|(day, model, a, b, c, d)| (day, model, [a, b, c, d], true))
+        .collect();
+    assert_eq!(got, expected);
+    // And by hand, from the files: the four Sonnet responses (msg_1 once), the sidechain's
+    // Haiku, session B's Opus.
+    let nov2 = 1_793_577_600;
+    assert_eq!(
+        got,
+        [
+            (nov2, "claude-haiku-4".to_owned(), [10, 3, 0, 0], true),
+            (
+                nov2,
+                "claude-sonnet-4".to_owned(),
+                [1000, 150, 50, 270],
+                true
+            ),
+            (
+                nov2 + 86_400,
+                "claude-opus-4".to_owned(),
+                [50, 25, 0, 0],
+                true
+            ),
+        ]
+    );
+    let sonnet = &usage.rows[1];
+    let cost = (1000.0 * 3.0 + 150.0 * 15.0 + 50.0 * 3.75 + 270.0 * 0.30) / 1e6;
+    assert!(
+        (sonnet.estimated_cost_usd - cost).abs() < 1e-12,
+        "{sonnet:?}"
+    );
+
+    let tools = client
+        .get_tool_stats(pb::GetToolStatsRequest {
+            filter: filter(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(&str, i64, i64)> = tools
+        .rows
+        .iter()
+        .map(|r| (r.tool_name.as_str(), r.call_count, r.error_count))
+        .collect();
+    assert_eq!(got, [("Bash", 1, 1), ("Read", 1, 0)]);
+    // Sessions by project and branch: the metadata the import wrote.
+    let projects = client
+        .get_metadata_breakdown(pb::GetMetadataBreakdownRequest {
+            filter: Some(pb::AnalyticsFilter {
+                start_time: Some(prost_types::Timestamp {
+                    seconds: chrono::Utc::now().timestamp() - 3600,
+                    nanos: 0,
+                }),
+                end_time: Some(prost_types::Timestamp {
+                    seconds: chrono::Utc::now().timestamp() + 3600,
+                    nanos: 0,
+                }),
+                ..filter().unwrap()
+            }),
+            key: "project".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut by_project: Vec<(String, i64)> = projects
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                r.value.clone(),
+                r.aggregates.as_ref().unwrap().conversation_count,
+            )
+        })
+        .collect();
+    by_project.sort();
+    assert_eq!(
+        by_project,
+        [("/src/app".to_owned(), 1), ("/src/lib".to_owned(), 1)]
+    );
+}
