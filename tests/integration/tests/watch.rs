@@ -36,6 +36,26 @@ async fn append(client: &mut Conversations, name: &str, from: i64, n: i64, conte
         .unwrap();
 }
 
+fn request(name: &str, after_sequence: i64) -> pb::WatchConversationRequest {
+    pb::WatchConversationRequest {
+        name: name.to_owned(),
+        after_sequence,
+    }
+}
+
+/// A WatchConversation stream of `name` after `after`.
+async fn watching(
+    watch: &mut Watch,
+    name: &str,
+    after: i64,
+) -> Streaming<pb::WatchConversationResponse> {
+    watch
+        .watch_conversation(request(name, after))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// The next message, within a bound (a hang fails the test, it is not a figure).
 async fn next<T>(stream: &mut Streaming<T>) -> Option<T> {
     tokio::time::timeout(Duration::from_secs(20), stream.message())
@@ -76,14 +96,7 @@ async fn a_watcher_gets_every_event_once_in_order_across_a_reconnect() {
         .name;
     append(&mut client, &name, 1, 3, "before").await;
 
-    let mut stream = watch
-        .watch_conversation(pb::WatchConversationRequest {
-            name: name.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watching(&mut watch, &name, 0).await;
     let mut seen = events_until(&mut stream, 3).await;
     // Live: five appends, one of two events each, from two writers at once.
     let (mut a, mut b) = (client.clone(), client.clone());
@@ -105,14 +118,7 @@ async fn a_watcher_gets_every_event_once_in_order_across_a_reconnect() {
 
     // Appended while nobody watches, then resumed from the last sequence seen.
     append(&mut client, &name, 300, 2, "away").await;
-    let mut stream = watch
-        .watch_conversation(pb::WatchConversationRequest {
-            name: name.clone(),
-            after_sequence: 13,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watching(&mut watch, &name, 13).await;
     seen.extend(events_until(&mut stream, 15).await);
     append(&mut client, &name, 400, 1, "after").await;
     seen.extend(events_until(&mut stream, 16).await);
@@ -150,14 +156,7 @@ async fn a_watcher_that_does_not_read_is_told_it_fell_behind_and_loses_nothing_b
         .name;
     // Its own connection, so its unread stream's flow-control window fills on its own.
     let mut watch = Watch::new(fleet.channel().await);
-    let mut slow = watch
-        .watch_conversation(pb::WatchConversationRequest {
-            name: name.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut slow = watching(&mut watch, &name, 0).await;
     // 2,000 events of 8 KiB (16 MiB): far past the feed's 256 events, the watcher's 32
     // messages and any HTTP/2 window, while the slow watcher reads nothing.
     let content = "x".repeat(8 << 10);
@@ -196,14 +195,7 @@ async fn a_watcher_that_does_not_read_is_told_it_fell_behind_and_loses_nothing_b
     println!("the slow watcher got {delivered} events, then FellBehind");
 
     // Resuming where it was told: the rest, nothing missing.
-    let mut resumed = watch
-        .watch_conversation(pb::WatchConversationRequest {
-            name: name.clone(),
-            after_sequence: resume,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut resumed = watching(&mut watch, &name, resume).await;
     let rest = events_until(&mut resumed, 2000).await;
     let sequences: Vec<i64> = rest.iter().map(|e| e.sequence).collect();
     assert_eq!(sequences, (resume + 1..=2000).collect::<Vec<_>>());
@@ -288,18 +280,18 @@ async fn watching_needs_a_real_conversation_and_a_bus() {
     let fleet = fleet(&redis).await;
     let mut watch = Watch::new(fleet.channel().await);
     let status = watch
-        .watch_conversation(pb::WatchConversationRequest {
-            name: "teams/acme/conversations/77777777-7777-4777-8777-777777777777".into(),
-            after_sequence: 0,
-        })
+        .watch_conversation(request(
+            "teams/acme/conversations/77777777-7777-4777-8777-777777777777",
+            0,
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     let status = watch
-        .watch_conversation(pb::WatchConversationRequest {
-            name: "teams/acme/conversations/77777777-7777-4777-8777-777777777777".into(),
-            after_sequence: -1,
-        })
+        .watch_conversation(request(
+            "teams/acme/conversations/77777777-7777-4777-8777-777777777777",
+            -1,
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
