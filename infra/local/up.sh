@@ -267,6 +267,7 @@ print_howto() {
         smoke_env="CONVOY_TOKEN_FILE=$AUTH_DIR/admin.token "
         auth_lines="  auth:   tokens signed by the development key $AUTH_DIR/dev-1.key (public: $AUTH_DIR/keys);
           team acme's writer: $AUTH_DIR/acme-writer.token, admin: $AUTH_DIR/admin.token;
+          a ready token (team acme, writer, 30 days): $(cat "$AUTH_DIR/acme-writer.token")
           more: $CTL_BIN token mint --key $AUTH_DIR/dev-1.key --team T --role reader|writer|admin"
     elif [[ -n "${CONVOY_AUTH_KEYS:-}" ]]; then
         auth_lines="  auth:   tokens signed by the keys in $CONVOY_AUTH_KEYS (add --token-file to convoyctl, -H 'authorization: Bearer ...' to grpcurl)"
