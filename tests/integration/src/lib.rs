@@ -300,6 +300,26 @@ impl Fleet {
             .expect("connect to shard")
     }
 
+    /// Waits (up to 20 s, a bound) until every shard's outbox is published: the
+    /// invalidations of the writes so far have reached Redis and the bus.
+    pub async fn wait_outbox_published(&self) {
+        for index in 0..self.shards.len() {
+            let pool = self.shard_pool(index).await;
+            let mut left = i64::MAX;
+            for _ in 0..400 {
+                left = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count unpublished outbox rows");
+                if left == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(left, 0, "shard {index}'s outbox was not published in 20 s");
+        }
+    }
+
     /// Stops the first instance gracefully and waits for it to exit.
     pub async fn stop_service(&mut self) {
         self.primary.stop().await;

@@ -461,6 +461,9 @@ async fn cached_answers_follow_their_teams_writes_and_tokens() {
             .await
             .unwrap();
     }
+    // Their invalidations first: one landing while an answer is computed cancels its fill
+    // (the lease is bound to the team's tag), and the repeat below would be a miss.
+    fleet.wait_outbox_published().await;
     // Computed and stored, then served from the cache.
     for team in [a, b] {
         let first = client
