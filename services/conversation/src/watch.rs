@@ -19,6 +19,7 @@
 //! numbering, a Redis restart), is told the same: it re-lists and watches again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +62,9 @@ struct Feed {
     tx: broadcast::Sender<Arc<pb::ConversationEvent>>,
     /// The last sequence read and broadcast; the lock serializes reads.
     last: tokio::sync::Mutex<i64>,
+    /// A read is scheduled and has not started: further changes need no other (so a burst
+    /// of writes costs at most one waiting read per feed, never a task per write).
+    scheduled: AtomicBool,
 }
 
 /// The feeds of this instance's watchers.
@@ -108,6 +112,7 @@ impl WatchHub {
                 Arc::new(Feed {
                     tx: broadcast::channel(FEED_CAPACITY).0,
                     last: tokio::sync::Mutex::new(from),
+                    scheduled: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -143,6 +148,8 @@ impl WatchHub {
             return;
         };
         let mut last = feed.last.lock().await;
+        // From here on, a change needs a read of its own (this one may miss it).
+        feed.scheduled.store(false, Ordering::SeqCst);
         loop {
             let page = match read(&self.store, name, *last).await {
                 Ok(page) => page,
@@ -188,8 +195,11 @@ impl WatchHub {
         if let Some(tx) = lock(&self.teams).get(&name.team) {
             let _ = tx.send(TeamItem::Change(change(&name, message)));
         }
-        let watched = lock(&self.conversations).contains_key(&name);
-        if watched && matches!(message.kind.as_str(), "events_appended" | "") {
+        let feed = lock(&self.conversations).get(&name).cloned();
+        if let Some(feed) = feed
+            && matches!(message.kind.as_str(), "events_appended" | "")
+            && !feed.scheduled.swap(true, Ordering::SeqCst)
+        {
             let hub = self.clone();
             tokio::spawn(async move { hub.refresh(&name).await });
         }

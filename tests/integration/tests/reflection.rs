@@ -4,8 +4,10 @@
 use convoy_integration_tests::Fleet;
 use tonic_reflection::pb::{v1, v1alpha};
 
-const EXPECTED: [&str; 4] = [
+const EXPECTED: [&str; 6] = [
     "convoy.v1.ConversationService",
+    "convoy.v1.IngestService",
+    "convoy.v1.WatchService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
