@@ -142,12 +142,13 @@ impl Report {
         }
     }
 
-    fn add(&mut self, stored: Report) {
-        self.stored += stored.stored;
-        self.duplicates += stored.duplicates;
-        for error in stored.errors {
-            self.reject(&error.source, &error.field, error.description);
-        }
+    /// Adds a batch's report (its rejections counted there already).
+    fn add(&mut self, batch: Report) {
+        self.stored += batch.stored;
+        self.duplicates += batch.duplicates;
+        self.rejected += batch.rejected;
+        let room = MAX_REPORTED_ERRORS.saturating_sub(self.errors.len());
+        self.errors.extend(batch.errors.into_iter().take(room));
     }
 
     fn into_response(self) -> pb::IngestEventsResponse {
@@ -268,14 +269,14 @@ async fn store_batch(store: Arc<ConversationStore>, batch: Batch) -> Result<Repo
             }
             Err(ApiError::NotFound(_)) => {
                 for source in sources {
-                    report.errors.push(pb::LineError {
-                        source,
-                        field: "line.conversation".into(),
-                        description: format!(
+                    report.reject(
+                        &source,
+                        "line.conversation",
+                        format!(
                             "{name} does not exist: declare it with a `conversation` message \
                              before its lines"
                         ),
-                    });
+                    );
                 }
             }
             Err(e) => return Err(e),

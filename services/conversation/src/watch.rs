@@ -89,24 +89,13 @@ impl WatchHub {
         })
     }
 
-    /// Watchers of conversations and of teams on this instance.
-    pub fn watched(&self) -> (usize, usize) {
-        let conversations = lock(&self.conversations)
-            .values()
-            .map(|f| f.tx.receiver_count())
-            .sum();
-        let teams = lock(&self.teams).values().map(|t| t.receiver_count()).sum();
-        (conversations, teams)
-    }
-
     /// Subscribes to `name`'s feed, made at `from` (the sequence it has) if it is new.
     fn subscribe(
         &self,
         name: &ConversationName,
         from: i64,
-    ) -> (Arc<Feed>, broadcast::Receiver<Arc<pb::ConversationEvent>>) {
-        let mut feeds = lock(&self.conversations);
-        let feed = feeds
+    ) -> broadcast::Receiver<Arc<pb::ConversationEvent>> {
+        lock(&self.conversations)
             .entry(name.clone())
             .or_insert_with(|| {
                 Arc::new(Feed {
@@ -115,9 +104,8 @@ impl WatchHub {
                     scheduled: AtomicBool::new(false),
                 })
             })
-            .clone();
-        let rx = feed.tx.subscribe();
-        (feed, rx)
+            .tx
+            .subscribe()
     }
 
     /// Forgets `name`'s feed once nobody watches it.
@@ -188,7 +176,7 @@ impl WatchHub {
         let Some((team, id)) = parse_key(&message.key) else {
             return;
         };
-        let Ok(team) = parse_team_name(&format!("teams/{team}")) else {
+        let Ok(team) = TeamId::parse(team) else {
             return;
         };
         let name = ConversationName { team, id };
@@ -372,7 +360,7 @@ impl WatchService for WatchApi {
             .await
             .map_err(ApiError::into_status)?;
         // Subscribe first, then read: nothing appended in between is missed.
-        let (feed, mut rx) = hub.subscribe(&name, now.event_count);
+        let mut rx = hub.subscribe(&name, now.event_count);
         let guard_hub = hub.clone();
         let guard_name = name.clone();
         let guard = Watching(move || guard_hub.unsubscribe(&guard_name));
@@ -380,7 +368,6 @@ impl WatchService for WatchApi {
             Ok(first) => first,
             Err(e) => return Err(e.into_status()),
         };
-        drop(feed);
         let (tx, out) = mpsc::channel(WATCHER_BUFFER);
         tokio::spawn(async move {
             let _guard = guard;

@@ -236,30 +236,27 @@ struct Line {
     end: u64,
 }
 
-/// The complete lines of `path` from byte `from` on, and the offset after the last. A file
-/// shorter than `from` (rewritten) is read from the start.
-fn lines_from(path: &Path, from: u64) -> anyhow::Result<(Vec<Line>, u64)> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = file.metadata()?.len();
+/// A place in a file: a byte offset at a line's start, and the number of lines before it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Position {
+    offset: u64,
+    lines: u64,
+}
+
+/// The complete lines of `path` from `from` on, and the position after the last. A file
+/// shorter than `from` (rewritten) is read from its start.
+fn lines_from(path: &Path, from: Position) -> anyhow::Result<(Vec<Line>, Position)> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut at = if from.offset > file.metadata()?.len() {
+        Position::default()
+    } else {
+        from
+    };
+    file.seek(std::io::SeekFrom::Start(at.offset))?;
     let mut reader = std::io::BufReader::new(file);
-    // Line numbers count from the file's start, so a resumed import reports the same ones.
-    let (mut offset, mut number) = (0u64, 0u64);
-    let start = if from > len { 0 } else { from };
     let mut out = Vec::new();
     let mut buf = Vec::new();
-    if start > 0 {
-        // Count the lines before `start` without keeping them.
-        while offset < start {
-            buf.clear();
-            let n = reader.read_until(b'\n', &mut buf)?;
-            if n == 0 || buf.last() != Some(&b'\n') {
-                break;
-            }
-            offset += n as u64;
-            number += 1;
-        }
-        reader.seek(std::io::SeekFrom::Start(offset))?;
-    }
     loop {
         buf.clear();
         let n = reader.read_until(b'\n', &mut buf)?;
@@ -267,20 +264,20 @@ fn lines_from(path: &Path, from: u64) -> anyhow::Result<(Vec<Line>, u64)> {
             // The end, or a line still being written.
             break;
         }
-        offset += n as u64;
-        number += 1;
+        at.offset += n as u64;
+        at.lines += 1;
         let text = String::from_utf8_lossy(&buf)
             .trim_end_matches(['\n', '\r'])
             .to_owned();
         if !text.trim().is_empty() {
             out.push(Line {
-                number,
+                number: at.lines,
                 text,
-                end: offset,
+                end: at.offset,
             });
         }
     }
-    Ok((out, offset))
+    Ok((out, at))
 }
 
 /// An import in progress: the catalog and what each file has had scanned and sent.
@@ -289,8 +286,8 @@ pub struct Importer {
     options: ImportOptions,
     catalog: Catalog,
     state: State,
-    /// Bytes of each file scanned into the catalog.
-    scanned: BTreeMap<PathBuf, u64>,
+    /// How far each file is scanned into the catalog.
+    scanned: BTreeMap<PathBuf, Position>,
     summary: ImportSummary,
     sessions: BTreeSet<Uuid>,
     /// Files sent in this run (a `full` run sends each from its start once).
@@ -341,30 +338,30 @@ impl Importer {
     pub async fn pass(&mut self, mut progress: impl FnMut(u64, u64)) -> anyhow::Result<u64> {
         let files = transcripts(&self.options.path)?;
         // 1. Scan: the catalog learns every new complete line.
-        let mut pending = Vec::new();
-        for path in &files {
-            let from = self.scanned.get(path).copied().unwrap_or(0);
-            let (lines, end) = lines_from(path, from)?;
-            let session = file_session(path);
+        let mut batches = Vec::new();
+        for path in files {
+            let from = self.scanned.get(&path).copied().unwrap_or_default();
+            let (lines, end) = lines_from(&path, from)?;
+            let session = file_session(&path);
             for line in &lines {
                 self.catalog.scan(session, &line.text);
             }
             self.scanned.insert(path.clone(), end);
-            pending.push((path.clone(), session));
+            batches.push((path, session, lines));
         }
         self.catalog.resolve_summaries();
-        // 2. Send what the state file has not seen acknowledged.
+        // 2. Send, of what was scanned, what the state file has not seen acknowledged
+        // (everything the first time a file is scanned in this run, when the state is new).
         let team = self.options.team.clone();
-        let mut batches = Vec::new();
         let mut total = 0u64;
-        for (path, session) in pending {
-            let done = self.offset(&path);
-            let (lines, _) = lines_from(&path, done)?;
-            // Only what was scanned: a line finished since is for the next pass.
-            let scanned = self.scanned[&path];
-            let lines: Vec<_> = lines.into_iter().filter(|l| l.end <= scanned).collect();
+        for (path, _, lines) in &mut batches {
+            let mut done = self.offset(path);
+            if done > self.scanned[path.as_path()].offset {
+                // The file was rewritten shorter than what was imported: all of it again.
+                done = 0;
+            }
+            lines.retain(|l| l.end > done);
             total += lines.len() as u64;
-            batches.push((path, session, lines));
         }
         let mut sent = 0u64;
         for (path, session, lines) in batches {
