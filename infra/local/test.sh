@@ -20,7 +20,7 @@
 #      standby that received the smoke's writes, `convoyctl queries` must list the smoke's
 #      inserts from pg_stat_statements, `convoyctl import claude-code` must import the test
 #      transcripts exactly (and nothing on a second run), `convoyctl bench` must run every scenario (and
-#      get's baselines) for a second without an error; after a SIGKILL the
+#      the baselines of get, write, list-search and analytics) for a second without an error; after a SIGKILL the
 #      instance must leave etcd within its lease TTL; then up.sh --stop, always.
 #
 # Environment:
@@ -169,23 +169,35 @@ grep -q "not installed\|not loaded\|unreachable" <<<"$queries_table" &&
     die "convoyctl queries could not read a shard's statistics"
 
 # The load generator, CI-sized: every scenario for a second at a low rate through the SDK
-# (and get's baselines: bare tonic, raw Redis, direct SQL), with no error allowed.
+# (and the baselines: bare tonic, raw Redis for get, and each scenario's own statements sent
+# straight to SQL for get, write, list-search and analytics), with no error allowed.
 bench_args=(--duration-secs 1 --warmup-secs 0.2 --rate 20 --conversations 100 --teams 5
     --data "$smoke_state/bench-data.json" --max-error-ratio 0)
 for scenario in get write mixed list-search analytics scan; do
     extra=(--no-baseline)
-    [[ "$scenario" == get ]] && extra=(--redis-url "redis://127.0.0.1:${CONVOY_TEST_REDIS_PORT:-26479}" --json "$smoke_state/bench-get.json")
+    case "$scenario" in
+    get) extra=(--redis-url "redis://127.0.0.1:${CONVOY_TEST_REDIS_PORT:-26479}" --json "$smoke_state/bench-get.json") ;;
+    # Their default baselines: bare tonic and their own statements sent straight to SQL.
+    write | list-search | analytics) extra=(--json "$smoke_state/bench-$scenario.json") ;;
+    esac
     log "fleet smoke: convoyctl bench --scenario $scenario ${bench_args[*]} ${extra[*]}"
     "${CARGO_TARGET_DIR:-target}/debug/convoyctl" --etcd-endpoint "$etcd_url" bench --scenario "$scenario" \
         "${bench_args[@]}" "${extra[@]}" || die "convoyctl bench --scenario $scenario failed"
 done
-python3 - "$smoke_state/bench-get.json" <<'PY' || die "the bench's JSON report is not what it should be"
+python3 - "$smoke_state" <<'PY' || die "the bench's JSON reports are not what they should be"
 import json, sys
-report = json.load(open(sys.argv[1]))
-targets = [s["target"] for s in report["summaries"]]
-assert targets == ["get", "baseline:tonic", "baseline:redis", "baseline:sql"], targets
-for s in report["summaries"]:
-    assert s["ok"] == 20 and s["p50_us"] > 0 and s["p99_us"] >= s["p50_us"], s
+expected = {
+    "get": ["get", "baseline:tonic", "baseline:redis", "baseline:sql"],
+    "write": ["write", "baseline:tonic", "baseline:sql"],
+    "list-search": ["list-search", "baseline:tonic", "baseline:sql"],
+    "analytics": ["analytics", "baseline:tonic", "baseline:sql"],
+}
+for scenario, targets in expected.items():
+    report = json.load(open(f"{sys.argv[1]}/bench-{scenario}.json"))
+    assert report["scenario"] == scenario, report["scenario"]
+    assert [s["target"] for s in report["summaries"]] == targets, (scenario, report["summaries"])
+    for s in report["summaries"]:
+        assert s["ok"] == 20 and s["p50_us"] > 0 and s["p99_us"] >= s["p50_us"], s
 PY
 
 # Transcripts in: the hand-written Claude Code sessions of the integration tests, through

@@ -7,9 +7,13 @@
 //!   scenario moves;
 //! - `redis`: a raw Redis GET of a value the size of that Conversation, on one multiplexed
 //!   connection: the floor of a cache-tier hit;
-//! - `sql`: the conversation service's own Get statement, sent with sqlx to the primary of
-//!   the shard that owns the conversation, for the same Zipf-drawn conversations: the floor
-//!   of an uncached read.
+//! - `sql`: the statements the fleet runs for each of the scenario's requests (the same
+//!   draws), sent with sqlx to the primary of the shard that owns its team: for `get` the
+//!   Get's statement (the floor of an uncached read), for `list-search` the List and Search
+//!   queries, for `analytics` the summary's aggregate, for `write` the same rows inserted in
+//!   two transactions without the outbox, idempotency record or token (the floor of a
+//!   durable write). The statements come from the caller (`convoyctl`), which knows the
+//!   services' SQL.
 //!
 //! Not here: the scenarios themselves ([`crate::scenario`]).
 
@@ -21,14 +25,17 @@ use std::task::{Context, Poll};
 
 use convoy_proto::v1 as pb;
 use convoy_store::ShardMap;
+use futures::future::BoxFuture;
 use prost::Message;
+use rand::rngs::SmallRng;
+use sqlx::PgPool;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
 use crate::drive::Op;
 use crate::record::Outcome;
-use crate::scenario::{hot_name, rng, zipf_over};
+use crate::scenario::{Draw, Scenario, draw, zipf_over};
 use crate::seed::DataSet;
 
 /// The bare server's one method.
@@ -151,13 +158,22 @@ pub async fn redis_get(url: &str, value: &pb::Conversation) -> anyhow::Result<Op
     }))
 }
 
-/// The `sql` baseline: `statement` (taking the team and the conversation's id) on the
-/// primary that owns each Zipf-drawn conversation of `data`, as `seed` draws them.
-pub async fn sql_get(
+/// How the `sql` baseline sends one drawn request: the statements the fleet would run for
+/// it, on the primary `pool` of the shard that owns its team; `Ok(false)` when what it
+/// reads does not exist. The generator carries on the request's draws.
+pub type SqlCall = Arc<
+    dyn Fn(Draw, SmallRng, PgPool) -> BoxFuture<'static, Result<bool, sqlx::Error>> + Send + Sync,
+>;
+
+/// The `sql` baseline: each request of `scenario` as `seed` draws it over `data` (the same
+/// ones the scenario sends), sent by `call` with sqlx on the primary of the shard that owns
+/// its team (16 connections per shard, as the service's pools).
+pub async fn sql(
     map: &ShardMap,
-    statement: &'static str,
+    scenario: Scenario,
     data: Arc<DataSet>,
     seed: u64,
+    call: SqlCall,
 ) -> anyhow::Result<Op> {
     let mut pools = Vec::new();
     for shard in map.shards() {
@@ -171,27 +187,17 @@ pub async fn sql_get(
     }
     let (map, pools, zipf) = (Arc::new(map.clone()), Arc::new(pools), zipf_over(&data));
     Ok(Arc::new(move |n| {
-        let (map, pools, data) = (map.clone(), pools.clone(), data.clone());
+        let (draw, rng) = draw(scenario, &data, &zipf, seed, n);
+        let pool = pools[map.owner_of_team(draw.team())].clone();
+        let sent = call(draw, rng, pool);
         Box::pin(async move {
-            let mut rng = rng(seed, n);
-            let name = hot_name(&data, &zipf, &mut rng);
-            let Some((team, id)) = name
-                .strip_prefix("teams/")
-                .and_then(|rest| rest.split_once("/conversations/"))
-                .and_then(|(team, id)| Some((team, uuid::Uuid::parse_str(id).ok()?)))
-            else {
-                return Outcome::Failed(tonic::Code::InvalidArgument);
-            };
-            let pool = &pools[map.owner_of_team(team)];
-            match sqlx::query(statement)
-                .bind(team)
-                .bind(id)
-                .fetch_optional(pool)
-                .await
-            {
-                Ok(Some(_)) => Outcome::Ok,
-                Ok(None) => Outcome::Failed(tonic::Code::NotFound),
-                Err(_) => Outcome::Failed(tonic::Code::Unavailable),
+            match sent.await {
+                Ok(true) => Outcome::Ok,
+                Ok(false) => Outcome::Failed(tonic::Code::NotFound),
+                Err(e) => {
+                    tracing::debug!(error = %e, "baseline statement failed");
+                    Outcome::Failed(tonic::Code::Unavailable)
+                }
             }
         })
     }))

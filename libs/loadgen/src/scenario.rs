@@ -11,8 +11,9 @@
 //! - `scan`: GetConversation of every seeded conversation in turn (request n reads the
 //!   n-th, wrapping), to fill the caches with all of them (memory per cached conversation).
 //!
-//! Every draw comes from the request's sequence number and the run's seed, so two runs with
-//! the same seed send the same requests.
+//! Every draw ([`draw`]) comes from the request's sequence number and the run's seed, so two
+//! runs with the same seed send the same requests, and the direct-SQL baseline
+//! ([`crate::baseline::sql`]) sends the same ones as its scenario.
 //!
 //! Not here: seeding the data ([`crate::seed`]) or offering the load ([`crate::drive`]).
 
@@ -59,31 +60,125 @@ impl Scenario {
     }
 }
 
-/// What one request of a scenario is (`mixed` draws one of two per request).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Request {
-    Get,
-    Scan,
-    Write,
-    ListSearch,
-    Analytics,
+/// What request `n` of a scenario asks for, drawn from the run's seed: the scenario and
+/// its direct-SQL baseline draw the same ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Draw {
+    /// GetConversation of this name.
+    Get {
+        /// `teams/.../conversations/...`.
+        name: String,
+    },
+    /// A new conversation of this team, then two messages to it.
+    Write {
+        /// `teams/...`.
+        parent: String,
+    },
+    /// A page of 20 of this team's conversations.
+    List {
+        /// `teams/...`.
+        parent: String,
+    },
+    /// A page of 20 of this team's conversations matching a word.
+    Search {
+        /// `teams/...`.
+        parent: String,
+        /// One of [`WORDS`].
+        query: String,
+    },
+    /// This team's summary over the last 30 days.
+    Analytics {
+        /// `teams/...`.
+        parent: String,
+    },
+}
+
+impl Draw {
+    /// The team it reads or writes (the id, without `teams/`), which picks its shard.
+    pub fn team(&self) -> &str {
+        let (Draw::Get { name: parent }
+        | Draw::Write { parent }
+        | Draw::List { parent }
+        | Draw::Search { parent, .. }
+        | Draw::Analytics { parent }) = self;
+        let team = parent.strip_prefix("teams/").unwrap_or(parent);
+        team.split_once('/').map_or(team, |(team, _)| team)
+    }
 }
 
 /// A seeded conversation by Zipf(1.0) rank (rank 1, the first created, is the hottest).
-pub(crate) fn hot_name<'a>(data: &'a DataSet, zipf: &Zipf<f64>, rng: &mut SmallRng) -> &'a str {
+fn hot_name<'a>(data: &'a DataSet, zipf: &Zipf<f64>, rng: &mut SmallRng) -> &'a str {
     let rank = zipf.sample(rng) as usize;
     &data.names[rank.clamp(1, data.names.len()) - 1]
 }
 
+/// Draws request `n` of `scenario` over `data` (with `zipf` from [`zipf_over`]); the
+/// returned generator goes on with the request's further draws (a new conversation's words).
+pub fn draw(
+    scenario: Scenario,
+    data: &DataSet,
+    zipf: &Zipf<f64>,
+    seed: u64,
+    n: u64,
+) -> (Draw, SmallRng) {
+    let mut rng = rng(seed, n);
+    let team = |rng: &mut SmallRng| data.teams[rng.random_range(0..data.teams.len())].clone();
+    let draw = match scenario {
+        Scenario::Scan => Draw::Get {
+            name: data.names[(n % data.names.len() as u64) as usize].clone(),
+        },
+        Scenario::Mixed if rng.random_bool(0.9) => Draw::Get {
+            name: hot_name(data, zipf, &mut rng).to_owned(),
+        },
+        Scenario::Get => Draw::Get {
+            name: hot_name(data, zipf, &mut rng).to_owned(),
+        },
+        Scenario::Write | Scenario::Mixed => Draw::Write {
+            parent: team(&mut rng),
+        },
+        Scenario::ListSearch if rng.random_bool(0.5) => Draw::List {
+            parent: team(&mut rng),
+        },
+        Scenario::ListSearch => Draw::Search {
+            parent: team(&mut rng),
+            query: WORDS[rng.random_range(0..WORDS.len())].to_owned(),
+        },
+        Scenario::Analytics => Draw::Analytics {
+            parent: team(&mut rng),
+        },
+    };
+    (draw, rng)
+}
+
 /// The Zipf(1.0) distribution over `data`'s conversations.
-pub(crate) fn zipf_over(data: &DataSet) -> Zipf<f64> {
+pub fn zipf_over(data: &DataSet) -> Zipf<f64> {
     Zipf::new(data.names.len().max(1) as f64, 1.0).expect("a positive count and exponent")
 }
 
 /// Per-request randomness: the same for the same seed and sequence number.
-pub(crate) fn rng(seed: u64, n: u64) -> SmallRng {
+fn rng(seed: u64, n: u64) -> SmallRng {
     SmallRng::seed_from_u64(seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
+
+/// The last 30 days (and a minute ahead, for clocks a little apart) of `parent`, as the
+/// `analytics` scenario asks for them.
+pub fn summary_request(parent: String) -> pb::GetTeamSummaryRequest {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    pb::GetTeamSummaryRequest {
+        filter: Some(pb::AnalyticsFilter {
+            parent,
+            start_time: at(now - 30 * 86_400),
+            end_time: at(now + 60),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The page size of `list-search`'s requests.
+pub const PAGE_SIZE: i32 = 20;
 
 /// The requests of `scenario` against `client` over `data`.
 pub fn op(scenario: Scenario, client: &ConvoyClient, data: Arc<DataSet>, seed: u64) -> Op {
@@ -91,35 +186,18 @@ pub fn op(scenario: Scenario, client: &ConvoyClient, data: Arc<DataSet>, seed: u
     let analytics = client.analytics();
     let zipf = zipf_over(&data);
     Arc::new(move |n| {
-        let (conversations, analytics, data) =
-            (conversations.clone(), analytics.clone(), data.clone());
+        let (conversations, analytics) = (conversations.clone(), analytics.clone());
+        let (draw, mut rng) = draw(scenario, &data, &zipf, seed, n);
         Box::pin(async move {
-            let mut rng = rng(seed, n);
-            let request = match scenario {
-                Scenario::Get => Request::Get,
-                Scenario::Scan => Request::Scan,
-                Scenario::Write => Request::Write,
-                Scenario::Mixed if rng.random_bool(0.9) => Request::Get,
-                Scenario::Mixed => Request::Write,
-                Scenario::ListSearch => Request::ListSearch,
-                Scenario::Analytics => Request::Analytics,
-            };
-            match request {
-                Request::Get | Request::Scan => {
-                    let name = if request == Request::Scan {
-                        data.names[(n % data.names.len() as u64) as usize].clone()
-                    } else {
-                        hot_name(&data, &zipf, &mut rng).to_owned()
-                    };
-                    let got = conversations
+            match draw {
+                Draw::Get { name } => Outcome::from(
+                    &conversations
                         .get_conversation(pb::GetConversationRequest { name })
-                        .await;
-                    Outcome::from(&got)
-                }
-                Request::Write => {
-                    let team = &data.teams[rng.random_range(0..data.teams.len())];
+                        .await,
+                ),
+                Draw::Write { parent } => {
                     let created = conversations
-                        .create_conversation(crate::seed::new_conversation(team, &mut rng))
+                        .create_conversation(crate::seed::new_conversation(&parent, &mut rng))
                         .await;
                     let created = match created {
                         Ok(created) => created.into_inner(),
@@ -133,52 +211,27 @@ pub fn op(scenario: Scenario, client: &ConvoyClient, data: Arc<DataSet>, seed: u
                         .await;
                     Outcome::from(&appended)
                 }
-                Request::ListSearch => {
-                    let parent = data.teams[rng.random_range(0..data.teams.len())].clone();
-                    if rng.random_bool(0.5) {
-                        let listed = conversations
-                            .list_conversations(pb::ListConversationsRequest {
-                                parent,
-                                page_size: 20,
-                                ..Default::default()
-                            })
-                            .await;
-                        Outcome::from(&listed)
-                    } else {
-                        let query = WORDS[rng.random_range(0..WORDS.len())].to_owned();
-                        let found = conversations
-                            .search_conversations(pb::SearchConversationsRequest {
-                                parent,
-                                query,
-                                page_size: 20,
-                                ..Default::default()
-                            })
-                            .await;
-                        Outcome::from(&found)
-                    }
-                }
-                Request::Analytics => {
-                    let parent = data.teams[rng.random_range(0..data.teams.len())].clone();
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64);
-                    let summary = analytics
-                        .get_team_summary(pb::GetTeamSummaryRequest {
-                            filter: Some(pb::AnalyticsFilter {
-                                parent,
-                                start_time: Some(prost_types::Timestamp {
-                                    seconds: now - 30 * 86_400,
-                                    nanos: 0,
-                                }),
-                                end_time: Some(prost_types::Timestamp {
-                                    seconds: now + 60,
-                                    nanos: 0,
-                                }),
-                                ..Default::default()
-                            }),
+                Draw::List { parent } => Outcome::from(
+                    &conversations
+                        .list_conversations(pb::ListConversationsRequest {
+                            parent,
+                            page_size: PAGE_SIZE,
+                            ..Default::default()
                         })
-                        .await;
-                    Outcome::from(&summary)
+                        .await,
+                ),
+                Draw::Search { parent, query } => Outcome::from(
+                    &conversations
+                        .search_conversations(pb::SearchConversationsRequest {
+                            parent,
+                            query,
+                            page_size: PAGE_SIZE,
+                            ..Default::default()
+                        })
+                        .await,
+                ),
+                Draw::Analytics { parent } => {
+                    Outcome::from(&analytics.get_team_summary(summary_request(parent)).await)
                 }
             }
         })
@@ -198,6 +251,61 @@ mod tests {
         };
         assert_eq!(draws(7), draws(7));
         assert_ne!(draws(7), draws(8));
+    }
+
+    fn data() -> DataSet {
+        DataSet {
+            teams: (0..5).map(|i| format!("teams/t-{i}")).collect(),
+            names: (0..100)
+                .map(|i| format!("teams/t-{}/conversations/{i}", i % 5))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_draw_names_the_team_that_picks_its_shard() {
+        let get = Draw::Get {
+            name: "teams/acme/conversations/0190".into(),
+        };
+        assert_eq!(get.team(), "acme");
+        let list = Draw::List {
+            parent: "teams/acme".into(),
+        };
+        assert_eq!(list.team(), "acme");
+    }
+
+    #[test]
+    fn scenarios_draw_their_mix_and_the_same_seed_draws_the_same() {
+        let data = data();
+        let zipf = zipf_over(&data);
+        let draws = |scenario, seed| {
+            (0..1000)
+                .map(|n| draw(scenario, &data, &zipf, seed, n).0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draws(Scenario::Mixed, 3), draws(Scenario::Mixed, 3));
+        let writes = draws(Scenario::Mixed, 3)
+            .iter()
+            .filter(|d| matches!(d, Draw::Write { .. }))
+            .count();
+        assert!((60..=140).contains(&writes), "{writes} writes of 1000");
+        let searches = draws(Scenario::ListSearch, 3)
+            .iter()
+            .filter(|d| matches!(d, Draw::Search { query, .. } if WORDS.contains(&query.as_str())))
+            .count();
+        assert!(
+            (420..=580).contains(&searches),
+            "{searches} searches of 1000"
+        );
+        // A scan reads every conversation in turn.
+        let scanned = draws(Scenario::Scan, 3);
+        assert_eq!(
+            scanned[..100],
+            data.names
+                .iter()
+                .map(|name| Draw::Get { name: name.clone() })
+                .collect::<Vec<_>>()[..]
+        );
     }
 
     #[test]

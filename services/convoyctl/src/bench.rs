@@ -23,7 +23,7 @@ pub enum Baseline {
     Tonic,
     /// A raw Redis GET of a value of that size (needs `--redis-url`).
     Redis,
-    /// The Get's own SQL on the owning shard's primary.
+    /// The scenario's own statements, sent straight to the owning shard's primary.
     Sql,
 }
 
@@ -76,7 +76,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = ".convoy/bench-data.json")]
     pub data: PathBuf,
     /// Baselines to drive after the scenario, the same way (repeat, or separate with
-    /// commas). Default: tonic, redis (with --redis-url) and sql for `get`; tonic otherwise.
+    /// commas). Default: tonic, redis (with --redis-url) and sql for `get`; tonic and sql for
+    /// `write`, `list-search` and `analytics`; tonic otherwise.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub baseline: Vec<Baseline>,
     /// No baselines.
@@ -134,6 +135,11 @@ impl BenchArgs {
                 all.insert(1, Baseline::Redis);
             }
             all
+        } else if matches!(
+            self.scenario,
+            Scenario::Write | Scenario::ListSearch | Scenario::Analytics
+        ) {
+            vec![Baseline::Tonic, Baseline::Sql]
         } else {
             vec![Baseline::Tonic]
         }
@@ -223,11 +229,12 @@ pub async fn bench(
                 }
                 Baseline::Sql => {
                     let map = shard_map(args, etcd).await?;
-                    convoy_loadgen::baseline::sql_get(
+                    convoy_loadgen::baseline::sql(
                         &map,
-                        conversation::store::GET_SQL,
+                        args.scenario,
                         data.clone(),
                         args.random_seed,
+                        crate::bench_sql::call(),
                     )
                     .await?
                 }

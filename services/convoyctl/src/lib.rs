@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod bench;
+pub mod bench_sql;
 pub mod cache;
 pub mod claude_code;
 pub mod import;
