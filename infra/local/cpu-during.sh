@@ -12,7 +12,7 @@ snapshot() {
     # kind, pid, utime+stime in clock ticks (fields 14 and 15 of /proc/PID/stat).
     local stat comm rest
     for stat in /proc/[0-9]*/stat; do
-        read -r stat_line < "$stat" 2> /dev/null || continue
+        { read -r stat_line < "$stat"; } 2> /dev/null || continue
         comm=${stat_line#*(}
         comm=${comm%%)*}
         case "$comm" in
