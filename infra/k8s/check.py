@@ -173,6 +173,33 @@ def check_shard_map(name, docs):
                 fail(name, f"{shard['id']}: {dsn} must connect as convoy (POSTGRES_USER)")
 
 
+def check_prices(name, docs):
+    """analytics reads the convoy-prices ConfigMap where CONVOY_PRICES says, and its table
+    is the local fleet's (infra/local/prices.toml), entry for entry."""
+    prices = config_map(docs, "convoy-prices")
+    if prices is None:
+        fail(name, "no convoy-prices ConfigMap")
+        return
+    table = tomllib.loads(prices["data"]["prices.toml"])
+    if table != tomllib.loads((ROOT / "infra/local/prices.toml").read_text()):
+        fail(name, "convoy-prices differs from infra/local/prices.toml")
+    analytics = by_kind(docs, "Deployment").get("analytics")
+    if analytics is None:
+        fail(name, "no analytics Deployment")
+        return
+    pod = analytics["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "analytics")
+    path = env_of(container).get("CONVOY_PRICES", {}).get("value")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounted = [
+        m
+        for m in container.get("volumeMounts", [])
+        if volumes.get(m["name"], {}).get("configMap", {}).get("name") == prices["metadata"]["name"]
+    ]
+    if not path or not any(path == f"{m['mountPath']}/prices.toml" for m in mounted):
+        fail(name, f"analytics' CONVOY_PRICES ({path}) is not prices.toml of the mounted convoy-prices")
+
+
 def check_security(name, docs):
     """Every pod: non-root, no escalation, no capabilities, read-only root, seccomp."""
     for doc in docs:
@@ -225,6 +252,7 @@ def main():
         check_services(name, docs)
         check_etcd(name, docs)
         check_shard_map(name, docs)
+        check_prices(name, docs)
         check_security(name, docs)
     prod_images = {
         c["image"]
@@ -240,7 +268,7 @@ def main():
         print(f"FAIL {line}", file=sys.stderr)
     if failures:
         sys.exit(1)
-    print("k8s: services, probes, shutdown, registration, etcd membership, shard map, security and budgets agree")
+    print("k8s: services, probes, shutdown, registration, etcd membership, shard map, price table, security and budgets agree")
 
 
 if __name__ == "__main__":
