@@ -188,7 +188,10 @@ def check_prices(name, docs):
         fail(name, "no analytics Deployment")
         return
     pod = analytics["spec"]["template"]["spec"]
-    container = next(c for c in pod["containers"] if c["name"] == "analytics")
+    container = next((c for c in pod["containers"] if c["name"] == "analytics"), None)
+    if container is None:
+        fail(name, "the analytics Deployment has no analytics container")
+        return
     path = env_of(container).get("CONVOY_PRICES", {}).get("value")
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mounted = [

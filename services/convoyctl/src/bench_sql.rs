@@ -25,8 +25,12 @@ pub fn call() -> SqlCall {
     Arc::new(|draw, rng, pool| send(draw, rng, pool).boxed())
 }
 
+/// A drawn request the services' validation refuses (a bug of the generator's draws).
+fn invalid(e: impl std::fmt::Display) -> sqlx::Error {
+    sqlx::Error::Protocol(e.to_string())
+}
+
 async fn send(draw: Draw, mut rng: SmallRng, pool: PgPool) -> Result<bool, sqlx::Error> {
-    let invalid = |e: conversation::error::ApiError| sqlx::Error::Protocol(e.to_string());
     match draw {
         Draw::Get { name } => {
             let name = conversation::validate::conversation_name("name", &name).map_err(invalid)?;
@@ -65,8 +69,8 @@ async fn send(draw: Draw, mut rng: SmallRng, pool: PgPool) -> Result<bool, sqlx:
             Ok(true)
         }
         Draw::Analytics { parent } => {
-            let query = analytics::validate::team_summary(&summary_request(parent))
-                .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            let query =
+                analytics::validate::team_summary(&summary_request(parent)).map_err(invalid)?;
             analytics::scatter::run(&pool, &query, &[]).await?;
             Ok(true)
         }
