@@ -38,12 +38,12 @@ pub mod trace;
 
 pub use balance::{BalanceConfig, BalancedChannel, balanced_channel};
 pub use breaker::{BreakerConfig, BreakerLayer, EjectionBudget, LocalTimeout};
-pub use bulkhead::BulkheadLayer;
+pub use bulkhead::{BulkheadConfig, BulkheadLayer};
 pub use deadline::{Deadline, DeadlineLayer};
 pub use keyed::{KeyedChannel, KeyedConfig, RouteKey};
 pub use metrics::{RpcCall, RpcMetricsLayer};
 pub use propagation::DeadlinePropagationLayer;
 pub use retry::{RetryBudget, RetryConfig, RetryPolicy};
-pub use server::{ServerBuilder, ServerConfig, ServerError};
+pub use server::{QueueArgs, ServerBuilder, ServerConfig, ServerError};
 pub use tls::{MeshTls, TlsArgs};
 pub use trace::TraceLayer;

@@ -374,7 +374,7 @@ mod tests {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
     use tower::ServiceExt;
 
-    use crate::BulkheadLayer;
+    use crate::{BulkheadConfig, BulkheadLayer};
 
     /// A response body made of the frames given.
     #[derive(Default)]
@@ -526,8 +526,15 @@ mod tests {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 Ok::<_, Infallible>(Response::new(TestBody::unary("0")))
             });
-            let service = RpcMetricsLayer::server()
-                .layer(BulkheadLayer::new(1, Duration::from_millis(100)).layer(backend));
+            let service = RpcMetricsLayer::server().layer(
+                BulkheadLayer::new(BulkheadConfig {
+                    limit: 1,
+                    queue: 0,
+                    max_wait: Duration::from_secs(1),
+                    pushback: Duration::from_millis(100),
+                })
+                .layer(backend),
+            );
             let busy = tokio::spawn(service.clone().oneshot(request(CREATE)));
             tokio::task::yield_now().await;
             for _ in 0..2 {

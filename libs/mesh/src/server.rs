@@ -29,7 +29,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::Service;
 
-use crate::{BulkheadLayer, DeadlineLayer, RpcMetricsLayer};
+use crate::{BulkheadConfig, BulkheadLayer, DeadlineLayer, RpcMetricsLayer};
 
 /// Services every convoy server answers besides its own.
 const ALWAYS_SERVED: [&str; 3] = [
@@ -52,11 +52,17 @@ pub struct ServerConfig {
     pub http2_keepalive_timeout: Duration,
     /// Concurrent HTTP/2 streams per connection. Default 1024.
     pub max_concurrent_streams: u32,
-    /// The bulkhead: calls in flight across all connections before new ones are shed with
-    /// RESOURCE_EXHAUSTED. Default 256: a few times a service's database connections, so
-    /// calls waiting for a connection stay bounded; past that, queueing only adds latency.
+    /// The bulkhead ([`crate::bulkhead`]): calls running at once across all connections.
+    /// Default 256: a few times a service's database connections, so calls waiting for a
+    /// connection stay bounded.
     pub max_concurrent_calls: usize,
-    /// How long a shed client is told to wait (`grpc-retry-pushback-ms`). Default 100 ms.
+    /// Calls past `max_concurrent_calls` that wait for their turn, first come first served;
+    /// past that, new calls are refused with RESOURCE_EXHAUSTED. Default 1024.
+    pub max_queued_calls: usize,
+    /// Longest a call waits for its turn before it is refused (less when its deadline is
+    /// nearer). Default 1 s.
+    pub max_queue_wait: Duration,
+    /// How long a refused client is told to wait (`grpc-retry-pushback-ms`). Default 100 ms.
     pub shed_pushback: Duration,
     /// Mutual TLS on the listener: clients must present a certificate from the CA. Default
     /// none: plain text (local runs, tests).
@@ -72,6 +78,36 @@ pub struct ServerConfig {
     pub max_header_list_bytes: u32,
 }
 
+/// [`ServerConfig::max_queued_calls`]'s default.
+pub const DEFAULT_MAX_QUEUED_CALLS: usize = 1024;
+
+/// [`ServerConfig::max_queue_wait`]'s default, in milliseconds.
+pub const DEFAULT_MAX_QUEUE_WAIT_MS: u64 = 1000;
+
+/// The bulkhead's queue, as flags every convoy server takes. (Its limit,
+/// `--max-concurrent-calls`, is each service's own: their calls cost different things.)
+#[derive(Clone, Debug, clap::Args)]
+pub struct QueueArgs {
+    /// Calls that wait for their turn once `--max-concurrent-calls` are running; past them,
+    /// new calls are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CONVOY_MAX_QUEUED_CALLS", default_value_t = DEFAULT_MAX_QUEUED_CALLS)]
+    pub max_queued_calls: usize,
+    /// Longest a call waits for its turn, in milliseconds (less when its deadline is nearer).
+    #[arg(long, env = "CONVOY_MAX_QUEUE_WAIT_MS", default_value_t = DEFAULT_MAX_QUEUE_WAIT_MS)]
+    pub max_queue_wait_ms: u64,
+}
+
+impl QueueArgs {
+    /// `config` with this queue.
+    pub fn apply(&self, config: ServerConfig) -> ServerConfig {
+        ServerConfig {
+            max_queued_calls: self.max_queued_calls,
+            max_queue_wait: Duration::from_millis(self.max_queue_wait_ms),
+            ..config
+        }
+    }
+}
+
 /// tonic's own default decoding limit, named: the authorization layer buffers no more.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
 
@@ -84,6 +120,8 @@ impl Default for ServerConfig {
             http2_keepalive_timeout: Duration::from_secs(10),
             max_concurrent_streams: 1024,
             max_concurrent_calls: 256,
+            max_queued_calls: DEFAULT_MAX_QUEUED_CALLS,
+            max_queue_wait: Duration::from_millis(DEFAULT_MAX_QUEUE_WAIT_MS),
             shed_pushback: Duration::from_millis(100),
             tls: None,
             auth: None,
@@ -224,6 +262,12 @@ impl ServerBuilder {
             let _ = stopping_tx.send(());
         };
 
+        let bulkhead = BulkheadLayer::new(BulkheadConfig {
+            limit: self.config.max_concurrent_calls,
+            queue: self.config.max_queued_calls,
+            max_wait: self.config.max_queue_wait,
+            pushback: self.config.shed_pushback,
+        });
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(self.config.http2_keepalive_interval))
@@ -231,22 +275,21 @@ impl ServerBuilder {
             .max_concurrent_streams(Some(self.config.max_concurrent_streams))
             .http2_max_header_list_size(self.config.max_header_list_bytes)
             // Outermost first: every call is measured, those refused inside included (shed
-            // RESOURCE_EXHAUSTED, expired DEADLINE_EXCEEDED, panicked INTERNAL); a panic
-            // anywhere becomes INTERNAL; expired calls are refused before they take a
-            // bulkhead permit.
+            // RESOURCE_EXHAUSTED, expired DEADLINE_EXCEEDED, panicked INTERNAL); a call the
+            // full bulkhead would refuse is refused next, before a span, the body or a
+            // token cost anything; a panic anywhere becomes INTERNAL; a call's deadline
+            // bounds its wait in the bulkhead's queue.
             .layer(RpcMetricsLayer::server())
+            .layer(bulkhead.early_shed())
             .layer(crate::trace::TraceLayer::server())
             .layer(crate::panic::catch_panic_layer())
             .layer(DeadlineLayer::default())
-            // Authorized and charged before taking a bulkhead permit: a stranger or a team
-            // over its rate cannot crowd out admitted calls.
+            // Authorized and charged before it may queue or run: a stranger or a team over
+            // its rate cannot crowd out admitted calls.
             .layer(tower::util::option_layer(
                 self.config.auth.clone().map(convoy_auth::AuthLayer::new),
             ))
-            .layer(BulkheadLayer::new(
-                self.config.max_concurrent_calls,
-                self.config.shed_pushback,
-            ))
+            .layer(bulkhead)
             .add_routes(self.routes.routes());
         // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it on
         // every accepted socket here, or Nagle's algorithm meets the client's delayed

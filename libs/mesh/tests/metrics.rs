@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_mesh::retry::{RetryBudget, RetryConfig, RetryPolicy};
-use convoy_mesh::{BreakerConfig, BreakerLayer, BulkheadLayer, EjectionBudget};
+use convoy_mesh::{BreakerConfig, BreakerLayer, BulkheadConfig, BulkheadLayer, EjectionBudget};
 use convoy_proto::methods::Idempotency;
 use http::{Request, Response};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
@@ -90,16 +90,23 @@ async fn retries_breaker_transitions_and_shedding_are_counted() {
     );
 
     // Bulkhead: a call past the limit is shed and counted.
-    let bulkhead = BulkheadLayer::new(1, Duration::from_millis(100)).layer(tower::service_fn(
-        |_req: Request<()>| async {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            Ok::<_, Infallible>(Response::new(String::new()))
-        },
-    ));
+    let bulkhead = BulkheadLayer::new(BulkheadConfig {
+        limit: 1,
+        queue: 0,
+        max_wait: Duration::from_secs(1),
+        pushback: Duration::from_millis(100),
+    })
+    .layer(tower::service_fn(|_req: Request<()>| async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok::<_, Infallible>(Response::new(String::new()))
+    }));
     let busy = tokio::spawn(bulkhead.clone().oneshot(Request::new(())));
     tokio::task::yield_now().await;
     bulkhead.oneshot(Request::new(())).await.unwrap();
     busy.await.unwrap().unwrap();
     let seen = counters(&snapshotter);
-    assert_eq!(count(&seen, "convoy_server_shed_total{}"), 1);
+    assert_eq!(
+        count(&seen, "convoy_server_shed_total{reason=queue_full}"),
+        1
+    );
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use convoy_client::Discovery;
 use convoy_discovery::{RegistrationArgs, ShardArgs};
-use convoy_mesh::{MeshTls, ServerConfig, TlsArgs};
+use convoy_mesh::{MeshTls, QueueArgs, ServerConfig, TlsArgs};
 use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
@@ -70,10 +70,15 @@ pub struct Config {
     #[arg(long, env = "CONVOY_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
 
-    /// Calls in flight before new ones are shed with RESOURCE_EXHAUSTED (the bulkhead).
+    /// Calls running at once before new ones queue, then are refused with
+    /// RESOURCE_EXHAUSTED (the bulkhead, `convoy_mesh::bulkhead`).
     /// 64: each call holds a connection on every shard it reads.
     #[arg(long, env = "CONVOY_MAX_CONCURRENT_CALLS", default_value_t = 64)]
     pub max_concurrent_calls: usize,
+
+    /// The bulkhead's queue (`--max-queued-calls`, `--max-queue-wait-ms`).
+    #[command(flatten)]
+    pub queue: QueueArgs,
 
     /// Registration in etcd.
     #[command(flatten)]
@@ -117,12 +122,12 @@ impl Config {
 
     /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).
     pub fn server_config(&self, tls: Option<MeshTls>) -> ServerConfig {
-        ServerConfig {
+        self.queue.apply(ServerConfig {
             tls,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             reflection: self.reflection,
             max_concurrent_calls: self.max_concurrent_calls,
             ..ServerConfig::default()
-        }
+        })
     }
 }

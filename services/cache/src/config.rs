@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use convoy_discovery::RegistrationArgs;
-use convoy_mesh::{MeshTls, ServerConfig, TlsArgs};
+use convoy_mesh::{MeshTls, QueueArgs, ServerConfig, TlsArgs};
 use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
@@ -45,9 +45,14 @@ pub struct Config {
     #[command(flatten)]
     pub registration: RegistrationArgs,
 
-    /// Calls in flight before new ones are shed. 1024: cache calls are short.
+    /// Calls running at once before new ones queue (see `convoy_mesh::bulkhead`). 1024:
+    /// cache calls are short.
     #[arg(long, env = "CONVOY_MAX_CONCURRENT_CALLS", default_value_t = 1024)]
     pub max_concurrent_calls: usize,
+
+    /// The bulkhead's queue (`--max-queued-calls`, `--max-queue-wait-ms`).
+    #[command(flatten)]
+    pub queue: QueueArgs,
 
     /// Logs and metrics (`--log-format`, `--metrics-listen`).
     #[command(flatten)]
@@ -66,11 +71,11 @@ pub struct Config {
 impl Config {
     /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).
     pub fn server_config(&self, tls: Option<MeshTls>) -> ServerConfig {
-        ServerConfig {
+        self.queue.apply(ServerConfig {
             tls,
             max_concurrent_calls: self.max_concurrent_calls,
             ..ServerConfig::default()
-        }
+        })
     }
 
     /// The longest TTL.

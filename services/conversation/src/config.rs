@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use convoy_client::Discovery;
 use convoy_discovery::{RegistrationArgs, ShardArgs};
-use convoy_mesh::{MeshTls, ServerConfig, TlsArgs};
+use convoy_mesh::{MeshTls, QueueArgs, ServerConfig, TlsArgs};
 use convoy_store::PoolSettings;
 use convoy_store::shard_map::redact_dsn;
 use convoy_telemetry::TelemetryArgs;
@@ -43,10 +43,15 @@ pub struct Config {
     #[arg(long, env = "CONVOY_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
 
-    /// Calls in flight before new ones are shed with RESOURCE_EXHAUSTED (the bulkhead).
+    /// Calls running at once before new ones queue, then are refused with
+    /// RESOURCE_EXHAUSTED (the bulkhead, `convoy_mesh::bulkhead`).
     /// 256: a few times the database connections, so waiting calls stay bounded.
     #[arg(long, env = "CONVOY_MAX_CONCURRENT_CALLS", default_value_t = 256)]
     pub max_concurrent_calls: usize,
+
+    /// The bulkhead's queue (`--max-queued-calls`, `--max-queue-wait-ms`).
+    #[command(flatten)]
+    pub queue: QueueArgs,
 
     /// Redis of the cache tier (`redis://host:port`): the outbox relay publishes committed
     /// changes on its invalidation bus. None: no relay (writes still record their outbox
@@ -146,13 +151,13 @@ impl Config {
 
     /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).
     pub fn server_config(&self, tls: Option<MeshTls>) -> ServerConfig {
-        ServerConfig {
+        self.queue.apply(ServerConfig {
             tls,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             reflection: self.reflection,
             max_concurrent_calls: self.max_concurrent_calls,
             ..ServerConfig::default()
-        }
+        })
     }
 
     /// The effective configuration as one log-friendly line, without secrets.
