@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -28,6 +29,10 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::model::*;
 use crate::names::{ConversationName, TeamId};
+
+/// The columns a create writes, in the order of its `$1`-`$8`.
+const INSERT_COLUMNS: &str =
+    "team_id, id, title, intent, status, content, metadata, effectiveness_score";
 
 /// Columns of a conversation row, in [`ConversationRow`]'s order.
 pub const COLUMNS: &str = "team_id, id, title, intent, status, content, metadata, \
@@ -513,28 +518,21 @@ impl ConversationStore {
                 let lsn = token_lsn(&mut conn, replicas).await;
                 return Ok(Written { value, lsn });
             };
-            let mut tx = conn.begin().await?;
-            let claimed: Option<Uuid> = sqlx::query_scalar(
-                "INSERT INTO create_requests (team_id, request_id, conversation_id, fingerprint) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING conversation_id",
-            )
-            .bind(new.name.team.as_str())
-            .bind(request_id)
-            .bind(new.name.id)
-            .bind(&fingerprint[..])
-            .fetch_optional(&mut *tx)
-            .await?;
-            if claimed.is_none() {
-                tx.rollback().await?;
-                let value = replay(&mut conn, &new.name.team, request_id, &fingerprint).await?;
-                let lsn = token_lsn(&mut conn, replicas).await;
-                return Ok(Written { value, lsn });
-            }
-            let row = insert_conversation(&mut *tx, new).await?;
-            tx.commit().await?;
-            let value = Created {
-                conversation: row.into_model()?,
-                fresh: true,
+            // One statement, so one (autocommit) transaction and one round trip: the claim
+            // of the request id, the conversation and its outbox row commit together. A
+            // taken conversation id fails the whole statement, so no claim outlives it.
+            let row: Option<ConversationRow> = bind_new(sqlx::query_as(&CLAIMED_INSERT), new)
+                .bind(request_id)
+                .bind(&fingerprint[..])
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| taken_id(e, new))?;
+            let value = match row {
+                Some(row) => Created {
+                    conversation: row.into_model()?,
+                    fresh: true,
+                },
+                None => replay(&mut conn, &new.name.team, request_id, &fingerprint).await?,
             };
             let lsn = token_lsn(&mut conn, replicas).await;
             Ok(Written { value, lsn })
@@ -761,7 +759,10 @@ impl ConversationStore {
                 return Err(OpError::Api(ApiError::NotFound(name.to_string())));
             };
 
-            let ids: Vec<&str> = events.iter().filter_map(|e| e.event_id.as_deref()).collect();
+            let ids: Vec<&str> = events
+                .iter()
+                .filter_map(|e| e.event_id.as_deref())
+                .collect();
             let stored: Vec<String> = if ids.is_empty() {
                 Vec::new()
             } else {
@@ -808,43 +809,25 @@ impl ConversationStore {
                     event,
                 })
                 .collect();
-            insert_events(&mut tx, name, &stored).await?;
-
             let messages = stored
                 .iter()
                 .filter(|e| e.event.kind == EventKind::Message)
                 .count() as i64;
-            let sum = |f: fn(&TokenUsage) -> i64| stored.iter().map(|e| f(&e.event.usage)).sum::<i64>();
+            let sum =
+                |f: fn(&TokenUsage) -> i64| stored.iter().map(|e| f(&e.event.usage)).sum::<i64>();
             let first = stored.iter().map(|e| e.event.occurred_at).min();
             let last = stored.iter().map(|e| e.event.occurred_at).max();
-            let row: ConversationRow = sqlx::query_as(&with_outbox(&format!(
-                "UPDATE conversations SET \
-                   event_count = event_count + $3, \
-                   message_count = message_count + $4, \
-                   input_tokens = input_tokens + $5, \
-                   output_tokens = output_tokens + $6, \
-                   cache_creation_input_tokens = cache_creation_input_tokens + $7, \
-                   cache_read_input_tokens = cache_read_input_tokens + $8, \
-                   first_event_at = LEAST(first_event_at, $9), \
-                   last_event_at = GREATEST(last_event_at, $10), \
-                   duration_seconds = EXTRACT(EPOCH FROM \
-                       GREATEST(last_event_at, $10) - LEAST(first_event_at, $9))::double precision, \
-                   version = version + 1, \
-                   updated_at = now() \
-                 WHERE team_id = $1 AND id = $2 RETURNING {COLUMNS}"
-            ), Change::EventsAppended))
-            .bind(name.team.as_str())
-            .bind(name.id)
-            .bind(stored.len() as i64)
-            .bind(messages)
-            .bind(sum(|u| u.input))
-            .bind(sum(|u| u.output))
-            .bind(sum(|u| u.cache_creation))
-            .bind(sum(|u| u.cache_read))
-            .bind(first)
-            .bind(last)
-            .fetch_one(&mut *tx)
-            .await?;
+            let row: ConversationRow = bind_events(sqlx::query_as(&APPEND), name, &stored)
+                .bind(stored.len() as i64)
+                .bind(messages)
+                .bind(sum(|u| u.input))
+                .bind(sum(|u| u.output))
+                .bind(sum(|u| u.cache_creation))
+                .bind(sum(|u| u.cache_read))
+                .bind(first)
+                .bind(last)
+                .fetch_one(&mut *tx)
+                .await?;
             tx.commit().await?;
             let value = Appended {
                 conversation: row.into_model()?,
@@ -1065,32 +1048,73 @@ async fn insert_conversation<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     new: &NewConversation,
 ) -> Result<ConversationRow, OpError> {
-    let row: Option<ConversationRow> = sqlx::query_as(&with_outbox(
+    let row: Option<ConversationRow> = bind_new(sqlx::query_as(&INSERT), new)
+        .fetch_optional(executor)
+        .await?;
+    row.ok_or_else(|| id_taken(new))
+}
+
+/// A create's insert, with its outbox row; none is returned when the id is taken.
+static INSERT: LazyLock<String> = LazyLock::new(|| {
+    with_outbox(
         &format!(
-            "INSERT INTO conversations (team_id, id, title, intent, status, content, metadata, \
-             effectiveness_score) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+            "INSERT INTO conversations ({INSERT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (team_id, id) DO NOTHING RETURNING {COLUMNS}"
         ),
         Change::Created,
-    ))
-    .bind(new.name.team.as_str())
-    .bind(new.name.id)
-    .bind(&new.fields.title)
-    .bind(new.fields.intent.as_str())
-    .bind(new.fields.status.as_str())
-    .bind(&new.fields.content)
-    .bind(Json(&new.fields.metadata))
-    .bind(new.fields.effectiveness_score)
-    .fetch_optional(executor)
-    .await?;
-    row.ok_or_else(|| {
-        OpError::Api(ApiError::AlreadyExists {
-            what: new.name.to_string(),
-            why: "a conversation with this id exists; omit conversation_id to get a fresh one"
-                .into(),
-        })
+    )
+});
+
+/// Binds a create's `$1`-`$8` ([`INSERT_COLUMNS`]).
+fn bind_new<'q, O>(
+    query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    new: &'q NewConversation,
+) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+    query
+        .bind(new.name.team.as_str())
+        .bind(new.name.id)
+        .bind(&new.fields.title)
+        .bind(new.fields.intent.as_str())
+        .bind(new.fields.status.as_str())
+        .bind(&new.fields.content)
+        .bind(Json(&new.fields.metadata))
+        .bind(new.fields.effectiveness_score)
+}
+
+/// ALREADY_EXISTS for a create whose conversation id is taken.
+fn id_taken(new: &NewConversation) -> OpError {
+    OpError::Api(ApiError::AlreadyExists {
+        what: new.name.to_string(),
+        why: "a conversation with this id exists; omit conversation_id to get a fresh one".into(),
     })
 }
+
+/// [`CLAIMED_INSERT`]'s failure: a taken id is ALREADY_EXISTS, anything else as it is.
+fn taken_id(e: sqlx::Error, new: &NewConversation) -> OpError {
+    match &e {
+        sqlx::Error::Database(db)
+            if db.is_unique_violation() && db.constraint() == Some("conversations_pkey") =>
+        {
+            id_taken(new)
+        }
+        _ => e.into(),
+    }
+}
+
+/// [`insert_conversation`]'s insert behind the claim of a request id (`$9`, with the
+/// request's fingerprint `$10`), as one statement: the conversation is inserted only when
+/// the claim is new (none is returned for a claim already made: a replay), and a taken id
+/// is an error (no `ON CONFLICT`), so the claim is not kept either.
+static CLAIMED_INSERT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH claim AS (INSERT INTO create_requests (team_id, request_id, conversation_id, \
+           fingerprint) VALUES ($1, $9, $2, $10) ON CONFLICT DO NOTHING RETURNING 1), \
+         changed AS (INSERT INTO conversations ({INSERT_COLUMNS}) \
+           SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM claim) \
+           RETURNING {COLUMNS}){}",
+        outbox_suffix(Change::Created)
+    )
+});
 
 /// Answers a create whose request_id was already claimed.
 async fn replay(
@@ -1131,46 +1155,68 @@ async fn replay(
     }
 }
 
-async fn insert_events(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
-    name: &ConversationName,
-    events: &[Event],
-) -> Result<(), sqlx::Error> {
-    fn col<T>(events: &[Event], f: impl Fn(&Event) -> T) -> Vec<T> {
-        events.iter().map(f).collect()
-    }
-    sqlx::query(
-        "INSERT INTO conversation_events (team_id, conversation_id, sequence, event_id, \
-           parent_event_id, kind, role, occurred_at, content, tool_name, tool_call_id, is_error, \
-           model, input_tokens, output_tokens, cache_creation_input_tokens, \
+/// The append's writes as one statement (one round trip, inside the transaction that holds
+/// the conversation's row lock): the events (`$1`, `$2` name the conversation, `$3`-`$19`
+/// are the events' columns, see [`bind_events`]), and the conversation's counters (`$20`
+/// events, `$21` messages, `$22`-`$25` tokens, `$26`/`$27` the first and last event times)
+/// with its outbox row. Returns the conversation's new [`COLUMNS`].
+static APPEND: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH inserted AS (INSERT INTO conversation_events (team_id, conversation_id, sequence, \
+           event_id, parent_event_id, kind, role, occurred_at, content, tool_name, tool_call_id, \
+           is_error, model, input_tokens, output_tokens, cache_creation_input_tokens, \
            cache_read_input_tokens, is_sidechain, raw_json) \
          SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], \
            $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::bool[], \
            $13::text[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::bool[], \
-           $19::jsonb[])",
+           $19::jsonb[])), \
+         changed AS (UPDATE conversations SET \
+           event_count = event_count + $20, \
+           message_count = message_count + $21, \
+           input_tokens = input_tokens + $22, \
+           output_tokens = output_tokens + $23, \
+           cache_creation_input_tokens = cache_creation_input_tokens + $24, \
+           cache_read_input_tokens = cache_read_input_tokens + $25, \
+           first_event_at = LEAST(first_event_at, $26), \
+           last_event_at = GREATEST(last_event_at, $27), \
+           duration_seconds = EXTRACT(EPOCH FROM \
+               GREATEST(last_event_at, $27) - LEAST(first_event_at, $26))::double precision, \
+           version = version + 1, \
+           updated_at = now() \
+         WHERE team_id = $1 AND id = $2 RETURNING {COLUMNS}){}",
+        outbox_suffix(Change::EventsAppended)
     )
-    .bind(name.team.as_str())
-    .bind(name.id)
-    .bind(col(events, |e| e.sequence))
-    .bind(col(events, |e| e.event.event_id.clone()))
-    .bind(col(events, |e| e.event.parent_event_id.clone()))
-    .bind(col(events, |e| e.event.kind.as_str()))
-    .bind(col(events, |e| e.event.role.map(Role::as_str)))
-    .bind(col(events, |e| e.event.occurred_at))
-    .bind(col(events, |e| e.event.content.clone()))
-    .bind(col(events, |e| e.event.tool_name.clone()))
-    .bind(col(events, |e| e.event.tool_call_id.clone()))
-    .bind(col(events, |e| e.event.is_error))
-    .bind(col(events, |e| e.event.model.clone()))
-    .bind(col(events, |e| e.event.usage.input))
-    .bind(col(events, |e| e.event.usage.output))
-    .bind(col(events, |e| e.event.usage.cache_creation))
-    .bind(col(events, |e| e.event.usage.cache_read))
-    .bind(col(events, |e| e.event.is_sidechain))
-    .bind(col(events, |e| e.event.raw_json.clone()))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+});
+
+/// Binds [`APPEND`]'s `$1`-`$19`: the conversation and its new events, a column each.
+fn bind_events<'q, O>(
+    query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    name: &'q ConversationName,
+    events: &[Event],
+) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+    fn col<T>(events: &[Event], f: impl Fn(&Event) -> T) -> Vec<T> {
+        events.iter().map(f).collect()
+    }
+    query
+        .bind(name.team.as_str())
+        .bind(name.id)
+        .bind(col(events, |e| e.sequence))
+        .bind(col(events, |e| e.event.event_id.clone()))
+        .bind(col(events, |e| e.event.parent_event_id.clone()))
+        .bind(col(events, |e| e.event.kind.as_str()))
+        .bind(col(events, |e| e.event.role.map(Role::as_str)))
+        .bind(col(events, |e| e.event.occurred_at))
+        .bind(col(events, |e| e.event.content.clone()))
+        .bind(col(events, |e| e.event.tool_name.clone()))
+        .bind(col(events, |e| e.event.tool_call_id.clone()))
+        .bind(col(events, |e| e.event.is_error))
+        .bind(col(events, |e| e.event.model.clone()))
+        .bind(col(events, |e| e.event.usage.input))
+        .bind(col(events, |e| e.event.usage.output))
+        .bind(col(events, |e| e.event.usage.cache_creation))
+        .bind(col(events, |e| e.event.usage.cache_read))
+        .bind(col(events, |e| e.event.is_sidechain))
+        .bind(col(events, |e| e.event.raw_json.clone()))
 }
 
 /// Whether `team`'s slot has left (or not yet reached) the shard of `pool`: a NOT_FOUND

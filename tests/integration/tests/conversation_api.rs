@@ -572,8 +572,23 @@ async fn create_is_idempotent_by_request_id() {
     let mut chosen = new_conversation("idem", "chosen", "");
     chosen.conversation_id = uuid::Uuid::now_v7().to_string();
     client.create_conversation(chosen.clone()).await.unwrap();
-    let status = client.create_conversation(chosen).await.unwrap_err();
+    let status = client
+        .create_conversation(chosen.clone())
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
+
+    // With a request id too: the refused create keeps no claim of it, so its retry is
+    // refused again rather than replayed as a success that names the other conversation.
+    let mut chosen_again = chosen;
+    chosen_again.request_id = uuid::Uuid::now_v7().to_string();
+    for _ in 0..2 {
+        let status = client
+            .create_conversation(chosen_again.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    }
 }
 
 #[tokio::test]
@@ -1074,7 +1089,13 @@ async fn shutdown_lets_in_flight_calls_finish_before_exiting() {
 async fn past_the_bulkhead_calls_are_shed_at_once_with_pushback() {
     const LIMIT: usize = 2;
     const EXTRA: usize = 3;
-    let fleet = Fleet::start_with(1, &["--max-concurrent-calls", "2"]).await;
+    // No queue, so that past the limit a call is refused on arrival (the queue's waits are
+    // tested under tokio's paused clock in convoy_mesh::bulkhead).
+    let fleet = Fleet::start_with(
+        1,
+        &["--max-concurrent-calls", "2", "--max-queued-calls", "0"],
+    )
+    .await;
     let created = create(&fleet, "bulkhead", "t", "").await;
 
     // LIMIT updates block on a row lock and hold the bulkhead's permits.
