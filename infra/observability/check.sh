@@ -91,7 +91,7 @@ import yaml
 # The metrics convoy's services export ("up" is Prometheus's own).
 METRICS = {
     "up",
-    "convoy_server_in_flight", "convoy_server_shed_total",
+    "convoy_server_in_flight", "convoy_server_queued", "convoy_server_shed_total",
     "convoy_client_retries_total", "convoy_client_requests_total", "convoy_client_failfast_total",
     "convoy_client_reconnects_total", "convoy_client_keyed_unavailable_total",
     "convoy_breaker_transitions_total", "convoy_breaker_state",
