@@ -66,6 +66,8 @@ pub struct Limits {
 /// Why a call was refused (the `reason` label of `convoy_server_shed_total`).
 #[derive(Clone, Copy, Debug)]
 enum Shed {
+    /// Every permit was taken and the queue was full, as [`EarlyShed`] saw it.
+    Early,
     /// Every permit was taken and the queue was full.
     QueueFull,
     /// It waited `max_wait` in the queue.
@@ -118,12 +120,13 @@ impl Limits {
             ..
         } = self.config;
         let reason = match why {
+            Shed::Early => "early",
             Shed::QueueFull => "queue_full",
             Shed::Waited => "waited",
         };
         metrics::counter!("convoy_server_shed_total", "reason" => reason).increment(1);
         let message = match why {
-            Shed::QueueFull => format!(
+            Shed::Early | Shed::QueueFull => format!(
                 "server is at its limit of {limit} concurrent calls with {queue} waiting; \
                  retry after {} ms",
                 pushback.as_millis()
@@ -379,7 +382,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             EarlyShedProj::Passed { inner } => inner.poll(cx).map_err(Into::into),
-            EarlyShedProj::Refused { limits } => Poll::Ready(Ok(limits.refusal(Shed::QueueFull))),
+            EarlyShedProj::Refused { limits } => Poll::Ready(Ok(limits.refusal(Shed::Early))),
         }
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! Server side: the server builder ([`server`]) gives every service RED metrics per method
 //! ([`metrics`]), health checking, reflection, deadline enforcement ([`deadline`]), a
-//! shedding bulkhead ([`bulkhead`]), panic recovery ([`panic`]) and an ordered graceful
-//! shutdown. Client side, outermost first: RED metrics per logical call ([`metrics`]),
+//! bulkhead with a short queue ([`bulkhead`]), panic recovery ([`panic`]) and an ordered
+//! graceful shutdown. Client side, outermost first: RED metrics per logical call ([`metrics`]),
 //! deadline propagation ([`propagation`]), retries paid from a budget ([`retry`]), p2c
 //! balancing over discovered endpoints ([`balance`], [`shed_load`]), a circuit breaker
 //! ([`breaker`]) and a connection-aware endpoint ([`endpoint`]). Both sides speak mutual TLS
@@ -14,7 +14,8 @@
 //! `convoy_rpc_client_duration_seconds` (histograms by `rpc_service`, `rpc_method`,
 //! `rpc_grpc_status_code`), `convoy_client_requests_total`,
 //! `convoy_client_retries_total{budget}`, `convoy_breaker_transitions_total{transition}`,
-//! `convoy_breaker_state{endpoint}`, `convoy_server_shed_total`, `convoy_server_in_flight`,
+//! `convoy_breaker_state{endpoint}`, `convoy_server_shed_total{reason}`,
+//! `convoy_server_in_flight`, `convoy_server_queued`,
 //! `convoy_client_endpoint_updates_total{change}`, `convoy_client_failfast_total`,
 //! `convoy_client_reconnects_total`, `convoy_tls_reloads_total{outcome}`,
 //! `convoy_tls_handshake_failures_total`.

@@ -1,8 +1,8 @@
 //! Load as the balancer sees it: peak-EWMA latency, ranked behind any endpoint that is
 //! shedding.
 //!
-//! An endpoint at its bulkhead answers RESOURCE_EXHAUSTED at once, and peak-EWMA reads a
-//! fast answer as a light load: left alone, a shedding endpoint would attract more traffic
+//! An endpoint whose bulkhead and queue are full answers RESOURCE_EXHAUSTED at once, and
+//! peak-EWMA reads a fast answer as a light load: left alone, a shedding endpoint would attract more traffic
 //! exactly when it has no room for it. [`ShedAware`] remembers a shed answer until the
 //! endpoint's pushback has passed (`grpc-retry-pushback-ms`, or one second) and ranks the
 //! endpoint after every endpoint that is not shedding, so p2c picks it only when its

@@ -1,8 +1,8 @@
 //! The gRPC face of the conversation service: request → validation → store → reply.
 //!
-//! Each handler validates, then calls the store. Operations that open a transaction
-//! (append, and create with a request_id) run on a detached task, so a client that cancels or times out mid-call
-//! never cancels a transaction half-way through (sqlx's known pitfall: a future dropped
+//! Each handler validates, then calls the store. Operations that open a transaction (an
+//! append) run on a detached task, so a client that cancels or times out mid-call never
+//! cancels a transaction half-way through (sqlx's known pitfall: a future dropped
 //! inside `begin`/`commit` can return a connection to the pool inside a transaction). The
 //! task is itself bounded by the store's operation timeout. Single-statement operations run
 //! inline: dropping them mid-query is safe, and a task hop measured about 250 µs per call
@@ -119,13 +119,10 @@ impl ConversationService for ConversationApi {
         request: Request<pb::CreateConversationRequest>,
     ) -> Result<Response<pb::Conversation>, Status> {
         let new = validate::create(request.get_ref())?;
-        let created = if new.request.is_some() {
-            self.detached(|store| async move { store.create(new).await })
-                .await?
-        } else {
-            self.inline(|store| async move { store.create(new).await })
-                .await?
-        };
+        // One statement with or without a request id: inline (see the module docs).
+        let created = self
+            .inline(|store| async move { store.create(new).await })
+            .await?;
         let conversation = created.value.conversation;
         let (name, version) = (conversation.name.clone(), conversation.version);
         Ok(self.written(
