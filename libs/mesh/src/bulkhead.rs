@@ -96,16 +96,24 @@ impl BulkheadLayer {
 
     /// Calls running now.
     pub fn in_flight(&self) -> usize {
-        self.limits.config.limit - self.limits.running.available_permits()
+        self.limits.in_flight()
     }
 
     /// Calls waiting in the queue now.
     pub fn queued(&self) -> usize {
-        self.limits.config.queue - self.limits.queue.available_permits()
+        self.limits.queued()
     }
 }
 
 impl Limits {
+    fn in_flight(&self) -> usize {
+        self.config.limit - self.running.available_permits()
+    }
+
+    fn queued(&self) -> usize {
+        self.config.queue - self.queue.available_permits()
+    }
+
     /// Whether a call arriving now would be refused: nothing to run on, no room to wait.
     fn full(&self) -> bool {
         self.running.available_permits() == 0 && self.queue.available_permits() == 0
@@ -146,16 +154,10 @@ impl Limits {
         response
     }
 
+    /// Sets the gauges (on each arrival).
     fn record(&self) {
-        let Self {
-            config,
-            running,
-            queue,
-        } = self;
-        metrics::gauge!("convoy_server_in_flight")
-            .set((config.limit - running.available_permits()) as f64);
-        metrics::gauge!("convoy_server_queued")
-            .set((config.queue - queue.available_permits()) as f64);
+        metrics::gauge!("convoy_server_in_flight").set(self.in_flight() as f64);
+        metrics::gauge!("convoy_server_queued").set(self.queued() as f64);
     }
 }
 
@@ -213,17 +215,16 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let service = self.inner.clone();
         if is_exempt(request.uri().path()) {
             return BulkheadFuture::Running {
-                inner: service.oneshot(request),
+                inner: self.inner.clone().oneshot(request),
                 permit: None,
             };
         }
         let limits = &self.limits;
         let future = match limits.running.clone().try_acquire_owned() {
             Ok(permit) => BulkheadFuture::Running {
-                inner: service.oneshot(request),
+                inner: self.inner.clone().oneshot(request),
                 permit: Some(permit),
             },
             Err(_) => match limits.queue.clone().try_acquire_owned() {
@@ -233,7 +234,7 @@ where
                         place,
                         limits.config.max_wait,
                     )),
-                    call: Some((service, request)),
+                    call: Some((self.inner.clone(), request)),
                     limits: limits.clone(),
                 },
                 Err(_) => BulkheadFuture::Refused {

@@ -526,7 +526,7 @@ impl ConversationStore {
                 .bind(&fingerprint[..])
                 .fetch_optional(&mut *conn)
                 .await
-                .map_err(|e| taken_id(e, new))?;
+                .map_err(|e| claimed_insert_error(e, new))?;
             let value = match row {
                 Some(row) => Created {
                     conversation: row.into_model()?,
@@ -1015,7 +1015,16 @@ impl Change {
 /// same statement (hence the same transaction) also writes the change's outbox row: a write
 /// without its invalidation cannot commit. The result is the statement's own rows.
 fn with_outbox(statement: &str, change: Change) -> String {
-    format!("WITH changed AS ({statement}){}", outbox_suffix(change))
+    with_outbox_after("", statement, change)
+}
+
+/// [`with_outbox`] behind other common table expressions (`ctes`: `name AS (...), ` each,
+/// which `statement` may read).
+fn with_outbox_after(ctes: &str, statement: &str, change: Change) -> String {
+    format!(
+        "WITH {ctes}changed AS ({statement}){}",
+        outbox_suffix(change)
+    )
 }
 
 /// What follows `WITH changed AS (...)` in [`with_outbox`].
@@ -1090,7 +1099,7 @@ fn id_taken(new: &NewConversation) -> OpError {
 }
 
 /// [`CLAIMED_INSERT`]'s failure: a taken id is ALREADY_EXISTS, anything else as it is.
-fn taken_id(e: sqlx::Error, new: &NewConversation) -> OpError {
+fn claimed_insert_error(e: sqlx::Error, new: &NewConversation) -> OpError {
     match &e {
         sqlx::Error::Database(db)
             if db.is_unique_violation() && db.constraint() == Some("conversations_pkey") =>
@@ -1106,13 +1115,15 @@ fn taken_id(e: sqlx::Error, new: &NewConversation) -> OpError {
 /// the claim is new (none is returned for a claim already made: a replay), and a taken id
 /// is an error (no `ON CONFLICT`), so the claim is not kept either.
 static CLAIMED_INSERT: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH claim AS (INSERT INTO create_requests (team_id, request_id, conversation_id, \
-           fingerprint) VALUES ($1, $9, $2, $10) ON CONFLICT DO NOTHING RETURNING 1), \
-         changed AS (INSERT INTO conversations ({INSERT_COLUMNS}) \
-           SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM claim) \
-           RETURNING {COLUMNS}){}",
-        outbox_suffix(Change::Created)
+    with_outbox_after(
+        "claim AS (INSERT INTO create_requests (team_id, request_id, conversation_id, \
+           fingerprint) VALUES ($1, $9, $2, $10) ON CONFLICT DO NOTHING RETURNING 1), ",
+        &format!(
+            "INSERT INTO conversations ({INSERT_COLUMNS}) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM claim) \
+             RETURNING {COLUMNS}"
+        ),
+        Change::Created,
     )
 });
 
@@ -1161,30 +1172,32 @@ async fn replay(
 /// events, `$21` messages, `$22`-`$25` tokens, `$26`/`$27` the first and last event times)
 /// with its outbox row. Returns the conversation's new [`COLUMNS`].
 static APPEND: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH inserted AS (INSERT INTO conversation_events (team_id, conversation_id, sequence, \
+    with_outbox_after(
+        "inserted AS (INSERT INTO conversation_events (team_id, conversation_id, sequence, \
            event_id, parent_event_id, kind, role, occurred_at, content, tool_name, tool_call_id, \
            is_error, model, input_tokens, output_tokens, cache_creation_input_tokens, \
            cache_read_input_tokens, is_sidechain, raw_json) \
          SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], \
            $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::bool[], \
            $13::text[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::bool[], \
-           $19::jsonb[])), \
-         changed AS (UPDATE conversations SET \
-           event_count = event_count + $20, \
-           message_count = message_count + $21, \
-           input_tokens = input_tokens + $22, \
-           output_tokens = output_tokens + $23, \
-           cache_creation_input_tokens = cache_creation_input_tokens + $24, \
-           cache_read_input_tokens = cache_read_input_tokens + $25, \
-           first_event_at = LEAST(first_event_at, $26), \
-           last_event_at = GREATEST(last_event_at, $27), \
-           duration_seconds = EXTRACT(EPOCH FROM \
-               GREATEST(last_event_at, $27) - LEAST(first_event_at, $26))::double precision, \
-           version = version + 1, \
-           updated_at = now() \
-         WHERE team_id = $1 AND id = $2 RETURNING {COLUMNS}){}",
-        outbox_suffix(Change::EventsAppended)
+           $19::jsonb[])), ",
+        &format!(
+            "UPDATE conversations SET \
+               event_count = event_count + $20, \
+               message_count = message_count + $21, \
+               input_tokens = input_tokens + $22, \
+               output_tokens = output_tokens + $23, \
+               cache_creation_input_tokens = cache_creation_input_tokens + $24, \
+               cache_read_input_tokens = cache_read_input_tokens + $25, \
+               first_event_at = LEAST(first_event_at, $26), \
+               last_event_at = GREATEST(last_event_at, $27), \
+               duration_seconds = EXTRACT(EPOCH FROM \
+                   GREATEST(last_event_at, $27) - LEAST(first_event_at, $26))::double precision, \
+               version = version + 1, \
+               updated_at = now() \
+             WHERE team_id = $1 AND id = $2 RETURNING {COLUMNS}"
+        ),
+        Change::EventsAppended,
     )
 });
 
