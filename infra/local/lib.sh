@@ -245,6 +245,50 @@ tcp_open() {
     timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$host" "$port" >/dev/null 2>&1
 }
 
+# Who holds local TCP port PORT, one "STATE ADDRESS by PROCESS" line per socket: listeners
+# and either end of live connections (an outgoing connection takes a local port from the
+# kernel's ephemeral range: a replica's walreceiver, say, may hold etcd's peer port or any
+# other that lies there). TIME-WAIT sockets are left out: every server here binds with
+# SO_REUSEADDR, which they do not block. Empty when the port is free, or when `ss` (iproute2)
+# is missing.
+port_holders() {
+    local port="$1"
+    command -v ss >/dev/null 2>&1 || return 0
+    ss -Htanp "( sport = :$port )" 2>/dev/null | awk '
+        $1 == "TIME-WAIT" { next }
+        {
+            who = "an unknown process"
+            if (match($0, /users:\(\("[^"]*",pid=[0-9]+/)) {
+                split(substr($0, RSTART + 9, RLENGTH - 9), f, /",pid=/)
+                who = f[1] " (pid " f[2] ")"
+            }
+            print $1 " " $4 " by " who
+        }'
+}
+
+# The kernel's ephemeral port range, "LOW HIGH" (Linux's default 32768 60999).
+ephemeral_range() {
+    cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo "32768 60999"
+}
+
+# require_port_free PORT WHAT SETTING: dies naming who holds 127.0.0.1's PORT (WHAT it is
+# for, SETTING the variable that moves it), and warns when PORT lies in the ephemeral range,
+# where any outgoing connection may take it between two starts.
+require_port_free() {
+    local port="$1" what="$2" setting="$3" holders low high
+    holders="$(port_holders "$port")"
+    if [[ -n "$holders" ]]; then
+        die "port $port ($what) is taken: $(printf '%s' "$holders" | tr '\n' ';' | sed 's/;/; /g'); stop that or set $setting"
+    fi
+    if tcp_open 127.0.0.1 "$port"; then
+        die "port $port ($what) already accepts connections; stop that or set $setting"
+    fi
+    read -r low high < <(ephemeral_range)
+    if ((port >= low && port <= high)); then
+        warn "port $port ($what) lies in the kernel's ephemeral range $low-$high, where outgoing connections may take it; $setting moves it"
+    fi
+}
+
 # pg_start DATA_DIR PORT LOGFILE: starts the cluster on 127.0.0.1:PORT (if not running
 # already) with pg_stat_statements preloaded when installed, creates database convoy (and
 # the extension in it, for `convoyctl queries`) when missing, and waits until it accepts
@@ -260,9 +304,7 @@ pg_start() {
     if pg_running "$data"; then
         log "postgres $data already running"
     else
-        if tcp_open 127.0.0.1 "$port"; then
-            die "port 127.0.0.1:$port is taken by another process; pick other ports with CONVOY_PG_PORT_BASE"
-        fi
+        require_port_free "$port" "postgres $data" CONVOY_PG_PORT_BASE
         # wal_keep_size: WAL kept for a replica that was down (without it, one stopped while
         # its primary recycled the WAL it needs never streams again).
         printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\nwal_keep_size = '512MB'\nshared_preload_libraries = '%s'\n" "$port" "$sock" "$preload" |

@@ -43,13 +43,13 @@ component="$1"
 
 # up.sh's defaults.
 STATE_DIR="${CONVOY_STATE_DIR:-$CONVOY_ROOT/.convoy}"
-PORT_BASE="${CONVOY_PG_PORT_BASE:-55432}"
-ETCD_PORT="${CONVOY_ETCD_PORT:-52379}"
-REDIS_PORT="${CONVOY_REDIS_PORT:-53379}"
-LISTEN="${CONVOY_LISTEN:-127.0.0.1:50051}"
-CACHE_LISTEN="${CONVOY_CACHE_LISTEN:-127.0.0.1:50061}"
-ROUTER_LISTEN="${CONVOY_ROUTER_LISTEN:-127.0.0.1:50071}"
-ANALYTICS_LISTEN="${CONVOY_ANALYTICS_LISTEN:-127.0.0.1:50081}"
+PORT_BASE="${CONVOY_PG_PORT_BASE:-25432}"
+ETCD_PORT="${CONVOY_ETCD_PORT:-22379}"
+REDIS_PORT="${CONVOY_REDIS_PORT:-23379}"
+LISTEN="${CONVOY_LISTEN:-127.0.0.1:20051}"
+CACHE_LISTEN="${CONVOY_CACHE_LISTEN:-127.0.0.1:20061}"
+ROUTER_LISTEN="${CONVOY_ROUTER_LISTEN:-127.0.0.1:20071}"
+ANALYTICS_LISTEN="${CONVOY_ANALYTICS_LISTEN:-127.0.0.1:20081}"
 METRICS_LISTEN="${CONVOY_CONVERSATION_METRICS_LISTEN:-127.0.0.1:9151}"
 CACHE_METRICS_LISTEN="${CONVOY_CACHE_METRICS_LISTEN:-127.0.0.1:9161}"
 ROUTER_METRICS_LISTEN="${CONVOY_ROUTER_METRICS_LISTEN:-127.0.0.1:9171}"
@@ -199,6 +199,27 @@ write_shard_map() {
 # environment decides (CONVOY_NO_AUTH, or CONVOY_AUTH_KEYS as Tilt's auth resource sets it).
 case "$component" in
 shard-router | cache | conversation | analytics) dev_auth "$STATE_DIR" "$(binary convoyctl)" ;;
+esac
+
+# The ports this component listens on must be free: say who holds one rather than fail later
+# with "address already in use" (Postgres's are checked by pg_start).
+listen_check() {
+    local what="$1" setting="$2" metrics="$3" port
+    read -r _ port < <(address_of "$component")
+    require_port_free "$port" "$what" "$setting"
+    read -r _ port < <(host_port_of "$metrics")
+    require_port_free "$port" "$component's metrics" "CONVOY_*_METRICS_LISTEN"
+}
+case "$component" in
+etcd)
+    require_port_free "$ETCD_PORT" "etcd's clients" CONVOY_ETCD_PORT
+    require_port_free "$((ETCD_PORT + 1))" "etcd's peers" CONVOY_ETCD_PORT
+    ;;
+redis) require_port_free "$REDIS_PORT" Redis CONVOY_REDIS_PORT ;;
+shard-router) listen_check "the shard-router's gRPC" CONVOY_ROUTER_LISTEN "$ROUTER_METRICS_LISTEN" ;;
+cache) listen_check "the cache service's gRPC" CONVOY_CACHE_LISTEN "$CACHE_METRICS_LISTEN" ;;
+conversation) listen_check "conversation's gRPC" CONVOY_LISTEN "$METRICS_LISTEN" ;;
+analytics) listen_check "analytics' gRPC" CONVOY_ANALYTICS_LISTEN "$ANALYTICS_METRICS_LISTEN" ;;
 esac
 
 # Flags and unset variables as up.sh's (NO_COLOR aside: Tilt shows colours, a log file does not).

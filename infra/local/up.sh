@@ -16,15 +16,15 @@
 #
 # Environment:
 #   CONVOY_BUILD_PROFILE  cargo profile to build: release (default), dev, or any custom one
-#   CONVOY_PG_PORT_BASE   shard-0's port; shard-1 gets the next one (default 55432); shard N's
+#   CONVOY_PG_PORT_BASE   shard-0's port; shard-1 gets the next one (default 25432); shard N's
 #                         replica R listens on base + 100 + 10N + R
 #   CONVOY_PG_REPLICAS    streaming replicas per shard (default 1; 0 for none)
-#   CONVOY_LISTEN         the service's gRPC address (default 127.0.0.1:50051)
-#   CONVOY_ETCD_PORT      etcd's client port; its peer port is the next one (default 52379)
-#   CONVOY_REDIS_PORT     Redis's port (default 53379)
-#   CONVOY_CACHE_LISTEN   the cache service's gRPC address (default 127.0.0.1:50061)
-#   CONVOY_ROUTER_LISTEN  the shard-router's gRPC address (default 127.0.0.1:50071)
-#   CONVOY_ANALYTICS_LISTEN the analytics service's gRPC address (default 127.0.0.1:50081)
+#   CONVOY_LISTEN         the service's gRPC address (default 127.0.0.1:20051)
+#   CONVOY_ETCD_PORT      etcd's client port; its peer port is the next one (default 22379)
+#   CONVOY_REDIS_PORT     Redis's port (default 23379)
+#   CONVOY_CACHE_LISTEN   the cache service's gRPC address (default 127.0.0.1:20061)
+#   CONVOY_ROUTER_LISTEN  the shard-router's gRPC address (default 127.0.0.1:20071)
+#   CONVOY_ANALYTICS_LISTEN the analytics service's gRPC address (default 127.0.0.1:20081)
 #   CONVOY_CONVERSATION_METRICS_LISTEN, CONVOY_CACHE_METRICS_LISTEN, CONVOY_ROUTER_METRICS_LISTEN,
 #   CONVOY_ANALYTICS_METRICS_LISTEN
 #                         where conversation, cache, the shard-router and analytics serve
@@ -84,35 +84,35 @@ mkdir -p "$STATE_DIR"
 STATE_DIR="$(cd "$STATE_DIR" && pwd)"
 RUN_DIR="$STATE_DIR/run"
 LOG_DIR="$STATE_DIR/logs"
-PORT_BASE="${CONVOY_PG_PORT_BASE:-55432}"
-LISTEN="${CONVOY_LISTEN:-127.0.0.1:50051}"
+PORT_BASE="${CONVOY_PG_PORT_BASE:-25432}"
+LISTEN="${CONVOY_LISTEN:-127.0.0.1:20051}"
 PROFILE="${CONVOY_BUILD_PROFILE:-release}"
 SERVICE_PID_FILE="$RUN_DIR/conversation.pid"
 SERVICE_LOG="$LOG_DIR/conversation.log"
-ETCD_PORT="${CONVOY_ETCD_PORT:-52379}"
+ETCD_PORT="${CONVOY_ETCD_PORT:-22379}"
 [[ "$ETCD_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_ETCD_PORT must be a port number, got '$ETCD_PORT'"
 ETCD_PEER_PORT="$((ETCD_PORT + 1))"
 ETCD_URL="http://127.0.0.1:$ETCD_PORT"
 ETCD_DATA="$STATE_DIR/etcd"
 ETCD_PID_FILE="$RUN_DIR/etcd.pid"
 ETCD_LOG="$LOG_DIR/etcd.log"
-REDIS_PORT="${CONVOY_REDIS_PORT:-53379}"
+REDIS_PORT="${CONVOY_REDIS_PORT:-23379}"
 [[ "$REDIS_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_REDIS_PORT must be a port number, got '$REDIS_PORT'"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 REDIS_DATA="$STATE_DIR/redis"
 REDIS_PID_FILE="$RUN_DIR/redis.pid"
 REDIS_LOG="$LOG_DIR/redis.log"
-CACHE_LISTEN="${CONVOY_CACHE_LISTEN:-127.0.0.1:50061}"
+CACHE_LISTEN="${CONVOY_CACHE_LISTEN:-127.0.0.1:20061}"
 CACHE_PID_FILE="$RUN_DIR/cache.pid"
 CACHE_LOG="$LOG_DIR/cache.log"
 read -r CACHE_HOST CACHE_PORT < <(host_port_of "$CACHE_LISTEN")
 [[ "$CACHE_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_CACHE_LISTEN must be HOST:PORT, got '$CACHE_LISTEN'"
-ROUTER_LISTEN="${CONVOY_ROUTER_LISTEN:-127.0.0.1:50071}"
+ROUTER_LISTEN="${CONVOY_ROUTER_LISTEN:-127.0.0.1:20071}"
 ROUTER_PID_FILE="$RUN_DIR/shard-router.pid"
 ROUTER_LOG="$LOG_DIR/shard-router.log"
 read -r ROUTER_HOST ROUTER_PORT < <(host_port_of "$ROUTER_LISTEN")
 [[ "$ROUTER_PORT" =~ ^[0-9]+$ ]] || die "CONVOY_ROUTER_LISTEN must be HOST:PORT, got '$ROUTER_LISTEN'"
-ANALYTICS_LISTEN="${CONVOY_ANALYTICS_LISTEN:-127.0.0.1:50081}"
+ANALYTICS_LISTEN="${CONVOY_ANALYTICS_LISTEN:-127.0.0.1:20081}"
 ANALYTICS_PID_FILE="$RUN_DIR/analytics.pid"
 ANALYTICS_LOG="$LOG_DIR/analytics.log"
 read -r ANALYTICS_HOST ANALYTICS_PORT < <(host_port_of "$ANALYTICS_LISTEN")
@@ -331,31 +331,20 @@ esac
 if pid="$(detached_service_pid)"; then
     die "a detached fleet is already running from $STATE_DIR (conversation pid $pid); stop it with: infra/local/up.sh --stop"
 fi
-if tcp_open "$PROBE_HOST" "$PROBE_PORT"; then
-    die "$CALL_ADDR already accepts connections (another fleet?); stop it or set CONVOY_LISTEN"
-fi
-if tcp_open "$CACHE_HOST" "$CACHE_PORT"; then
-    die "$CACHE_LISTEN already accepts connections (another fleet?); stop it or set CONVOY_CACHE_LISTEN"
-fi
-if tcp_open "$ROUTER_HOST" "$ROUTER_PORT"; then
-    die "$ROUTER_LISTEN already accepts connections (another fleet?); stop it or set CONVOY_ROUTER_LISTEN"
-fi
-if tcp_open "$ANALYTICS_HOST" "$ANALYTICS_PORT"; then
-    die "$ANALYTICS_LISTEN already accepts connections (another fleet?); stop it or set CONVOY_ANALYTICS_LISTEN"
-fi
+# Every port the fleet listens on, before anything starts (Postgres's are checked as each
+# server starts, since one of this state folder's may be running already).
+require_port_free "$PROBE_PORT" "conversation's gRPC" CONVOY_LISTEN
+require_port_free "$CACHE_PORT" "the cache service's gRPC" CONVOY_CACHE_LISTEN
+require_port_free "$ROUTER_PORT" "the shard-router's gRPC" CONVOY_ROUTER_LISTEN
+require_port_free "$ANALYTICS_PORT" "analytics' gRPC" CONVOY_ANALYTICS_LISTEN
 for metrics_addr in "$METRICS_LISTEN" "$CACHE_METRICS_LISTEN" "$ROUTER_METRICS_LISTEN" "$ANALYTICS_METRICS_LISTEN"; do
     read -r metrics_host metrics_port < <(host_port_of "$metrics_addr")
     [[ "$metrics_port" =~ ^[0-9]+$ ]] || die "a metrics address must be HOST:PORT, got '$metrics_addr'"
-    if tcp_open "$metrics_host" "$metrics_port"; then
-        die "$metrics_addr already accepts connections (another fleet?); stop it or set CONVOY_*_METRICS_LISTEN"
-    fi
+    require_port_free "$metrics_port" "metrics at $metrics_addr" "CONVOY_*_METRICS_LISTEN"
 done
-if tcp_open 127.0.0.1 "$REDIS_PORT"; then
-    die "127.0.0.1:$REDIS_PORT already accepts connections (another Redis?); stop it or set CONVOY_REDIS_PORT"
-fi
-if tcp_open 127.0.0.1 "$ETCD_PORT"; then
-    die "127.0.0.1:$ETCD_PORT already accepts connections (another etcd?); stop it or set CONVOY_ETCD_PORT"
-fi
+require_port_free "$REDIS_PORT" "Redis" CONVOY_REDIS_PORT
+require_port_free "$ETCD_PORT" "etcd's clients" CONVOY_ETCD_PORT
+require_port_free "$ETCD_PEER_PORT" "etcd's peers" CONVOY_ETCD_PORT
 
 ensure_packages
 

@@ -53,7 +53,9 @@ import yaml
 
 SERVICES = ["conversation", "cache", "shard-router", "analytics"]
 SHARDS = [0, 1]
-GRPC_PORTS = {"conversation": 50051, "cache": 50061, "shard-router": 50071, "analytics": 50081}
+# Each service's gRPC port as k8s mode forwards it to this machine (up.sh's ports, below the
+# ephemeral range; the containers listen on 50051, 50061, ...).
+LOCAL_GRPC_PORTS = {"conversation": 20051, "cache": 20061, "shard-router": 20071, "analytics": 20081}
 # Observability UIs forwarded in k8s mode: workload -> port.
 UI_PORTS = {"grafana": 3000, "jaeger": 16686, "prometheus": 9090}
 K8S_LABELS = {"infrastructure", "services", "observability"}
@@ -708,7 +710,7 @@ def check_k8s(r, stubs):
             forwarded.add(local_port)
             r.check(container_port in declared,
                     f"[k8s] {res['name']}: port forward to {container_port}, which no container declares ({sorted(declared)})")
-        want = GRPC_PORTS.get(res["name"]) or UI_PORTS.get(res["name"])
+        want = LOCAL_GRPC_PORTS.get(res["name"]) or UI_PORTS.get(res["name"])
         if want:
             r.check(want in forwarded, f"[k8s] {res['name']}: port {want} is not forwarded")
 

@@ -109,7 +109,7 @@ enum CacheCommand {
         #[arg(
             long,
             env = "CONVOY_REDIS_URL",
-            default_value = "redis://127.0.0.1:53379"
+            default_value = "redis://127.0.0.1:23379"
         )]
         redis_url: String,
     },
