@@ -29,7 +29,7 @@ pub enum Role {
     /// Reader, plus creates, updates, deletes and appends.
     Writer,
     /// Administers its teams, and everything a writer does there; with the fleet-wide
-    /// grant ([`Claims::fleet`]) also runs the fleet (resharding, cache flushes,
+    /// grant (the token's `fleet` claim) also runs the fleet (resharding, cache flushes,
     /// fleet-wide analytics).
     Admin,
     /// A convoy service calling another one.
