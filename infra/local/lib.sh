@@ -409,7 +409,9 @@ host_port_of() {
 # own keys, and your own tokens in CONVOY_AUTH_TOKEN_FILE), it keeps a development key pair
 # in STATE_DIR/auth (dev-1.key, and keys/dev-1.pem for the services), mints fresh tokens
 # there at every start (30 days each: service.token for the services' calls to each other,
-# admin.token for convoyctl, acme-writer.token for team acme's clients) and exports
+# admin.token for convoyctl, both with the fleet-wide grant that the shard map, cache
+# statistics and fleet administration need; acme-writer.token for team acme's clients,
+# without it) and exports
 # CONVOY_AUTH_KEYS and CONVOY_AUTH_TOKEN_FILE. Sets AUTH_DIR to that folder, or to nothing
 # when the environment decided. Serialized with flock: Tilt starts services concurrently.
 dev_auth() {
@@ -429,9 +431,9 @@ dev_auth() {
             "$ctl" token keygen --kid dev-1 --out "$AUTH_DIR" --keys "$AUTH_DIR/keys" >/dev/null ||
                 die "convoyctl token keygen failed"
         fi
-        for spec in service:'*':service admin:'*':admin writer:acme:acme-writer; do
-            IFS=: read -r role team name <<<"$spec"
-            "$ctl" token mint --key "$AUTH_DIR/dev-1.key" --team "$team" --role "$role" \
+        for spec in service:'*':service:--fleet admin:'*':admin:--fleet writer:acme:acme-writer:; do
+            IFS=: read -r role team name fleet <<<"$spec"
+            "$ctl" token mint --key "$AUTH_DIR/dev-1.key" --team "$team" --role "$role" ${fleet:+"$fleet"} \
                 --subject "local-$name" --ttl-hours 720 >"$AUTH_DIR/$name.token.new" ||
                 die "convoyctl token mint failed"
             chmod 0600 "$AUTH_DIR/$name.token.new"

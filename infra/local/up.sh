@@ -47,8 +47,8 @@
 # $CONVOY_STATE_DIR/etcd (etcd data), $CONVOY_STATE_DIR/redis (Redis's append-only file),
 # $CONVOY_STATE_DIR/logs (postgres and service logs), $CONVOY_STATE_DIR/run (PID files of a
 # detached fleet), $CONVOY_STATE_DIR/auth (the development key pair, kept, and tokens minted
-# at every start: admin.token for convoyctl, acme-writer.token for team acme's clients,
-# service.token for the services' own calls).
+# at every start: admin.token for convoyctl and service.token for the services' own calls,
+# both with the fleet-wide grant; acme-writer.token for team acme's clients, without it).
 set -euo pipefail
 
 # shellcheck source=infra/local/lib.sh
@@ -266,9 +266,9 @@ print_howto() {
         grpcurl="grpcurl -plaintext -H \"authorization: Bearer \$(cat $AUTH_DIR/acme-writer.token)\""
         smoke_env="CONVOY_TOKEN_FILE=$AUTH_DIR/admin.token "
         auth_lines="  auth:   tokens signed by the development key $AUTH_DIR/dev-1.key (public: $AUTH_DIR/keys);
-          team acme's writer: $AUTH_DIR/acme-writer.token, admin: $AUTH_DIR/admin.token;
+          team acme's writer: $AUTH_DIR/acme-writer.token, fleet admin: $AUTH_DIR/admin.token;
           a ready token (team acme, writer, 30 days): $(cat "$AUTH_DIR/acme-writer.token")
-          more: $CTL_BIN token mint --key $AUTH_DIR/dev-1.key --team T --role reader|writer|admin"
+          more: $CTL_BIN token mint --key $AUTH_DIR/dev-1.key --team T --role reader|writer|admin [--fleet]"
     elif [[ -n "${CONVOY_AUTH_KEYS:-}" ]]; then
         auth_lines="  auth:   tokens signed by the keys in $CONVOY_AUTH_KEYS (add --token-file to convoyctl, -H 'authorization: Bearer ...' to grpcurl)"
     fi

@@ -1,4 +1,5 @@
-//! What a verified token says about its bearer: who, which teams, which role.
+//! What a verified token says about its bearer: who, which teams, which role, and whether
+//! it holds the fleet-wide grant.
 
 use std::sync::Arc;
 
@@ -9,8 +10,14 @@ use serde::{Deserialize, Serialize};
 /// issued for another system by the same key is refused.
 pub const AUDIENCE: &str = "convoy";
 
-/// The `teams` entry that reaches every team (admins, services).
+/// The `teams` entry that reaches every team's data (admins, services). It does not grant
+/// fleet-wide operations: that takes [`Claims::fleet`].
 pub const ALL_TEAMS: &str = "*";
+
+/// The pseudo-team under which fleet-wide answers are kept (the fleet overview in the cache
+/// tier: `analytics:_fleet:...`). Only holders of the fleet-wide grant reach it; no team
+/// id can take this name (team ids do not start with `_`).
+pub const FLEET_TEAM: &str = "_fleet";
 
 /// A bearer's role. The order of satisfaction is reader < writer < admin, with service
 /// beside admin: a service satisfies reader, writer and service, never admin.
@@ -21,8 +28,9 @@ pub enum Role {
     Reader,
     /// Reader, plus creates, updates, deletes and appends.
     Writer,
-    /// Fleet operations (resharding, cache flushes, fleet-wide analytics), and everything
-    /// else.
+    /// Administers its teams, and everything a writer does there; with the fleet-wide
+    /// grant (the token's `fleet` claim) also runs the fleet (resharding, cache flushes,
+    /// fleet-wide analytics).
     Admin,
     /// A convoy service calling another one.
     Service,
@@ -67,11 +75,21 @@ pub struct Claims {
     pub iat: u64,
     /// Audience; convoy requires [`AUDIENCE`].
     pub aud: String,
+    /// The fleet-wide grant: the bearer may call fleet-scoped RPCs (those whose policy is
+    /// `TEAM_SCOPE_FLEET`: the fleet overview, the shard map and its administration, cache
+    /// statistics and flushes), as far as its role allows. Absent means false; `teams:
+    /// ["*"]` does not imply it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fleet: bool,
 }
 
 impl Claims {
-    /// Whether the bearer may reach `team`.
+    /// Whether the bearer may reach `team`: a team its `teams` name (or `"*"`), or the
+    /// fleet's own [`FLEET_TEAM`] with the fleet-wide grant.
     pub fn reaches(&self, team: &str) -> bool {
+        if team == FLEET_TEAM {
+            return self.fleet;
+        }
         self.teams.iter().any(|t| t == ALL_TEAMS || t == team)
     }
 }
@@ -114,6 +132,16 @@ impl Caller {
             }
         }
     }
+
+    /// Whether the call holds the fleet-wide grant a fleet-scoped RPC needing `needed`
+    /// asks for. Service-only RPCs check the caller (as [`Caller::may_call`] does); the
+    /// others check the caller and the user it acts for, so neither side widens the other.
+    pub fn holds_fleet_grant(&self, needed: AccessRole) -> bool {
+        match needed {
+            AccessRole::Service => self.actor.fleet,
+            _ => self.actor.fleet && self.subject.as_ref().is_none_or(|s| s.fleet),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -128,7 +156,21 @@ mod tests {
             exp: 0,
             iat: 0,
             aud: AUDIENCE.into(),
+            fleet: false,
         })
+    }
+
+    fn fleet(role: Role, teams: &[&str]) -> Arc<Claims> {
+        let mut claims = Arc::unwrap_or_clone(claims(role, teams));
+        claims.fleet = true;
+        Arc::new(claims)
+    }
+
+    fn alone(actor: Arc<Claims>) -> Caller {
+        Caller {
+            actor,
+            subject: None,
+        }
     }
 
     #[test]
@@ -165,5 +207,66 @@ mod tests {
         };
         assert!(alone.reaches("globex"));
         assert!(!alone.may_call(AccessRole::Admin));
+    }
+
+    #[test]
+    fn only_the_fleet_grant_opens_fleet_rpcs_whatever_the_teams() {
+        use AccessRole::*;
+        // An admin of some teams, or of every team, without the grant: no fleet RPC.
+        for teams in [&["acme"][..], &["*"]] {
+            let admin = alone(claims(Role::Admin, teams));
+            assert!(!admin.holds_fleet_grant(Admin), "{teams:?}");
+            assert!(!admin.holds_fleet_grant(Service), "{teams:?}");
+            assert!(!admin.reaches(FLEET_TEAM), "{teams:?}");
+        }
+        let admin = alone(fleet(Role::Admin, &["*"]));
+        assert!(admin.holds_fleet_grant(Admin) && admin.reaches(FLEET_TEAM));
+        // The grant is about the fleet, not about teams: it adds none.
+        let ops = alone(fleet(Role::Admin, &["ops"]));
+        assert!(ops.holds_fleet_grant(Admin) && !ops.reaches("acme"));
+    }
+
+    #[test]
+    fn a_service_acting_for_a_user_holds_the_grant_only_if_both_do_except_service_rpcs() {
+        use AccessRole::*;
+        let service = fleet(Role::Service, &["*"]);
+        let for_user = Caller {
+            actor: service.clone(),
+            subject: Some(claims(Role::Admin, &["acme"])),
+        };
+        // Service-only fleet RPCs (the shard map, cache statistics) are the service's own.
+        assert!(for_user.holds_fleet_grant(Service));
+        assert!(!for_user.holds_fleet_grant(Admin));
+        assert!(!for_user.reaches(FLEET_TEAM));
+        let for_fleet_admin = Caller {
+            actor: service,
+            subject: Some(fleet(Role::Admin, &["*"])),
+        };
+        assert!(for_fleet_admin.holds_fleet_grant(Admin));
+        assert!(for_fleet_admin.reaches(FLEET_TEAM));
+        // A service token minted without the grant does not get the shard map.
+        assert!(!alone(claims(Role::Service, &["*"])).holds_fleet_grant(Service));
+    }
+
+    #[test]
+    fn the_grant_is_absent_unless_a_token_says_true() {
+        let without: Claims = serde_json::from_str(
+            r#"{"sub":"u","teams":["*"],"role":"admin","exp":1,"aud":"convoy"}"#,
+        )
+        .unwrap();
+        assert!(!without.fleet);
+        let with: Claims = serde_json::from_str(
+            r#"{"sub":"u","teams":[],"role":"admin","exp":1,"aud":"convoy","fleet":true}"#,
+        )
+        .unwrap();
+        assert!(with.fleet);
+        // Not written when false: tokens without the grant look as they always did.
+        assert!(!serde_json::to_string(&without).unwrap().contains("fleet"));
+        assert!(
+            serde_json::from_str::<Claims>(
+                r#"{"sub":"u","teams":[],"role":"admin","exp":1,"aud":"convoy","fleet":"yes"}"#
+            )
+            .is_err()
+        );
     }
 }

@@ -8,7 +8,8 @@
 //!    signed or expired tokens get UNAUTHENTICATED with an `ErrorInfo` reason. A service
 //!    acting for a user adds the user's token in [`SUBJECT_HEADER`]; it is verified too,
 //!    and honoured only from a caller with the service role.
-//! 3. The role is checked ([`Caller::may_call`]), then every team the request names in its
+//! 3. The role is checked ([`Caller::may_call`]) and, for a fleet-scoped RPC, the fleet-wide
+//!    grant ([`MethodPolicy::require_fleet_grant`]); then every team the request names in its
 //!    policy's `team_fields`, read from the encoded request ([`crate::wire`]) before tonic
 //!    decodes it: a team the caller does not reach gets PERMISSION_DENIED. Client streams
 //!    are checked message by message as they arrive.
@@ -88,13 +89,10 @@ impl Authorizer {
         }
     }
 
-    /// Reloads the keys (every [`crate::args::KEY_RELOAD_INTERVAL`]) and forgets idle rate
+    /// Reloads the keys (every [`Verifier::reload_interval`]) and forgets idle rate
     /// buckets (every minute) for as long as it runs: the server runs it beside itself.
     pub async fn maintain(self: Arc<Self>) {
-        let keys = self
-            .verifier
-            .clone()
-            .watch(crate::args::KEY_RELOAD_INTERVAL);
+        let keys = self.verifier.clone().watch();
         let buckets = async {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
@@ -171,6 +169,9 @@ impl Authorizer {
                 path,
             ));
         }
+        policy
+            .require_fleet_grant(&caller)
+            .map_err(|m| denied("FLEET_GRANT_REQUIRED", m, path))?;
         Ok((caller, forward))
     }
 

@@ -1,8 +1,9 @@
 //! Who may call convoy, which teams' data they may touch, and how often.
 //!
 //! Every convoy server runs [`AuthLayer`]: bearer tokens (signed JWTs, EdDSA or RS256) are
-//! verified against a directory of public keys ([`Verifier`], claims cached until expiry),
-//! each RPC is checked against the policy its `.proto` declares ([`policy`]), the teams a
+//! verified against a directory of public keys ([`Verifier`], claims cached until expiry,
+//! keys reloaded failing closed), each RPC is checked against the policy its `.proto`
+//! declares ([`policy`]; fleet-scoped ones need the token's fleet-wide grant), the teams a
 //! request names are read from its encoding before it is decoded ([`wire`]), and each
 //! team's calls are rate-limited per role ([`RateLimits`]). Clients present tokens and
 //! forward their user's with [`CredentialsLayer`]. The model is in docs/security.md.
@@ -20,14 +21,17 @@ pub mod policy;
 mod verify;
 pub mod wire;
 
-pub use args::{AuthArgs, AuthConfigError, KEY_RELOAD_INTERVAL};
-pub use claims::{ALL_TEAMS, AUDIENCE, Caller, Claims, Role};
+pub use args::{AuthArgs, AuthConfigError};
+pub use claims::{ALL_TEAMS, AUDIENCE, Caller, Claims, FLEET_TEAM, Role};
 pub use client::{Credentials, CredentialsLayer, TokenFile, TokenFileError, WithCredentials};
-pub use keys::{KeyError, KeySet, LEEWAY_SECS};
+pub use keys::{KeyError, KeySet, LEEWAY_SECS, MAX_KEY_FILE_BYTES};
 pub use layer::{
     AuthLayer, AuthService, Authorizer, ERROR_DOMAIN, SUBJECT_HEADER, forwarded_token,
     with_forwarded_token,
 };
 pub use limit::{Rate, RateLimitConfig, RateLimits};
 pub use mint::{KeyPair, MintError, Signer, generate_key_pair};
-pub use verify::{MAX_TOKEN_BYTES, TokenError, Verifier};
+pub use verify::{
+    KEY_DIR_UNREADABLE_GRACE, KEY_RELOAD_INTERVAL, MAX_TOKEN_BYTES, REVOCATION_BOUND, Reload,
+    TokenError, Verifier,
+};

@@ -102,7 +102,8 @@ impl Signer {
         jsonwebtoken::encode(&header, claims, &self.key).map_err(|e| MintError::Sign(e.to_string()))
     }
 
-    /// Mints a token for `sub` reaching `teams` as `role`, valid for `ttl` from now.
+    /// Mints a token for `sub` reaching `teams` as `role`, valid for `ttl` from now,
+    /// without the fleet-wide grant.
     pub fn mint(
         &self,
         sub: &str,
@@ -110,16 +111,34 @@ impl Signer {
         role: Role,
         ttl: Duration,
     ) -> Result<String, MintError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.sign(&Claims {
-            sub: sub.to_owned(),
-            teams: teams.to_vec(),
-            role,
-            exp: now.saturating_add(ttl.as_secs()),
-            iat: now,
-            aud: AUDIENCE.to_owned(),
-        })
+        self.sign(&claims(sub, teams, role, false, ttl))
+    }
+
+    /// Like [`Signer::mint`], with the fleet-wide grant ([`Claims::fleet`]): for fleet
+    /// administrators and for the services' own token (the shard map and cache statistics
+    /// are fleet-scoped).
+    pub fn mint_fleet(
+        &self,
+        sub: &str,
+        teams: &[String],
+        role: Role,
+        ttl: Duration,
+    ) -> Result<String, MintError> {
+        self.sign(&claims(sub, teams, role, true, ttl))
+    }
+}
+
+fn claims(sub: &str, teams: &[String], role: Role, fleet: bool, ttl: Duration) -> Claims {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Claims {
+        sub: sub.to_owned(),
+        teams: teams.to_vec(),
+        role,
+        exp: now.saturating_add(ttl.as_secs()),
+        iat: now,
+        aud: AUDIENCE.to_owned(),
+        fleet,
     }
 }

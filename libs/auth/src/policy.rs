@@ -14,6 +14,8 @@ use std::sync::OnceLock;
 use convoy_proto::v1::{AccessPolicy, AccessRole, TeamScope};
 use prost::Message;
 
+use crate::claims::Caller;
+
 /// The policy of one method, ready for the layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MethodPolicy {
@@ -27,6 +29,29 @@ pub struct MethodPolicy {
     pub team_fields: Vec<TeamField>,
     /// Whether the client streams requests (each message is checked).
     pub client_streaming: bool,
+}
+
+impl MethodPolicy {
+    /// Whether the method is fleet-scoped (`TEAM_SCOPE_FLEET`, or no scope, which counts as
+    /// fleet): it is about no one team, so team lists cannot bound it.
+    pub fn is_fleet_scoped(&self) -> bool {
+        matches!(self.scope, TeamScope::Fleet | TeamScope::Unspecified)
+    }
+
+    /// Ok if `caller` may call this method as far as the fleet-wide grant goes: a
+    /// fleet-scoped method needs it ([`Caller::holds_fleet_grant`]), whatever teams the
+    /// token names (`"*"` included), so an admin of some teams administers only those.
+    /// Otherwise, the refusal's message.
+    pub fn require_fleet_grant(&self, caller: &Caller) -> Result<(), String> {
+        if !self.is_fleet_scoped() || caller.holds_fleet_grant(self.role) {
+            return Ok(());
+        }
+        Err(format!(
+            "{} is fleet-wide: it needs a token with the fleet-wide grant (\"fleet\": true); \
+             a token naming teams, even \"*\", reaches only their data",
+            self.path
+        ))
+    }
 }
 
 /// One team-naming field of a request.
@@ -288,6 +313,57 @@ mod tests {
         assert_eq!(
             (flush.role, flush.scope),
             (AccessRole::Admin, TeamScope::Fleet)
+        );
+    }
+
+    #[test]
+    fn every_fleet_scoped_rpc_needs_the_grant_and_no_team_scoped_one_does() {
+        use crate::claims::{AUDIENCE, Claims, Role};
+        let caller = |role, fleet| Caller {
+            actor: std::sync::Arc::new(Claims {
+                sub: "t".into(),
+                teams: vec!["*".into()],
+                role,
+                exp: 0,
+                iat: 0,
+                aud: AUDIENCE.into(),
+                fleet,
+            }),
+            subject: None,
+        };
+        let mut fleet_scoped = Vec::new();
+        for (path, policy) in table() {
+            let admin = caller(Role::Admin, false);
+            assert_eq!(
+                policy.require_fleet_grant(&admin).is_err(),
+                policy.is_fleet_scoped(),
+                "{path}"
+            );
+            assert!(
+                policy
+                    .require_fleet_grant(&caller(Role::Admin, true))
+                    .is_ok()
+            );
+            if policy.is_fleet_scoped() {
+                fleet_scoped.push(path.rsplit('/').next().unwrap());
+            }
+        }
+        fleet_scoped.sort_unstable();
+        assert_eq!(
+            fleet_scoped,
+            [
+                "AddShard",
+                "CancelOperation",
+                "Flush",
+                "GetFleetOverview",
+                "GetOperation",
+                "GetShardMap",
+                "ListOperations",
+                "ListShards",
+                "MoveSlots",
+                "Stats",
+                "WatchShardMap",
+            ]
         );
     }
 

@@ -1,10 +1,12 @@
 //! Keys rotate by files: a new key verifies once its file is there, an old one stops
-//! verifying (cached tokens included) once its file is gone, and a broken directory keeps
-//! the keys that worked.
+//! verifying (cached tokens included) once its file is gone, and a broken file is skipped
+//! while the keys that work stay in force.
 
 use std::time::Duration;
 
-use convoy_auth::{AUDIENCE, Claims, Role, Signer, TokenError, Verifier, generate_key_pair};
+use convoy_auth::{
+    AUDIENCE, Claims, Reload, Role, Signer, TokenError, Verifier, generate_key_pair,
+};
 
 fn signer_in(dir: &std::path::Path, kid: &str) -> Signer {
     let pair = generate_key_pair().unwrap();
@@ -31,7 +33,7 @@ fn keys_rotate_by_adding_and_removing_files() {
     let old_token = token(&old);
     assert_eq!(verifier.verify(&old_token).unwrap().teams, vec!["acme"]);
     // Unchanged files: nothing to do.
-    assert!(!verifier.reload().unwrap());
+    assert!(matches!(verifier.reload(), Reload::Unchanged));
 
     let new = signer_in(dir.path(), "new");
     let new_token = token(&new);
@@ -39,12 +41,12 @@ fn keys_rotate_by_adding_and_removing_files() {
         verifier.verify(&new_token),
         Err(TokenError::UnknownKey("new".into()))
     );
-    assert!(verifier.reload().unwrap());
+    assert!(matches!(verifier.reload(), Reload::Changed));
     verifier.verify(&new_token).unwrap();
     verifier.verify(&old_token).unwrap();
 
     std::fs::remove_file(dir.path().join("old.pem")).unwrap();
-    assert!(verifier.reload().unwrap());
+    assert!(matches!(verifier.reload(), Reload::Changed));
     // Verified (and cached) before, refused now.
     assert_eq!(
         verifier.verify(&old_token),
@@ -52,9 +54,9 @@ fn keys_rotate_by_adding_and_removing_files() {
     );
     verifier.verify(&new_token).unwrap();
 
-    // A broken file keeps the keys that worked.
+    // A broken file is skipped: the keys that work stay in force.
     std::fs::write(dir.path().join("broken.pem"), "not a key").unwrap();
-    assert!(verifier.reload().is_err());
+    assert!(matches!(verifier.reload(), Reload::Changed));
     verifier.verify(&new_token).unwrap();
 }
 
@@ -71,6 +73,7 @@ fn expired_tampered_and_unsigned_tokens_are_refused() {
             exp: 1_000,
             iat: 0,
             aud: AUDIENCE.into(),
+            fleet: true,
         })
         .unwrap();
     assert_eq!(verifier.verify(&expired), Err(TokenError::Expired));

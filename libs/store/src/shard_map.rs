@@ -51,7 +51,7 @@ impl fmt::Display for ShardId {
 pub struct Epoch(pub u64);
 
 /// One shard: a primary and its replicas.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Shard {
     /// The shard's id.
     pub id: ShardId,
@@ -60,6 +60,25 @@ pub struct Shard {
     pub primary: String,
     /// Connection strings of streaming replicas.
     pub replicas: Vec<String>,
+}
+
+/// Shows the DSNs redacted ([`redact_dsn`]): a shard (or a map) printed with `{:?}` in a
+/// log line or an assertion carries no password.
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("id", &self.id)
+            .field("primary", &redact_dsn(&self.primary))
+            .field(
+                "replicas",
+                &self
+                    .replicas
+                    .iter()
+                    .map(|r| redact_dsn(r))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 /// Index of a shard in [`ShardMap::shards`].
@@ -402,19 +421,77 @@ fn parse_range(text: &str) -> Result<RangeInclusive<u16>, ShardMapError> {
     Ok(start..=end)
 }
 
-/// A DSN with its password replaced by `***`, for logs.
+/// Query parameters of a DSN whose values [`redact_dsn`] shows: libpq's and sqlx's that
+/// name places, modes and timeouts. Every other parameter's value is `***`: `password`,
+/// `sslpassword`, `passfile`, `sslkey`, `options` (it can carry settings) and any name not
+/// listed here, so a secret parameter this list does not know is hidden too.
+const SHOWN_DSN_PARAMETERS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "sslcert",
+    "application_name",
+    "connect_timeout",
+    "target_session_attrs",
+    "load_balance_hosts",
+    "statement-cache-capacity",
+];
+
+/// A DSN safe for logs and error messages: the password in its userinfo and the value of
+/// every query parameter not known to be harmless ([`SHOWN_DSN_PARAMETERS`]) become `***`,
+/// and a fragment is dropped. A DSN whose parts cannot be told apart (an `@` after the
+/// host, which a password holding `/`, `?` or `#` unencoded leaves) shows only its scheme.
 pub fn redact_dsn(dsn: &str) -> String {
-    // postgres://user:password@host/db -> postgres://user:***@host/db
+    // postgres://user:password@host:port/db?param=value
     let Some((scheme, rest)) = dsn.split_once("://") else {
         return "<unparsable dsn>".into();
     };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => dsn.to_owned(),
-        },
-        None => dsn.to_owned(),
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    if tail.contains('@') {
+        return format!("{scheme}://<redacted: unparsable dsn>");
     }
+    let mut out = format!("{scheme}://");
+    let host = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            match userinfo.split_once(':') {
+                Some((user, _)) => out.push_str(&format!("{user}:***@")),
+                None => out.push_str(&format!("{userinfo}@")),
+            }
+            host
+        }
+        None => authority,
+    };
+    out.push_str(host);
+    let tail = tail.split_once('#').map_or(tail, |(kept, _)| kept);
+    let (path, query) = match tail.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (tail, None),
+    };
+    out.push_str(path);
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _))
+                    if !SHOWN_DSN_PARAMETERS
+                        .iter()
+                        .any(|shown| shown.eq_ignore_ascii_case(name)) =>
+                {
+                    format!("{name}=***")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -507,5 +584,86 @@ mod tests {
             "postgres://convoy:***@db:5432/convoy"
         );
         assert_eq!(redact_dsn("postgres://db/convoy"), "postgres://db/convoy");
+        assert_eq!(
+            redact_dsn("postgres://convoy@db/convoy"),
+            "postgres://convoy@db/convoy"
+        );
+        assert_eq!(redact_dsn("host=db password=x"), "<unparsable dsn>");
+    }
+
+    #[test]
+    fn every_secret_a_dsn_can_carry_is_redacted_wherever_it_sits() {
+        for (dsn, expected) in [
+            // An `@` in the password: the userinfo ends at the authority's last one.
+            (
+                "postgres://convoy:s3c@ret@db/convoy",
+                "postgres://convoy:***@db/convoy",
+            ),
+            (
+                "postgres://convoy:s3%40cret@db/convoy",
+                "postgres://convoy:***@db/convoy",
+            ),
+            // Query parameters, first or later, any case.
+            (
+                "postgres://db/convoy?password=s3cret",
+                "postgres://db/convoy?password=***",
+            ),
+            (
+                "postgres://db/convoy?sslmode=require&PassWord=s3cret&port=5432",
+                "postgres://db/convoy?sslmode=require&PassWord=***&port=5432",
+            ),
+            (
+                "postgres://u:s3cret@db/convoy?sslpassword=s3cret&passfile=/s3cret/pgpass",
+                "postgres://u:***@db/convoy?sslpassword=***&passfile=***",
+            ),
+            (
+                "postgres://db/convoy?sslkey=/keys/client.key&options=-c%20secret%3Ds3cret",
+                "postgres://db/convoy?sslkey=***&options=***",
+            ),
+            // A parameter nobody listed is hidden too.
+            (
+                "postgres://db/convoy?auth_token=s3cret",
+                "postgres://db/convoy?auth_token=***",
+            ),
+            // A fragment is dropped.
+            ("postgres://db/convoy#s3cret", "postgres://db/convoy"),
+            // Parts that cannot be told apart: a raw `/` or `?` in a password.
+            (
+                "postgres://convoy:s3/cret@db/convoy",
+                "postgres://<redacted: unparsable dsn>",
+            ),
+            (
+                "postgres://convoy:s3?cret@db/convoy",
+                "postgres://<redacted: unparsable dsn>",
+            ),
+            (
+                "postgres://db/convoy?password=s3@cret",
+                "postgres://<redacted: unparsable dsn>",
+            ),
+            // Harmless parameters stay readable.
+            (
+                "postgres://db:5432/convoy?sslmode=verify-full&application_name=conversation",
+                "postgres://db:5432/convoy?sslmode=verify-full&application_name=conversation",
+            ),
+        ] {
+            let redacted = redact_dsn(dsn);
+            assert_eq!(redacted, expected, "{dsn}");
+            assert!(
+                !redacted.contains("s3") && !redacted.contains("cret"),
+                "no piece of the secret is left: {dsn} -> {redacted}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shards_debug_form_hides_its_dsns() {
+        let shard = Shard {
+            id: ShardId::new("shard-a").unwrap(),
+            primary: "postgres://convoy:s3cret@db/convoy".into(),
+            replicas: vec!["postgres://db-r/convoy?password=s3cret".into()],
+        };
+        let debug = format!("{shard:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("postgres://convoy:***@db/convoy"), "{debug}");
     }
 }

@@ -94,12 +94,14 @@ impl AnswerCache {
     }
 
     /// The cache key of `query`'s answer: its team (for reading the tier by eye) and a hash
-    /// of everything that shapes the answer.
+    /// of everything that shapes the answer. Fleet answers sit under the fleet's pseudo-team
+    /// ([`convoy_auth::FLEET_TEAM`]), which the cache tier lets only holders of the
+    /// fleet-wide grant reach: an admin of some teams cannot read the overview from there.
     pub fn key(query: &Query) -> String {
         let hash = xxhash_rust::xxh3::xxh3_128(query.canonical().as_bytes());
         match query.team() {
             Some(team) => format!("analytics:{team}:{hash:032x}"),
-            None => format!("analytics:_fleet:{hash:032x}"),
+            None => format!("analytics:{}:{hash:032x}", convoy_auth::FLEET_TEAM),
         }
     }
 

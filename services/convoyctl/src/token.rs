@@ -42,6 +42,11 @@ pub struct MintArgs {
     /// What the bearer may do.
     #[arg(long, value_enum)]
     pub role: Role,
+    /// Grant fleet-wide operations (shard map and its administration, cache statistics and
+    /// flushes, the fleet overview) as far as the role allows: for fleet administrators
+    /// and the services' own token. `--team '*'` alone does not grant them.
+    #[arg(long)]
+    pub fleet: bool,
     /// Who the bearer is.
     #[arg(long, default_value = "convoyctl")]
     pub subject: String,
@@ -104,12 +109,12 @@ fn open_private(path: &Path) -> anyhow::Result<std::fs::File> {
 /// Signs a token as `args` say.
 pub fn mint(args: &MintArgs) -> anyhow::Result<String> {
     let signer = Signer::from_file(&args.key)?;
-    Ok(signer.mint(
-        &args.subject,
-        &args.teams,
-        args.role,
-        Duration::from_secs(args.ttl_hours.saturating_mul(3600)),
-    )?)
+    let ttl = Duration::from_secs(args.ttl_hours.saturating_mul(3600));
+    Ok(if args.fleet {
+        signer.mint_fleet(&args.subject, &args.teams, args.role, ttl)?
+    } else {
+        signer.mint(&args.subject, &args.teams, args.role, ttl)?
+    })
 }
 
 #[cfg(test)]
@@ -125,18 +130,27 @@ mod tests {
             key: private.clone(),
             teams: vec!["acme".into()],
             role: Role::Writer,
+            fleet: false,
             subject: "dev".into(),
             ttl_hours: 1,
         })
         .unwrap();
-        let claims = convoy_auth::Verifier::from_dir(&keys)
-            .unwrap()
-            .verify(&token)
-            .unwrap();
+        let verifier = convoy_auth::Verifier::from_dir(&keys).unwrap();
+        let claims = verifier.verify(&token).unwrap();
         assert_eq!(
-            (claims.role, claims.teams.clone()),
-            (Role::Writer, vec!["acme".to_owned()])
+            (claims.role, claims.teams.clone(), claims.fleet),
+            (Role::Writer, vec!["acme".to_owned()], false)
         );
+        let fleet = mint(&MintArgs {
+            key: private.clone(),
+            teams: vec!["*".into()],
+            role: Role::Admin,
+            fleet: true,
+            subject: "ops".into(),
+            ttl_hours: 1,
+        })
+        .unwrap();
+        assert!(verifier.verify(&fleet).unwrap().fleet);
         // The private key is not overwritten.
         assert!(keygen("k1", dir.path(), &keys).is_err());
         assert!(keygen("../k", dir.path(), &keys).is_err());

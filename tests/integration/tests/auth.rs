@@ -164,6 +164,14 @@ impl Tokens {
             .unwrap()
     }
 
+    /// A token with the fleet-wide grant, which fleet-scoped RPCs need.
+    fn mint_fleet(&self, role: Role, teams: &[&str]) -> String {
+        let teams: Vec<String> = teams.iter().map(|t| (*t).to_owned()).collect();
+        self.signer
+            .mint_fleet("tester", &teams, role, Duration::from_secs(3600))
+            .unwrap()
+    }
+
     fn expired(&self) -> String {
         self.signer
             .sign(&Claims {
@@ -173,6 +181,7 @@ impl Tokens {
                 exp: 1_000_000,
                 iat: 0,
                 aud: AUDIENCE.into(),
+                fleet: true,
             })
             .unwrap()
     }
@@ -226,7 +235,7 @@ async fn secured(extra: &[&str]) -> Secured {
     std::fs::write(keys.join("test-1.pem"), &pair.public_pem).unwrap();
     let signer = Signer::from_pem("test-1", pair.private_pem.as_bytes()).unwrap();
     let service = signer
-        .mint(
+        .mint_fleet(
             "fleet",
             &["*".to_owned()],
             Role::Service,
@@ -291,7 +300,7 @@ async fn matrix(s: &Secured) -> Matrix {
     let t = &s.tokens;
     let writer = bearer(&t.mint(Role::Writer, &["acme"]));
     let reader = bearer(&t.mint(Role::Reader, &["acme"]));
-    let admin = bearer(&t.mint(Role::Admin, &["*"]));
+    let admin = bearer(&t.mint_fleet(Role::Admin, &["*"]));
     let other_writer = bearer(&t.mint(Role::Writer, &["globex"]));
     let other_reader = bearer(&t.mint(Role::Reader, &["globex"]));
 
@@ -840,6 +849,7 @@ async fn forged_and_foreign_tokens_are_unauthenticated() {
             exp: u64::try_from(chrono::Utc::now().timestamp()).unwrap() + 60,
             iat: 0,
             aud: "another-system".into(),
+            fleet: true,
         })
         .unwrap();
     for (token, expected) in [
