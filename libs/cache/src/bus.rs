@@ -11,10 +11,18 @@
 //! crash); duplicates are harmless because invalidations raise version floors, which is
 //! idempotent.
 //!
+//!
+//! Relays also append a [`Heartbeat`] at least every [`HEARTBEAT_INTERVAL`], numbered like
+//! messages: it shows that a relay can still write to the bus and says how old the oldest
+//! change it has not yet published is, so a subscriber knows when invalidations may be held
+//! up (Redis refusing writes, every relay down or behind) and stops serving its L1 (see
+//! [`crate::subscriber`]).
+//!
 //! Not here: reading the outbox (the conversation service's relay) or applying messages to
 //! caches.
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use redis::{self, Script, Value};
 
@@ -24,6 +32,11 @@ use crate::l2::{L2, L2Error};
 /// Messages kept in the stream (approximately, `MAXLEN ~`): about a minute of a busy
 /// fleet's writes, enough for a subscriber's reconnect without a flush.
 pub const BUS_MAXLEN: usize = 100_000;
+
+/// How often every relay appends a [`Heartbeat`], busy or idle. 1 s: a few small stream
+/// entries a second per relay, and well inside the subscribers' staleness bound
+/// (`--bus-stale-after-ms`, 3 s), so one late heartbeat does not stop the caches.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Separates tags in a message (tags cannot contain control characters).
 const TAG_SEPARATOR: char = '\u{1f}';
@@ -48,6 +61,24 @@ pub struct BusMessage {
     /// 0 when the publisher did not say.
     pub written_at_us: i64,
 }
+
+/// A relay's sign of life on the bus.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The relay (one per conversation instance, new at each start).
+    pub relay: String,
+    /// How old the oldest outbox row this relay knows to be unpublished is (an upper
+    /// bound: a shard it could not read counts from its last reading); zero when none.
+    pub backlog: Duration,
+}
+
+/// Appends a heartbeat, numbered from the bus's counter. KEYS: the stream, the counter.
+/// ARGV: MAXLEN, the relay, the backlog in milliseconds.
+const HEARTBEAT_LUA: &str = r#"
+local seq = redis.call('INCR', KEYS[2])
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+  'seq', seq, 'heartbeat', ARGV[2], 'backlog_ms', ARGV[3])
+"#;
 
 /// Appends messages atomically, numbering them from the bus's counter. KEYS: the stream,
 /// the counter. ARGV: MAXLEN, then seven fields per message.
@@ -80,6 +111,7 @@ return {run_id, first[1][1], last[1][1], seq}
 
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::new(PUBLISH_LUA));
 static EXTENT: LazyLock<Script> = LazyLock::new(|| Script::new(EXTENT_LUA));
+static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| Script::new(HEARTBEAT_LUA));
 
 /// A stream entry as XRANGE returns it: its id and its fields, values as raw bytes.
 type RawEntry = (String, Vec<(String, Vec<u8>)>);
@@ -93,6 +125,15 @@ pub struct Received {
     pub seq: Option<u64>,
     /// The change; `None` if the entry is not a well-formed message.
     pub message: Option<BusMessage>,
+    /// The relay's heartbeat, when the entry is one (its `message` is then `None`).
+    pub heartbeat: Option<Heartbeat>,
+}
+
+impl Received {
+    /// Neither a well-formed message nor a heartbeat: what it said is unknown.
+    pub fn is_malformed(&self) -> bool {
+        self.message.is_none() && self.heartbeat.is_none()
+    }
 }
 
 impl L2 {
@@ -123,6 +164,21 @@ impl L2 {
                 .arg(m.written_at_us);
         }
         self.bounded("publish", async {
+            let mut conn = self.conn().await?;
+            Ok(invocation.invoke_async(&mut conn).await?)
+        })
+        .await
+    }
+
+    /// Appends `heartbeat` to the bus, numbered like messages; returns its stream id.
+    pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<String, L2Error> {
+        let mut invocation = HEARTBEAT.key(self.bus_key());
+        invocation
+            .key(self.bus_seq_key())
+            .arg(BUS_MAXLEN)
+            .arg(&heartbeat.relay)
+            .arg(u64::try_from(heartbeat.backlog.as_millis()).unwrap_or(u64::MAX));
+        self.bounded("heartbeat", async {
             let mut conn = self.conn().await?;
             Ok(invocation.invoke_async(&mut conn).await?)
         })
@@ -178,6 +234,12 @@ impl L2 {
                         written_at_us: field("at").and_then(|at| at.parse().ok()).unwrap_or(0),
                     })
                 })();
+                let heartbeat = field("heartbeat").and_then(|relay| {
+                    Some(Heartbeat {
+                        relay,
+                        backlog: Duration::from_millis(field("backlog_ms")?.parse().ok()?),
+                    })
+                });
                 Ok(Received {
                     id: StreamId::parse(&id).ok_or_else(|| L2Error::Corrupt {
                         key: key.clone(),
@@ -185,6 +247,7 @@ impl L2 {
                     })?,
                     seq: field("seq").and_then(|s| s.parse().ok()),
                     message,
+                    heartbeat,
                 })
             })
             .collect()

@@ -16,24 +16,136 @@
 //! applied, so it has no floors for them: [`SubscriberHandle::may_copy_from`] says whether
 //! an entry another L1 served may be copied in.
 //!
+//! A bus that answers may still be *stale*: when Redis refuses writes (out of memory) but
+//! serves reads, or every relay is down or behind, invalidations stop reaching it while
+//! steps succeed. Relays heartbeat on the bus ([`crate::bus::Heartbeat`], every second)
+//! with the age of their oldest unpublished change, so the subscriber is current only while
+//! some relay heard within the staleness bound ([`BusArgs::bus_stale_after_ms`], 3 s)
+//! vouches for a backlog within the bound, counting the time since it spoke
+//! ([`Liveness`]). An invalidation committed at `t` is therefore on the bus by `t + bound`
+//! or every L1 stops serving at about `t + bound` (one step later). Once a relay reports
+//! the backlog within the bound again, the L1 is flushed (it may hold entries whose
+//! invalidations were held up) and serves again.
+//!
 //! Metrics: `convoy_cache_bus_lag_seconds` (histogram: from a message's stream id, Redis'
 //! clock at publication, to its application here), `convoy_cache_bus_dropped_total`
 //! (messages missed, as the sequence gaps that reveal them; a gap after a restart, whose
-//! size is unknown, counts only as a flush), `convoy_cache_bus_flushes_total{why}` and
-//! `convoy_cache_bus_current` (1 while the L1 may serve).
+//! size is unknown, counts only as a flush), `convoy_cache_bus_flushes_total{why}`,
+//! `convoy_cache_bus_current` (1 while the L1 may serve) and
+//! `convoy_cache_bus_relay_backlog_seconds` (the least backlog a relay vouches for, with
+//! the time since it spoke; +Inf when none was heard within the bound).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
+use tokio::time::Instant;
 
-use crate::bus::{StreamExtent, StreamId};
+use crate::bus::{Heartbeat, StreamExtent, StreamId};
 use crate::l1::L1;
 use crate::l2::{L2, L2Error};
 
 /// Messages applied per step at most.
 const BATCH: usize = 512;
+
+/// The health service name under which a process with an L1 reports whether it serves:
+/// SERVING while its subscriber is current (see `convoy_mesh::health`).
+pub const BUS_HEALTH_SERVICE: &str = "convoy.bus";
+
+/// The default staleness bound: see [`BusArgs::bus_stale_after_ms`].
+pub const BUS_STALE_AFTER: Duration = Duration::from_secs(3);
+
+/// How a process's L1s judge the invalidation bus (flattened into each binary's flags).
+#[derive(Clone, Debug, clap::Args)]
+pub struct BusArgs {
+    /// The invalidation bus's staleness bound, in milliseconds: an L1 (and the cache tier's
+    /// Redis entries) stop serving when no relay heartbeat was read for this long, or the
+    /// relays' oldest unpublished change is older than this; they serve again (L1 flushed)
+    /// once a relay vouches for its backlog. 3000: three relay heartbeats (one a second),
+    /// so one late heartbeat does not stop the caches. Raised to twice the heartbeat
+    /// interval (2000) if set lower; 0 turns the check off (a bus whose publishers do not
+    /// heartbeat: convoy's relays do).
+    #[arg(long, env = "CONVOY_BUS_STALE_AFTER_MS", default_value_t = 3000)]
+    pub bus_stale_after_ms: u64,
+}
+
+impl Default for BusArgs {
+    fn default() -> Self {
+        Self {
+            bus_stale_after_ms: BUS_STALE_AFTER.as_millis() as u64,
+        }
+    }
+}
+
+impl BusArgs {
+    /// The staleness bound; `None` when the check is off.
+    pub fn stale_after(&self) -> Option<Duration> {
+        (self.bus_stale_after_ms > 0).then(|| {
+            Duration::from_millis(self.bus_stale_after_ms).max(crate::bus::HEARTBEAT_INTERVAL * 2)
+        })
+    }
+}
+
+/// Whether the relays vouch for the bus: see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verdict {
+    /// Some relay heard within the bound vouches for a backlog within it.
+    Current,
+    /// No relay heartbeat was read within the bound.
+    Silent,
+    /// The least backlog a relay heard within the bound vouches for (reported, plus the
+    /// time since) is past the bound.
+    Behind(Duration),
+}
+
+/// What a subscriber heard from the relays: per relay, when its last heartbeat was read
+/// and the backlog it reported. Entries older than the bound are dropped as new ones come,
+/// so the map holds the relays of the last few seconds.
+#[derive(Debug)]
+pub struct Liveness {
+    bound: Duration,
+    relays: HashMap<String, (Instant, Duration)>,
+}
+
+impl Liveness {
+    /// Nothing heard yet: not current until a relay speaks.
+    pub fn new(bound: Duration) -> Self {
+        Self {
+            bound,
+            relays: HashMap::new(),
+        }
+    }
+
+    /// Records `heartbeat`, read at `now`.
+    pub fn heard(&mut self, heartbeat: &Heartbeat, now: Instant) {
+        let bound = self.bound;
+        self.relays
+            .retain(|_, (at, _)| now.saturating_duration_since(*at) <= bound);
+        self.relays
+            .insert(heartbeat.relay.clone(), (now, heartbeat.backlog));
+    }
+
+    /// The least backlog any relay heard within the bound vouches for at `now`: what it
+    /// reported plus the time since (the oldest row it knew of has aged as much, at most).
+    pub fn backlog(&self, now: Instant) -> Option<Duration> {
+        self.relays
+            .values()
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= self.bound)
+            .map(|(at, backlog)| backlog.saturating_add(now.saturating_duration_since(*at)))
+            .min()
+    }
+
+    /// The verdict at `now`.
+    pub fn verdict(&self, now: Instant) -> Verdict {
+        match self.backlog(now) {
+            None => Verdict::Silent,
+            Some(backlog) if backlog > self.bound => Verdict::Behind(backlog),
+            Some(_) => Verdict::Current,
+        }
+    }
+}
 
 /// What a subscriber and its handles share.
 #[derive(Debug, Default)]
@@ -41,6 +153,8 @@ struct State {
     /// The Redis it follows (its URL).
     source: String,
     current: AtomicBool,
+    /// The same, for those who wait for a change (health reporting).
+    current_changes: tokio::sync::watch::Sender<bool>,
     flushes: AtomicU64,
     /// The stream id through which the L1 holds nothing older than the bus says.
     coherent_through: Mutex<Option<StreamId>>,
@@ -88,6 +202,10 @@ pub struct Subscriber {
     seq: Option<u64>,
     failed: bool,
     drop_ratio: f64,
+    /// The relays heard; `None` when the staleness check is off.
+    liveness: Option<Liveness>,
+    /// The bus was found stale since the last flush: flush before serving again.
+    stale: bool,
     state: Arc<State>,
 }
 
@@ -103,6 +221,11 @@ impl SubscriberHandle {
     /// may still be behind the bus's tip by what the next steps will read.
     pub fn is_current(&self) -> bool {
         self.state.current.load(Ordering::Acquire)
+    }
+
+    /// [`Self::is_current`] as a channel that changes with it (for health reporting).
+    pub fn current_changes(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.state.current_changes.subscribe()
     }
 
     /// How many times the L1 was flushed.
@@ -138,7 +261,8 @@ impl SubscriberHandle {
 }
 
 impl Subscriber {
-    /// A subscriber applying `l2`'s bus to `l1`.
+    /// A subscriber applying `l2`'s bus to `l1`, current only while relays vouch for the
+    /// bus within [`BUS_STALE_AFTER`] (see [`Subscriber::with_stale_after`]).
     pub fn new(l2: L2, l1: L1) -> Self {
         let state = Arc::new(State {
             source: l2.config.url.clone(),
@@ -155,8 +279,17 @@ impl Subscriber {
             seq: None,
             failed: false,
             drop_ratio: 0.0,
+            liveness: Some(Liveness::new(BUS_STALE_AFTER)),
+            stale: false,
             state,
         }
+    }
+
+    /// The staleness bound (see the module docs); `None` turns the check off, for a bus
+    /// whose publishers do not heartbeat.
+    pub fn with_stale_after(mut self, bound: Option<Duration>) -> Self {
+        self.liveness = bound.map(Liveness::new);
+        self
     }
 
     /// Fault injection for coherence tests: drops this share of the messages read, as if
@@ -209,17 +342,72 @@ impl Subscriber {
     pub async fn step(&mut self) -> Result<usize, L2Error> {
         match self.try_step().await {
             Ok(applied) => {
-                self.state.current.store(true, Ordering::Release);
-                // 1: the L1 serves; 0: degraded (Redis unreachable, the L1 sits out).
-                metrics::gauge!("convoy_cache_bus_current").set(1.0);
+                let now = Instant::now();
+                let verdict = self
+                    .liveness
+                    .as_ref()
+                    .map_or(Verdict::Current, |l| l.verdict(now));
+                if let Some(liveness) = &self.liveness {
+                    metrics::gauge!("convoy_cache_bus_relay_backlog_seconds").set(
+                        liveness
+                            .backlog(now)
+                            .map_or(f64::INFINITY, |b| b.as_secs_f64()),
+                    );
+                }
+                if verdict == Verdict::Current {
+                    if self.stale {
+                        // Invalidations were held up while this L1 served nothing: what it
+                        // held before may have missed them.
+                        self.flush("the bus caught up").await;
+                        let through = self.last.unwrap_or(StreamId(0, 0));
+                        self.set_flush_mark(FlushMark::At(through));
+                        self.set_coherent_through(through);
+                        self.stale = false;
+                    }
+                    self.set_current(true, None);
+                } else {
+                    self.stale = self.stale || self.is_current_now();
+                    self.set_current(false, Some(verdict));
+                }
                 Ok(applied)
             }
             Err(e) => {
-                self.state.current.store(false, Ordering::Release);
-                metrics::gauge!("convoy_cache_bus_current").set(0.0);
+                self.set_current(false, None);
                 self.failed = true;
                 Err(e)
             }
+        }
+    }
+
+    fn is_current_now(&self) -> bool {
+        self.state.current.load(Ordering::Acquire)
+    }
+
+    /// Publishes whether the L1 may serve; `why` says why not, when the bus answers.
+    fn set_current(&self, current: bool, why: Option<Verdict>) {
+        let was = self.state.current.swap(current, Ordering::AcqRel);
+        // 1: the L1 serves; 0: degraded (Redis unreachable or the bus stale: it sits out).
+        metrics::gauge!("convoy_cache_bus_current").set(if current { 1.0 } else { 0.0 });
+        self.state.current_changes.send_if_modified(|c| {
+            let changed = *c != current;
+            *c = current;
+            changed
+        });
+        if was && !current {
+            match why {
+                Some(Verdict::Silent) => tracing::warn!(
+                    "no relay heartbeat on the invalidation bus within the staleness bound: \
+                     the L1 stops serving until a relay vouches for the bus"
+                ),
+                Some(Verdict::Behind(backlog)) => tracing::warn!(
+                    backlog_ms = backlog.as_millis() as u64,
+                    "the relays' oldest unpublished change is past the staleness bound: \
+                     the L1 stops serving until they catch up"
+                ),
+                _ => {}
+            }
+        } else if !was && current {
+            tracing::info!("the invalidation bus is current: the L1 serves");
         }
     }
 
@@ -288,6 +476,7 @@ impl Subscriber {
         let mut lost = false;
         // Messages known missed (by sequence number).
         let mut missed = 0;
+        let now = Instant::now();
         for r in &received {
             self.last = Some(r.id);
             self.mark_first_message(r.id);
@@ -310,7 +499,12 @@ impl Subscriber {
                     applied += 1;
                     metrics::histogram!("convoy_cache_bus_lag_seconds").record(lag(r.id));
                 }
-                None => malformed = true,
+                None => {
+                    if let (Some(heartbeat), Some(liveness)) = (&r.heartbeat, &mut self.liveness) {
+                        liveness.heard(heartbeat, now);
+                    }
+                    malformed |= r.is_malformed();
+                }
             }
             if !lost {
                 through = r.id;
@@ -388,6 +582,94 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn beat(relay: &str, backlog_ms: u64) -> Heartbeat {
+        Heartbeat {
+            relay: relay.into(),
+            backlog: Duration::from_millis(backlog_ms),
+        }
+    }
+
+    const BOUND: Duration = Duration::from_secs(3);
+
+    async fn advance_ms(ms: u64) {
+        tokio::time::advance(Duration::from_millis(ms)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bus_is_stale_until_a_relay_speaks_and_once_none_spoke_within_the_bound() {
+        let mut liveness = Liveness::new(BOUND);
+        assert_eq!(liveness.verdict(Instant::now()), Verdict::Silent);
+        liveness.heard(&beat("a", 0), Instant::now());
+        assert_eq!(liveness.verdict(Instant::now()), Verdict::Current);
+        advance_ms(3000).await;
+        assert_eq!(
+            liveness.verdict(Instant::now()),
+            Verdict::Current,
+            "at the bound"
+        );
+        advance_ms(1).await;
+        assert_eq!(liveness.verdict(Instant::now()), Verdict::Silent);
+        liveness.heard(&beat("a", 0), Instant::now());
+        assert_eq!(liveness.verdict(Instant::now()), Verdict::Current);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_ages_between_heartbeats_and_past_the_bound_the_bus_is_stale() {
+        let mut liveness = Liveness::new(BOUND);
+        liveness.heard(&beat("a", 2500), Instant::now());
+        assert_eq!(liveness.verdict(Instant::now()), Verdict::Current);
+        // The row the relay reported has aged since it spoke, heartbeat or not.
+        advance_ms(600).await;
+        assert_eq!(
+            liveness.verdict(Instant::now()),
+            Verdict::Behind(Duration::from_millis(3100))
+        );
+        liveness.heard(&beat("a", 3100), Instant::now());
+        assert_eq!(
+            liveness.verdict(Instant::now()),
+            Verdict::Behind(Duration::from_millis(3100)),
+            "heartbeats alone do not make a bus current"
+        );
+        liveness.heard(&beat("a", 0), Instant::now());
+        assert_eq!(liveness.verdict(Instant::now()), Verdict::Current);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_least_backlog_any_relay_heard_within_the_bound_vouches_for_counts() {
+        let mut liveness = Liveness::new(BOUND);
+        // Each relay's figure bounds the backlog from above: one that reads every shard
+        // vouches for the bus while another cannot reach one.
+        liveness.heard(&beat("cut-off", 5000), Instant::now());
+        liveness.heard(&beat("healthy", 0), Instant::now());
+        assert_eq!(liveness.verdict(Instant::now()), Verdict::Current);
+        advance_ms(3500).await;
+        liveness.heard(&beat("cut-off", 8500), Instant::now());
+        assert_eq!(
+            liveness.verdict(Instant::now()),
+            Verdict::Behind(Duration::from_millis(8500)),
+            "the healthy relay fell silent past the bound"
+        );
+        assert_eq!(
+            liveness.relays.len(),
+            1,
+            "relays silent past the bound are forgotten"
+        );
+    }
+
+    #[test]
+    fn the_staleness_bound_is_at_least_two_heartbeats_and_zero_turns_it_off() {
+        let bound = |ms| {
+            BusArgs {
+                bus_stale_after_ms: ms,
+            }
+            .stale_after()
+        };
+        assert_eq!(bound(3000), Some(Duration::from_secs(3)));
+        assert_eq!(bound(10), Some(crate::bus::HEARTBEAT_INTERVAL * 2));
+        assert_eq!(bound(0), None);
+        assert_eq!(BusArgs::default().stale_after(), Some(BUS_STALE_AFTER));
+    }
 
     #[test]
     fn a_gap_counts_the_sequence_numbers_skipped_and_nothing_when_unknown() {

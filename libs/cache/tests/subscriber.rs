@@ -1,10 +1,10 @@
 //! The bus reaches the L1, and the L1 is flushed whenever invalidations may have been
-//! missed: gaps, resets, reconnects. Against a real Redis.
+//! missed: gaps, resets, reconnects, a bus no relay vouches for. Against a real Redis.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use convoy_cache::bus::StreamId;
+use convoy_cache::bus::{Heartbeat, StreamId};
 use convoy_cache::l1::{L1, L1Config};
 use convoy_cache::l2::{L2, L2Config};
 use convoy_cache::subscriber::Subscriber;
@@ -32,11 +32,14 @@ fn message(key: &str, version: i64) -> BusMessage {
     }
 }
 
+/// A bus, an L1 and its subscriber, whose staleness check is off: these tests publish no
+/// heartbeats (the check has its own tests at the end).
 async fn setup() -> (Redis, L2, L1, Subscriber) {
     let redis = Redis::start().await.unwrap();
     let l2 = L2::new(L2Config::new(redis.url())).unwrap();
     let l1 = L1::new(L1Config::default());
-    let subscriber = Subscriber::new(L2::new(L2Config::new(redis.url())).unwrap(), l1.clone());
+    let subscriber = Subscriber::new(L2::new(L2Config::new(redis.url())).unwrap(), l1.clone())
+        .with_stale_after(None);
     (redis, l2, l1, subscriber)
 }
 
@@ -141,6 +144,7 @@ async fn a_message_lost_on_its_way_is_noticed_and_flushes_the_l1() {
     let l1 = L1::new(L1Config::default());
     // Every message read is lost.
     let mut subscriber = Subscriber::new(L2::new(L2Config::new(redis.url())).unwrap(), l1.clone())
+        .with_stale_after(None)
         .with_drop_ratio(1.0);
     subscriber.step().await.unwrap();
     l1.set("conv:acme:1", entry(1)).await;
@@ -165,6 +169,7 @@ async fn with_random_losses_no_invalidated_entry_survives() {
     let (_redis, bus, l1, _) = setup().await;
     let redis_url = _redis.url();
     let mut subscriber = Subscriber::new(L2::new(L2Config::new(redis_url)).unwrap(), l1.clone())
+        .with_stale_after(None)
         .with_drop_ratio(0.3);
     subscriber.step().await.unwrap();
     for round in 0..20_i64 {
@@ -260,4 +265,72 @@ async fn copies_from_another_l1_are_allowed_only_from_one_past_the_last_flush() 
     let next = StreamId::parse(&next[0]).unwrap();
     assert!(handle.may_copy_from(next));
     assert!(!handle.may_copy_from(first), "a peer still on the old bus");
+}
+
+fn heartbeat(backlog: Duration) -> Heartbeat {
+    Heartbeat {
+        relay: "relay-1".into(),
+        backlog,
+    }
+}
+
+#[tokio::test]
+async fn an_l1_serves_only_while_a_relay_vouches_for_the_bus_and_is_flushed_when_one_does_again() {
+    let redis = Redis::start().await.unwrap();
+    let bus = L2::new(L2Config::new(redis.url())).unwrap();
+    let l1 = L1::new(L1Config::default());
+    let bound = Duration::from_millis(300);
+    let mut subscriber = Subscriber::new(L2::new(L2Config::new(redis.url())).unwrap(), l1.clone())
+        .with_stale_after(Some(bound));
+    let handle = subscriber.handle();
+    let mut changes = handle.current_changes();
+    subscriber.step().await.unwrap();
+    assert!(!handle.is_current(), "no relay has spoken yet");
+
+    bus.heartbeat(&heartbeat(Duration::ZERO)).await.unwrap();
+    subscriber.step().await.unwrap();
+    assert!(handle.is_current());
+    assert!(*changes.borrow_and_update());
+    assert_eq!(handle.flushes(), 1, "only the first subscription's flush");
+
+    // Heartbeats and messages both are numbered: neither is a gap or malformed.
+    bus.publish(&[message("a", 1)]).await.unwrap();
+    bus.heartbeat(&heartbeat(Duration::ZERO)).await.unwrap();
+    assert_eq!(subscriber.step().await.unwrap(), 1);
+    assert_eq!(handle.flushes(), 1);
+
+    // A relay that speaks but reports a backlog past the bound: invalidations are held up.
+    l1.set("held", entry(1)).await;
+    bus.heartbeat(&heartbeat(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    subscriber.step().await.unwrap();
+    assert!(!handle.is_current(), "a backlog past the bound");
+    assert!(!*changes.borrow_and_update());
+
+    // It catches up: the L1 is flushed (it may hold what the held-up invalidations named)
+    // and serves again.
+    bus.heartbeat(&heartbeat(Duration::ZERO)).await.unwrap();
+    subscriber.step().await.unwrap();
+    assert!(handle.is_current());
+    assert!(
+        l1.get("held", None).await.is_none(),
+        "flushed on catching up"
+    );
+    assert_eq!(handle.flushes(), 2);
+
+    // Silence: once no relay has spoken for the bound, the L1 stops serving (polled: the
+    // bound is real time here; the verdict's timing is tested under a paused clock).
+    l1.set("silent", entry(1)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while handle.is_current() {
+        assert!(tokio::time::Instant::now() < deadline, "never went stale");
+        subscriber.step().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bus.heartbeat(&heartbeat(Duration::ZERO)).await.unwrap();
+    subscriber.step().await.unwrap();
+    assert!(handle.is_current());
+    assert!(l1.get("silent", None).await.is_none());
+    assert_eq!(handle.flushes(), 3);
 }

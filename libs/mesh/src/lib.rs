@@ -3,7 +3,7 @@
 //! Server side: the server builder ([`server`]) gives every service RED metrics per method
 //! ([`metrics`]), health checking, reflection, deadline enforcement ([`deadline`]), a
 //! bulkhead with a short queue ([`bulkhead`]), panic recovery ([`panic`]) and an ordered
-//! graceful shutdown. Client side, outermost first: RED metrics per logical call ([`metrics`]),
+//! graceful shutdown; [`health`] adds named statuses that follow a condition. Client side, outermost first: RED metrics per logical call ([`metrics`]),
 //! deadline propagation ([`propagation`]), retries paid from a budget ([`retry`]), p2c
 //! balancing over discovered endpoints ([`balance`], [`shed_load`]), a circuit breaker
 //! ([`breaker`]) and a connection-aware endpoint ([`endpoint`]). Both sides speak mutual TLS
@@ -27,6 +27,7 @@ pub mod breaker;
 pub mod bulkhead;
 pub mod deadline;
 pub mod endpoint;
+pub mod health;
 pub mod keyed;
 pub mod metrics;
 pub mod panic;

@@ -36,6 +36,11 @@ pub struct Config {
     #[arg(long, env = "CONVOY_BUS_POLL_MS", default_value_t = 10)]
     pub bus_poll_ms: u64,
 
+    /// The invalidation bus's staleness bound (`--bus-stale-after-ms`): past it neither
+    /// layer serves.
+    #[command(flatten)]
+    pub bus: convoy_cache::subscriber::BusArgs,
+
     /// Fault injection for coherence tests: the share of bus messages the L1's subscriber
     /// drops (it must notice each as a gap and flush). 0 in production.
     #[arg(long, hide = true, default_value_t = 0.0)]

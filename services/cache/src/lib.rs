@@ -45,7 +45,8 @@ pub async fn serve(
             L2::new(L2Config::new(config.redis_url.clone()))?,
             l1.clone(),
         )
-        .with_drop_ratio(config.fault_bus_drop_ratio),
+        .with_drop_ratio(config.fault_bus_drop_ratio)
+        .with_stale_after(config.bus.stale_after()),
         Duration::from_millis(config.bus_poll_ms.max(1)),
     );
     // Stopped however `serve` ends (an error below, or the future dropped).
@@ -58,11 +59,21 @@ pub async fn serve(
             listener.local_addr()?,
         )
         .await?;
+    let current = bus.current_changes();
     let api = CacheApi::new(l1, l2, bus, config.max_ttl(), capacity);
-    let result = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
-        .add_service(CacheServiceServer::new(api))
+    let server = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
+        .add_service(CacheServiceServer::new(api));
+    // `convoy.bus`: NOT_SERVING while neither layer serves (the bus may be stale); the
+    // server stays SERVING, its answers are misses, so callers read their databases.
+    let health = AbortOnDropHandle::new(tokio::spawn(convoy_mesh::health::follow(
+        server.health(),
+        subscriber::BUS_HEALTH_SERVICE,
+        current,
+    )));
+    let result = server
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
+    drop(health);
     drop(subscription);
     Ok(result?)
 }

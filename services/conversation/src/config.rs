@@ -83,6 +83,22 @@ pub struct Config {
     #[arg(long, env = "CONVOY_BUS_POLL_MS", default_value_t = 10)]
     pub bus_poll_ms: u64,
 
+    /// How long published outbox rows are kept (for inspection) before they are purged, in
+    /// seconds. 3600: an hour of changes to look at after an incident. Rows a slot move in
+    /// progress may still replay are kept past this (see `outbox_holds`).
+    #[arg(long, env = "CONVOY_OUTBOX_RETENTION_SECS", default_value_t = 3600)]
+    pub outbox_retention_secs: u64,
+
+    /// How often old idempotency records and published outbox rows are purged, in seconds
+    /// (at least 1). 600: the purge is one statement per shard and table; rows a little
+    /// past their retention cost nothing.
+    #[arg(long, env = "CONVOY_PURGE_INTERVAL_SECS", default_value_t = 600)]
+    pub purge_interval_secs: u64,
+
+    /// The invalidation bus's staleness bound (`--bus-stale-after-ms`), for the own L1.
+    #[command(flatten)]
+    pub bus: convoy_cache::subscriber::BusArgs,
+
     /// Share of acknowledged writes the consistency sampler re-reads from every cache layer
     /// and the primary (see `--consistency-check-after-ms`). 0.01: enough for the nines of a
     /// busy fleet at a cost of a few reads per hundred writes. Needs `--redis-url`.
@@ -147,6 +163,16 @@ impl Config {
             .etcd_config()
             .filter(|_| self.cache_from_etcd)
             .map(Discovery::Etcd)
+    }
+
+    /// How long published outbox rows are kept.
+    pub fn outbox_retention(&self) -> Duration {
+        Duration::from_secs(self.outbox_retention_secs)
+    }
+
+    /// How often old rows are purged.
+    pub fn purge_interval(&self) -> Duration {
+        Duration::from_secs(self.purge_interval_secs.max(1))
     }
 
     /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).

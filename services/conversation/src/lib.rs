@@ -53,10 +53,6 @@ pub use store::ConversationStore;
 
 /// How long idempotency records are kept (the contract promises 24 h).
 const REQUEST_ID_RETENTION: Duration = Duration::from_secs(24 * 3600);
-/// How long published outbox rows are kept (for inspection) before they are purged.
-const OUTBOX_RETENTION: Duration = Duration::from_secs(3600);
-/// How often old idempotency records and published outbox rows are purged.
-const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// Builds the store from configuration and, unless `--migrate=false`, applies migrations to
 /// every shard. With `--shard-map-from-etcd` the store follows the map as the shard-router
@@ -110,7 +106,8 @@ fn caches(
                 ..L1Config::default()
             });
             let subscriber = Subscriber::new(L2::new(L2Config::new(url.clone()))?, l1.clone())
-                .with_drop_ratio(config.fault_bus_drop_ratio);
+                .with_drop_ratio(config.fault_bus_drop_ratio)
+                .with_stale_after(config.bus.stale_after());
             let (bus, task) =
                 subscriber::spawn(subscriber, Duration::from_millis(config.bus_poll_ms.max(1)));
             tasks.0.push(AbortOnDropHandle::new(task));
@@ -156,7 +153,11 @@ pub async fn serve(
         )
         .await?;
     let mut tasks = Tasks::default();
-    tasks.spawn(purge_old_rows(store.clone()));
+    tasks.spawn(purge_old_rows(
+        store.clone(),
+        config.outbox_retention(),
+        config.purge_interval(),
+    ));
     match &config.redis_url {
         Some(_) if config.fault_no_relay => {
             tracing::warn!("fault injection: this instance relays nothing");
@@ -170,6 +171,7 @@ pub async fn serve(
         }
     }
     let (local, tier) = caches(config, &mut tasks, tls.clone())?;
+    let bus_current = local.as_ref().map(|local| local.bus.current_changes());
     let mut api =
         ConversationApi::new(store.clone(), ReadThrough::new(local.clone(), tier.clone()));
     let mut sampler = None;
@@ -206,10 +208,19 @@ pub async fn serve(
         }
         None => None,
     };
-    let result = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
+    let server = ServerBuilder::new(config.server_config(tls).with_auth(&config.auth)?)
         .add_service(grpc_service(api))
         .add_service(ingest_service(ingest))
-        .add_service(WatchServiceServer::new(watch::WatchApi::new(hub)))
+        .add_service(WatchServiceServer::new(watch::WatchApi::new(hub)));
+    // `convoy.bus`: whether the own L1 serves; reads go on to the database either way.
+    if let Some(current) = bus_current {
+        tasks.spawn(convoy_mesh::health::follow(
+            server.health(),
+            subscriber::BUS_HEALTH_SERVICE,
+            current,
+        ));
+    }
+    let result = server
         .serve_with_drain_hook(listener, shutdown, deregister)
         .await;
     drop(tasks);
@@ -217,8 +228,17 @@ pub async fn serve(
     Ok(result?)
 }
 
-async fn purge_old_rows(store: Arc<ConversationStore>) {
-    let mut tick = tokio::time::interval(PURGE_INTERVAL);
+/// Purges expired idempotency records and outbox rows published over `outbox_retention`
+/// ago (except those a slot move still needs) every `interval`, until dropped. Exports
+/// `convoy_outbox_hold_age_seconds`: how long the oldest slot move's hold has kept outbox
+/// rows (0 when none), for an alert on a move that no router finishes.
+async fn purge_old_rows(
+    store: Arc<ConversationStore>,
+    outbox_retention: Duration,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         match store.purge_create_requests(REQUEST_ID_RETENTION).await {
@@ -226,10 +246,15 @@ async fn purge_old_rows(store: Arc<ConversationStore>) {
             Ok(n) => tracing::info!(purged = n, "purged expired idempotency records"),
             Err(e) => tracing::warn!(error = %e, "purging idempotency records failed"),
         }
-        match store.purge_published_outbox(OUTBOX_RETENTION).await {
+        match store.purge_published_outbox(outbox_retention).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "purged published outbox rows"),
             Err(e) => tracing::warn!(error = %e, "purging the outbox failed"),
+        }
+        match store.oldest_outbox_hold().await {
+            Ok(age) => metrics::gauge!("convoy_outbox_hold_age_seconds")
+                .set(age.unwrap_or_default().as_secs_f64()),
+            Err(e) => tracing::debug!(error = %e, "reading the outbox holds failed"),
         }
     }
 }

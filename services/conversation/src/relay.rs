@@ -13,15 +13,28 @@
 //! listens for on every shard, so an invalidation reaches the bus milliseconds after its
 //! commit; a slow poll covers notifications lost while a listener reconnects.
 //!
+//! Every relay also heartbeats on the bus ([`convoy_cache::bus::Heartbeat`], every
+//! [`HEARTBEAT_INTERVAL`], from a task of its own so a slow shard cannot delay it) with the
+//! age of the oldest unpublished outbox row over every shard ([`Backlog`]). Subscribers stop
+//! serving their L1 when no relay vouches for a backlog within their staleness bound: when
+//! Redis refuses writes (out of memory, read-only) the heartbeats fail with the
+//! publications, and when the relays fall behind the backlog says so.
+//!
+//! Metrics: `convoy_relay_backlog_seconds` (that age, as this relay knows it) and
+//! `convoy_relay_publish_failures_total{what}` (`outbox`: a batch the bus refused or could
+//! not be reached for; `heartbeat`).
+//!
 //! Not here: writing the outbox rows (the store does, with each change) or consuming the bus.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_cache::l2::L2;
+use convoy_cache::bus::{HEARTBEAT_INTERVAL, Heartbeat};
+use convoy_cache::l2::{L2, L2Error};
 use convoy_cache::{BusMessage, Version};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::Notify;
+use tokio::time::{Instant, MissedTickBehavior};
 use uuid::Uuid;
 
 use crate::store::ConversationStore;
@@ -40,15 +53,33 @@ const REPUBLISH_WINDOW: Duration = Duration::from_secs(15 * 60);
 const CHANNEL: &str = "convoy_outbox";
 /// Pause after a round that failed (Redis or the shard unreachable).
 const ERROR_PAUSE: Duration = Duration::from_millis(500);
+/// Longest a shard's backlog reading may take before the heartbeat goes without it (the
+/// shard then counts from its last reading). Half a heartbeat interval: heartbeats stay on
+/// time with a shard unreachable.
+const BACKLOG_READ_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Why a relay round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The shard: reading or marking its outbox.
+    #[error("shard: {0}")]
+    Shard(#[from] sqlx::Error),
+    /// The bus refused the batch (Redis out of memory, read-only) or could not be reached.
+    #[error("bus: {0}")]
+    Bus(#[from] L2Error),
+}
 
 /// The cache key of a conversation, as the cache tier and the bus name it.
 pub fn cache_key(team: &str, id: Uuid) -> String {
     format!("conv:{team}:{id}")
 }
 
-/// Relays every shard's outbox to the bus until the task is dropped.
+/// Relays every shard's outbox to the bus, and heartbeats there, until the task is dropped.
 pub async fn run(store: Arc<ConversationStore>, bus: L2) {
+    let bus = Arc::new(bus);
     let wake = Arc::new(Notify::new());
+    let mut heartbeats = crate::Tasks::default();
+    heartbeats.spawn(heartbeat(store.clone(), bus.clone()));
     let mut listeners = crate::Tasks::default();
     // The Redis run id every shard's relay_state is known to hold.
     let mut reconciled: Option<String> = None;
@@ -80,6 +111,10 @@ pub async fn run(store: Arc<ConversationStore>, bus: L2) {
                 Ok(n) => published += n,
                 Err(e) => {
                     failed = true;
+                    if matches!(e, RelayError::Bus(_)) {
+                        metrics::counter!("convoy_relay_publish_failures_total", "what" => "outbox")
+                            .increment(1);
+                    }
                     tracing::warn!(shard = index, error = %e, "outbox relay round failed; retrying");
                 }
             }
@@ -90,6 +125,110 @@ pub async fn run(store: Arc<ConversationStore>, bus: L2) {
             // A commit during the round left a permit: the wait ends at once.
             let _ = tokio::time::timeout(IDLE_PAUSE, wake.notified()).await;
         }
+    }
+}
+
+/// Heartbeats on the bus every [`HEARTBEAT_INTERVAL`] with the age of the oldest
+/// unpublished outbox row over every shard, until dropped.
+async fn heartbeat(store: Arc<ConversationStore>, bus: Arc<L2>) {
+    let relay = Uuid::new_v4().to_string();
+    let mut backlog = Backlog::new(Instant::now());
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let shards = store.pools().map().shards().len();
+        let readings =
+            futures::future::join_all((0..shards).map(|index| read_backlog(&store, index))).await;
+        let now = Instant::now();
+        for (index, reading) in readings.into_iter().enumerate() {
+            match reading {
+                Ok(age) => backlog.read(index, age, now),
+                Err(e) => {
+                    tracing::debug!(shard = index, error = %e, "reading the outbox backlog failed")
+                }
+            }
+        }
+        let worst = backlog.worst(shards, now);
+        metrics::gauge!("convoy_relay_backlog_seconds").set(worst.as_secs_f64());
+        let beat = Heartbeat {
+            relay: relay.clone(),
+            backlog: worst,
+        };
+        match bus.heartbeat(&beat).await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("the relay heartbeats on the bus again");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                metrics::counter!("convoy_relay_publish_failures_total", "what" => "heartbeat")
+                    .increment(1);
+                if !failing {
+                    failing = true;
+                    tracing::warn!(error = %e, "the relay cannot heartbeat on the bus: caches will stop serving until it can");
+                }
+            }
+        }
+    }
+}
+
+/// The age of shard `index`'s oldest unpublished outbox row (zero when none), by the
+/// shard's clock; bounded by [`BACKLOG_READ_TIMEOUT`].
+async fn read_backlog(store: &ConversationStore, index: usize) -> Result<Duration, RelayError> {
+    let pool = store.pools().pool(index).clone();
+    // The oldest by id, from the relay's own partial index: one row read however long the
+    // backlog. Its `created_at` is its transaction's start, so the age errs long.
+    let read = sqlx::query_scalar::<_, f64>(
+        "SELECT coalesce(EXTRACT(EPOCH FROM now() - \
+           (SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1) \
+         )::float8, 0)",
+    )
+    .fetch_one(&pool);
+    let seconds = tokio::time::timeout(BACKLOG_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    Ok(Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX))
+}
+
+/// The oldest unpublished outbox row's age over every shard, as far as this relay knows:
+/// each shard's last reading plus the time since, so a shard that cannot be read counts
+/// as growing older (the rows it holds do) and the figure only errs long. A shard never
+/// read counts from the relay's start.
+#[derive(Debug)]
+pub struct Backlog {
+    started: Instant,
+    /// Per shard index: when it was last read, and the age read.
+    shards: Vec<Option<(Instant, Duration)>>,
+}
+
+impl Backlog {
+    /// Nothing read yet, at `started`.
+    pub fn new(started: Instant) -> Self {
+        Self {
+            started,
+            shards: Vec::new(),
+        }
+    }
+
+    /// Records that shard `index`'s oldest unpublished row was `age` old at `now`.
+    pub fn read(&mut self, index: usize, age: Duration, now: Instant) {
+        if self.shards.len() <= index {
+            self.shards.resize(index + 1, None);
+        }
+        self.shards[index] = Some((now, age));
+    }
+
+    /// The largest age over the first `shards` shards at `now`.
+    pub fn worst(&self, shards: usize, now: Instant) -> Duration {
+        (0..shards)
+            .map(|index| match self.shards.get(index).copied().flatten() {
+                Some((at, age)) => age.saturating_add(now.saturating_duration_since(at)),
+                None => now.saturating_duration_since(self.started),
+            })
+            .max()
+            .unwrap_or(Duration::ZERO)
     }
 }
 
@@ -184,7 +323,7 @@ pub async fn relay_once(
     store: &ConversationStore,
     index: usize,
     bus: &L2,
-) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<usize, RelayError> {
     let pools = store.pools();
     let Some(shard) = pools.map().shards().get(index).map(|s| s.id.to_string()) else {
         return Ok(0);
@@ -235,4 +374,38 @@ pub async fn relay_once(
         .await?;
     tx.commit().await?;
     Ok(rows.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_backlog_is_the_oldest_reading_aged_by_the_time_since_it_was_read() {
+        let mut backlog = Backlog::new(Instant::now());
+        tokio::time::advance(ms(200)).await;
+        assert_eq!(
+            backlog.worst(2, Instant::now()),
+            ms(200),
+            "a shard never read counts from the start"
+        );
+        backlog.read(0, ms(0), Instant::now());
+        backlog.read(1, ms(50), Instant::now());
+        assert_eq!(backlog.worst(2, Instant::now()), ms(50));
+        // Shard 1 cannot be read any more: its rows age; shard 0 is read again.
+        tokio::time::advance(ms(3000)).await;
+        backlog.read(0, ms(10), Instant::now());
+        assert_eq!(backlog.worst(2, Instant::now()), ms(3050));
+        backlog.read(1, ms(0), Instant::now());
+        assert_eq!(backlog.worst(2, Instant::now()), ms(10));
+        assert_eq!(
+            backlog.worst(0, Instant::now()),
+            Duration::ZERO,
+            "no shards, no backlog"
+        );
+    }
 }

@@ -912,13 +912,33 @@ impl ConversationStore {
     }
 
     /// Deletes outbox rows published more than `age` ago on every shard; returns how many.
-    /// Unpublished rows are never deleted.
+    /// Unpublished rows are never deleted, nor rows a slot move in progress may still
+    /// replay: those past the least hold in `outbox_holds` (set by the shard-router's mover).
     pub async fn purge_published_outbox(&self, age: Duration) -> Result<u64, sqlx::Error> {
         self.purge(
-            "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)",
+            "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1) \
+             AND id <= (SELECT coalesce(min(after_id), 9223372036854775807) FROM outbox_holds)",
             age,
         )
         .await
+    }
+
+    /// How long the oldest outbox hold (a slot move's, see `outbox_holds`) has kept rows
+    /// from the purge, over every shard; `None` when no shard has one.
+    pub async fn oldest_outbox_hold(&self) -> Result<Option<Duration>, sqlx::Error> {
+        let pools = self.pools();
+        let mut oldest: Option<Duration> = None;
+        for index in 0..pools.map().shards().len() {
+            let age: Option<f64> = sqlx::query_scalar(
+                "SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM outbox_holds",
+            )
+            .fetch_one(pools.pool(index))
+            .await?;
+            if let Some(age) = age.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()) {
+                oldest = Some(oldest.map_or(age, |o| o.max(age)));
+            }
+        }
+        Ok(oldest)
     }
 
     /// Runs a `DELETE ... $1 seconds` statement on every shard; returns the rows deleted.

@@ -15,6 +15,13 @@
 //!   `convoy_store::ownership::freeze`), applies the last tail, and hands ownership over.
 //! - **Clean-up** deletes the moved rows from the source; **abort** deletes the copies from
 //!   the target.
+//! - **Outbox hold**: the catch-up needs every outbox row past the move's watermark, and
+//!   the conversation service purges published rows after an hour. Before its first
+//!   watermark a move sets a hold on the source (`outbox_holds`: rows past `after_id` are
+//!   never purged), advances it to each watermark the operation records, and drops it
+//!   when the operation ends; a catch-up whose hold is gone fails the move rather than
+//!   miss a change. The hold is set only by the first step, so one found at a later step
+//!   has stood since the watermark.
 //!
 //! Not here: the operation's record and ordering (see [`crate::operations`]).
 
@@ -123,6 +130,36 @@ impl Mover {
         )
         .await?;
         Ok(())
+    }
+
+    /// Sets `operation`'s outbox hold on the source at the outbox's largest id now, which is
+    /// at most the watermark taken after it; a hold set already stays as it is (a first
+    /// step run again, or by a deposed driver).
+    pub async fn hold(&self, operation: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO outbox_holds (operation_id, after_id) \
+             SELECT $1, coalesce(max(id), 0) FROM outbox \
+             ON CONFLICT (operation_id) DO NOTHING",
+        )
+        .bind(operation)
+        .execute(&self.source)
+        .await?;
+        Ok(())
+    }
+
+    /// Moves `operation`'s hold to `after`, a watermark the operation has recorded (rows up
+    /// to it are never replayed again); false when the hold is gone, and with it, perhaps,
+    /// rows the catch-up needs.
+    pub async fn advance_hold(&self, operation: &str, after: i64) -> Result<bool, sqlx::Error> {
+        let moved = sqlx::query(
+            "UPDATE outbox_holds SET after_id = $2, updated_at = now() WHERE operation_id = $1",
+        )
+        .bind(operation)
+        .bind(after)
+        .execute(&self.source)
+        .await?
+        .rows_affected();
+        Ok(moved == 1)
     }
 
     /// A safe watermark of the source's outbox (see the module docs).
@@ -395,6 +432,22 @@ impl Mover {
         }
         Ok(deleted)
     }
+}
+
+/// The operations holding outbox rows on `pool` (see [`Mover::hold`]).
+pub async fn holds(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT operation_id FROM outbox_holds ORDER BY created_at")
+        .fetch_all(pool)
+        .await
+}
+
+/// Drops `operation`'s outbox hold on `pool`, if any.
+pub async fn release_hold(pool: &PgPool, operation: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM outbox_holds WHERE operation_id = $1")
+        .bind(operation)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// Rows stored already are kept as they are.

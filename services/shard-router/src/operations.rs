@@ -9,6 +9,14 @@
 //! undone (source unfrozen) and retried otherwise. Cancel is honoured before the cut-over
 //! only: after it the move is finished instead.
 //!
+//! A move holds the source's outbox rows past its watermark from the purge
+//! ([`crate::mover`]): from its first step until the step that ends it (clean-up, cancel,
+//! or failure) drops the hold. A hold whose driver died before dropping it is tied to the
+//! operation's record: the leader sweeps every [`HOLD_SWEEP_INTERVAL`] between moves and
+//! drops holds whose operation is over or gone. So a hold lasts as long as its move is
+//! unfinished, plus at most one sweep once a leader is free; while no router leads, holds
+//! stay (`convoy_outbox_hold_age_seconds`, exported by the conversation service, shows it).
+//!
 //! Not here: the SQL of each step ([`crate::mover`]).
 
 use std::ops::RangeInclusive;
@@ -27,6 +35,10 @@ use crate::mover::{Columns, Mover};
 pub const KIND: &str = "operations";
 /// Slots copied per step (the record is saved, with progress, after each step).
 const COPY_SLOTS_PER_STEP: u16 = 16;
+/// How often the leader, between moves, drops outbox holds whose operation is over or
+/// gone. 60 s: a leftover hold only keeps published outbox rows (disk), so a minute's delay
+/// costs little, and the sweep reads every shard and an etcd record per hold.
+pub const HOLD_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A move's phase, as stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,9 +284,15 @@ impl Driver {
         }
     }
 
-    /// Runs every unfinished move, oldest first, then waits for more; forever.
+    /// Runs every unfinished move, oldest first, then waits for more; forever. Sweeps
+    /// leftover outbox holds between moves.
     pub async fn run(&self) {
+        let mut swept: Option<Instant> = None;
         loop {
+            if swept.is_none_or(|at| at.elapsed() >= HOLD_SWEEP_INTERVAL) {
+                self.sweep_holds().await;
+                swept = Some(Instant::now());
+            }
             match self.records.list::<MoveOp>(1000).await {
                 Ok(ops) => {
                     for op in ops.into_iter().filter(|op| !op.value.phase.is_done()) {
@@ -284,6 +302,52 @@ impl Driver {
                 Err(e) => tracing::warn!(error = %e, "listing operations failed"),
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Drops, on every shard, the outbox holds whose operation is over or has no record
+    /// (its driver died between ending it and dropping the hold). An unreadable shard or
+    /// record is left for the next sweep.
+    pub async fn sweep_holds(&self) {
+        let pools = self.pools.borrow().clone();
+        for index in 0..pools.map().shards().len() {
+            let pool = pools.pool(index);
+            let held = match crate::mover::holds(pool).await {
+                Ok(held) => held,
+                Err(e) => {
+                    tracing::debug!(shard = index, error = %e, "reading outbox holds failed");
+                    continue;
+                }
+            };
+            for operation in held {
+                let over = match self.records.get::<MoveOp>(&operation).await {
+                    Ok(Some(op)) => op.value.phase.is_done(),
+                    Ok(None) => true,
+                    Err(_) => false,
+                };
+                if over {
+                    match crate::mover::release_hold(pool, &operation).await {
+                        Ok(()) => {
+                            tracing::info!(shard = index, %operation, "dropped the outbox hold of a move that is over")
+                        }
+                        Err(e) => {
+                            tracing::debug!(shard = index, error = %e, "dropping an outbox hold failed")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops `op`'s outbox hold, best effort: the sweep drops what this misses.
+    async fn release_hold(&self, op: &MoveOp) {
+        if op.from_shard.is_empty() {
+            return;
+        }
+        if let Ok(mover) = self.mover(op).await
+            && let Err(e) = crate::mover::release_hold(&mover.source, &op.id).await
+        {
+            tracing::warn!(op = %op.id, error = %e, "dropping the outbox hold failed; the sweep will");
         }
     }
 
@@ -306,6 +370,7 @@ impl Driver {
                     }
                 },
                 Err(StepError::Invalid(why)) => {
+                    self.release_hold(&op.value).await;
                     let mut failed = op.value.clone();
                     failed.phase = Phase::Failed;
                     failed.error = why;
@@ -392,6 +457,7 @@ impl Driver {
             if op.phase != Phase::Pending {
                 let mover = self.mover(op).await?;
                 self.abort(&mover).await?;
+                crate::mover::release_hold(&mover.source, &op.id).await?;
             }
             next.phase = Phase::Cancelled;
             return Ok(next);
@@ -419,7 +485,9 @@ impl Driver {
                 let mover = self.mover(&next).await?;
                 mover.prepare(map.epoch()).await?;
                 next.rows_total = mover.count().await?;
-                // Changes from here on are replayed from the outbox past this watermark.
+                // Changes from here on are replayed from the outbox past this watermark,
+                // kept from the purge by the hold set before it.
+                mover.hold(&op.id).await?;
                 next.watermark = mover.safe_watermark().await?;
                 next.next_slot = op.start;
                 next.phase = Phase::Copying;
@@ -439,6 +507,7 @@ impl Driver {
             }
             Phase::CatchingUp => {
                 let mover = self.mover(op).await?;
+                self.advance_hold(op, &mover).await?;
                 let until = mover.safe_watermark().await?;
                 let changed = mover.catch_up(op.watermark, Some(until)).await?;
                 next.watermark = until;
@@ -462,6 +531,8 @@ impl Driver {
             Phase::CleaningUp => {
                 tokio::time::sleep(self.settings.cleanup_grace).await;
                 let mover = self.mover(op).await?;
+                // Cut over: nothing is replayed from the outbox any more.
+                crate::mover::release_hold(&mover.source, &op.id).await?;
                 let deleted = mover.delete_range(&mover.source).await?;
                 tracing::info!(op = %op.id, deleted, "moved rows deleted from the source");
                 next.phase = Phase::Done;
@@ -469,6 +540,19 @@ impl Driver {
             Phase::Done | Phase::Cancelled | Phase::Failed => {}
         }
         Ok(next)
+    }
+
+    /// Moves `op`'s outbox hold to its recorded watermark; fails the move if the hold is
+    /// gone, since rows past the watermark may have been purged unreplayed.
+    async fn advance_hold(&self, op: &MoveOp, mover: &Mover) -> Result<(), StepError> {
+        if mover.advance_hold(&op.id, op.watermark).await? {
+            return Ok(());
+        }
+        Err(StepError::Invalid(format!(
+            "the outbox hold of this move on {} is gone: changes since outbox id {} may have \
+             been purged before they were replayed; move the slots again",
+            op.from_shard, op.watermark
+        )))
     }
 
     async fn current_map(&self) -> Result<ShardMap, StepError> {
@@ -502,6 +586,7 @@ impl Driver {
             self.hand_over(mover, epoch).await?;
             return Ok(None);
         }
+        self.advance_hold(op, mover).await?;
         let frozen_at = Instant::now();
         ownership::freeze(
             &mover.source,

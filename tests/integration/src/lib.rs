@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod exposition;
 pub mod otlp;
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A running conversation service over `n` real Postgres shards.
 pub struct Fleet {
@@ -95,31 +97,13 @@ impl Instance {
     /// Waits (at most 15 s) until the instance answers its health check with SERVING; it
     /// registers in etcd, when configured, before it starts serving.
     async fn wait_until_serving(&self) {
-        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let attempt = async {
-                let channel = Channel::from_shared(format!("http://{}", self.addr))
-                    .ok()?
-                    .connect()
-                    .await
-                    .ok()?;
-                let response = tonic_health::pb::health_client::HealthClient::new(channel)
-                    .check(tonic_health::pb::HealthCheckRequest::default())
-                    .await
-                    .ok()?;
-                Some(response.into_inner().status)
-            };
-            if attempt.await == Some(serving) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "instance on {} did not start serving",
-                self.addr
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_health(
+            self.addr,
+            "",
+            ServingStatus::Serving,
+            Duration::from_secs(15),
+        )
+        .await;
     }
 
     /// Stops gracefully (health NOT_SERVING, deregister, drain) and waits for the exit.
@@ -378,6 +362,18 @@ impl CacheInstance {
         instance
     }
 
+    /// Waits (at most 15 s) until the instance serves from its layers: a relay vouches for
+    /// the invalidation bus (health `convoy.bus` SERVING).
+    pub async fn wait_bus_current(&self) {
+        wait_health(
+            self.addr,
+            convoy_cache::subscriber::BUS_HEALTH_SERVICE,
+            ServingStatus::Serving,
+            Duration::from_secs(15),
+        )
+        .await;
+    }
+
     /// A CacheService client of this instance.
     pub async fn client(&self) -> CacheServiceClient<Channel> {
         CacheServiceClient::new(channel_to(self.addr).await)
@@ -423,6 +419,39 @@ pub async fn stored_digest(pool: &PgPool) -> String {
 fn auth_default(args: &mut Vec<String>) {
     if !args.iter().any(|a| a == "--auth-keys" || a == "--no-auth") {
         args.push("--no-auth".into());
+    }
+}
+
+/// What the server at `addr` answers a health check for `service` with (`""`: the whole
+/// server); `None` when it does not answer.
+pub async fn health_of(addr: SocketAddr, service: &str) -> Option<ServingStatus> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let response = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .ok()?;
+    Some(response.into_inner().status())
+}
+
+/// Waits until the server at `addr` reports `service` as `status`; panics after `within`.
+pub async fn wait_health(addr: SocketAddr, service: &str, status: ServingStatus, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let now = health_of(addr, service).await;
+        if now == Some(status) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} reported {service:?} as {now:?}, not {status:?}, for {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -440,6 +440,8 @@ async fn cached_answers_follow_their_teams_writes_and_tokens() {
     let cache = CacheInstance::start(&url, &[]).await;
     let cache_addr = cache.addr.to_string();
     let analytics = fleet.start_analytics(&["--cache-addr", &cache_addr]).await;
+    // The tier serves once the fleet's relay vouches for the bus.
+    cache.wait_bus_current().await;
     let mut client = client(&analytics).await;
     let mut conversations = fleet.client().await;
     let teams = teams(&fleet);

@@ -11,9 +11,11 @@ use convoy_proto::v1::cache_service_client::CacheServiceClient;
 use convoy_testkit::Redis;
 use tonic::transport::Channel;
 
-/// Starts a cache instance over `redis`; returns it and a client of it.
+/// Starts a cache instance over `redis`; returns it and a client of it. No relay runs
+/// here to vouch for the bus with heartbeats, so the staleness check is off (it is tested
+/// in `hostile_bus.rs`); invalidations are published by hand.
 async fn instance(redis: &Redis) -> (CacheInstance, CacheServiceClient<Channel>) {
-    let instance = CacheInstance::start(&redis.url(), &[]).await;
+    let instance = CacheInstance::start(&redis.url(), &["--bus-stale-after-ms", "0"]).await;
     let client = instance.client().await;
     (instance, client)
 }

@@ -7,93 +7,13 @@
 //! The services share this process, and so one registry: each endpoint serves all of it.
 //! Assertions are on increments of series only the call under test moves.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
+use convoy_integration_tests::exposition::{metrics_addr, sample, scrape};
 use convoy_integration_tests::{CacheInstance, Fleet, Router, new_conversation};
 use convoy_proto::v1 as pb;
-use convoy_testkit::{Etcd, Redis, free_port};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use convoy_testkit::{Etcd, Redis};
 use tonic::Code;
-
-/// A loopback address for a metrics endpoint.
-fn metrics_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
-/// `GET /metrics` at `addr`: the exposition text, after checking the answer is one.
-async fn scrape(addr: SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the metrics endpoint");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/plain; version=0.0.4"),
-        "{head}"
-    );
-    body.to_owned()
-}
-
-/// The labels of a sample line (`name{k="v",...} value`), unescaped.
-fn parse_labels(text: &str) -> Vec<(String, String)> {
-    let mut labels = Vec::new();
-    let mut rest = text;
-    while let Some((key, after)) = rest.split_once("=\"") {
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some((_, 'n')) => value.push('\n'),
-                    Some((_, escaped)) => value.push(escaped),
-                    None => {}
-                },
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        labels.push((key.trim_start_matches(',').to_owned(), value));
-        rest = &after[end..];
-    }
-    labels
-}
-
-/// The sum of the samples named `name` whose labels include all of `labels` (as PromQL's
-/// `sum(name{labels})`); `None` when there is no such sample.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (series_name, series_labels) = match series.split_once('{') {
-            Some((n, l)) => (n, parse_labels(l.strip_suffix('}').unwrap_or(l))),
-            None => (series, Vec::new()),
-        };
-        if series_name != name
-            || !labels
-                .iter()
-                .all(|(k, v)| series_labels.iter().any(|(sk, sv)| sk == k && sv == v))
-        {
-            continue;
-        }
-        let value: f64 = value.parse().expect("a sample value");
-        *found.get_or_insert(0.0) += value;
-    }
-    found
-}
 
 /// A method's server-side call count for `code`, 0 before its first call.
 fn served(text: &str, service: &str, method: &str, code: &str) -> f64 {
@@ -111,18 +31,6 @@ fn served(text: &str, service: &str, method: &str, code: &str) -> f64 {
 }
 
 const CONVERSATIONS: &str = "convoy.v1.ConversationService";
-
-#[test]
-fn the_exposition_parser_finds_samples_by_name_and_labels() {
-    let text = "# TYPE x histogram\n\
-                x_count{a=\"1\",b=\"q\\\"uote,d\"} 2\n\
-                x_count{a=\"1\",b=\"other\"} 3\n\
-                y 7\n";
-    assert_eq!(sample(text, "x_count", &[("a", "1")]), Some(5.0));
-    assert_eq!(sample(text, "x_count", &[("b", "q\"uote,d")]), Some(2.0));
-    assert_eq!(sample(text, "y", &[]), Some(7.0));
-    assert_eq!(sample(text, "x_count", &[("a", "2")]), None);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_serves_metrics_whose_series_move_with_its_calls() {
@@ -290,7 +198,9 @@ async fn every_service_serves_metrics_whose_series_move_with_its_calls() {
         "{read}"
     );
 
-    // A cache hit moves the cache service's lookups at its layer, and its Get at code 0.
+    // A cache hit moves the cache service's lookups at its layer, and its Get at code 0
+    // (the tier serves once the fleet's relay vouches for the bus).
+    cache.wait_bus_current().await;
     let mut cache_client = cache.client().await;
     cache_client
         .set(pb::CacheSetRequest {

@@ -4,6 +4,7 @@
 //! and no client call failed: fenced writes were retried inside the service.
 
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,12 +13,12 @@ use convoy_proto::v1 as pb;
 use convoy_proto::v1::conversation_service_client::ConversationServiceClient;
 use convoy_proto::v1::shard_router_service_client::ShardRouterServiceClient;
 use convoy_store::{Epoch, Shard, ShardId, ShardMap, Slot};
-use convoy_testkit::{Etcd, Postgres};
+use convoy_testkit::{Etcd, Postgres, Redis};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
-const MOVED: std::ops::RangeInclusive<u16> = 0..=255;
+const MOVED: RangeInclusive<u16> = 0..=255;
 
 fn seed(shards: &[Postgres]) -> ShardMap {
     ShardMap::new(
@@ -44,12 +45,12 @@ fn seed(shards: &[Postgres]) -> ShardMap {
     .unwrap()
 }
 
-/// Teams, half of them in the moved range.
-fn teams() -> Vec<String> {
+/// Teams, half of them in the `moved` range.
+fn teams(moved_range: &RangeInclusive<u16>) -> Vec<String> {
     let (mut moved, mut staying) = (Vec::new(), Vec::new());
     for i in 0.. {
         let team = format!("team-{i}");
-        if MOVED.contains(&Slot::for_team(&team).get()) {
+        if moved_range.contains(&Slot::for_team(&team).get()) {
             if moved.len() < 12 {
                 moved.push(team);
             }
@@ -75,6 +76,7 @@ struct Acked {
 async fn write_loop(
     mut client: ConversationServiceClient<Channel>,
     teams: Arc<Vec<String>>,
+    range: RangeInclusive<u16>,
     acked: Arc<Mutex<Acked>>,
     worker: usize,
     until: Arc<tokio::sync::Notify>,
@@ -84,7 +86,7 @@ async fn write_loop(
     tokio::pin!(stop);
     loop {
         let team = &teams[(worker * 7 + round) % teams.len()];
-        let moved = MOVED.contains(&Slot::for_team(team).get());
+        let moved = range.contains(&Slot::for_team(team).get());
         round += 1;
         let mut create = new_conversation(team, &format!("w{worker} r{round}"), "body");
         create.request_id = uuid::Uuid::now_v7().to_string();
@@ -173,8 +175,14 @@ struct Load {
 }
 
 impl Load {
-    fn start(client: &ConversationServiceClient<Channel>, writers: usize, read: bool) -> Load {
-        let teams = Arc::new(teams());
+    /// Writers to teams half of which lie in `range` (the moved one), and a reader if asked.
+    fn start(
+        client: &ConversationServiceClient<Channel>,
+        range: RangeInclusive<u16>,
+        writers: usize,
+        read: bool,
+    ) -> Load {
+        let teams = Arc::new(teams(&range));
         let acked = Arc::new(Mutex::new(Acked::default()));
         let stop = Arc::new(tokio::sync::Notify::new());
         let mut set = JoinSet::new();
@@ -182,6 +190,7 @@ impl Load {
             set.spawn(write_loop(
                 client.clone(),
                 teams.clone(),
+                range.clone(),
                 acked.clone(),
                 worker,
                 stop.clone(),
@@ -232,6 +241,14 @@ async fn stored(pool: &PgPool, name: &str) -> (i64, i64) {
     .unwrap()
 }
 
+/// The operations holding outbox rows on a shard.
+async fn outbox_holds(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT operation_id FROM outbox_holds ORDER BY operation_id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 async fn wait_done(router: &mut ShardRouterServiceClient<Channel>, name: &str) -> pb::Operation {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -267,7 +284,9 @@ struct Setup {
     client: ConversationServiceClient<Channel>,
 }
 
-async fn setup() -> Setup {
+/// Three shards (the map on the first two), etcd, and a conversation instance following
+/// the map with `extra` flags.
+async fn setup(extra: &[&str]) -> Setup {
     let etcd = Etcd::start().await.unwrap();
     let shards = convoy_testkit::start_postgres_shards(3).await.unwrap();
     let seed = seed(&shards);
@@ -275,8 +294,9 @@ async fn setup() -> Setup {
     // A first router publishes the map; the instance follows it.
     let publisher = Router::start(&endpoint, &seed, &[]).await;
     drop(publisher);
-    let instance =
-        Instance::start_with_flags(&["--shard-map-from-etcd", "--etcd-endpoint", &endpoint]).await;
+    let mut flags = vec!["--shard-map-from-etcd", "--etcd-endpoint", &endpoint];
+    flags.extend(extra);
+    let instance = Instance::start_with_flags(&flags).await;
     let client =
         ConversationServiceClient::new(convoy_integration_tests::channel_to(instance.addr).await);
     let mut pools = Vec::new();
@@ -293,11 +313,12 @@ async fn setup() -> Setup {
     }
 }
 
-/// Every acknowledged conversation is stored exactly once, on its owner, with its events.
-async fn assert_placed(pools: &[PgPool], acked: &Acked) {
+/// Every acknowledged conversation is stored exactly once, on its owner (shard-2 for the
+/// `moved` range), with its events.
+async fn assert_placed(pools: &[PgPool], acked: &Acked, moved: &RangeInclusive<u16>) {
     for (name, events) in &acked.events {
         let team = name.split('/').nth(1).unwrap();
-        let owner = if MOVED.contains(&Slot::for_team(team).get()) {
+        let owner = if moved.contains(&Slot::for_team(team).get()) {
             2
         } else if Slot::for_team(team).get() < 512 {
             0
@@ -325,14 +346,14 @@ async fn assert_placed(pools: &[PgPool], acked: &Acked) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn moving_half_of_shard_0_under_load_loses_nothing_and_no_client_call_fails() {
-    let s = setup().await;
+    let s = setup(&[]).await;
     let mut router = Router::start(
         &s.etcd.endpoint(),
         &s.seed,
         &["--move-cleanup-grace-ms", "300"],
     )
     .await;
-    let load = Load::start(&s.client, 4, true);
+    let load = Load::start(&s.client, MOVED, 4, true);
     // Some data before the move.
     load.until_written(200).await;
 
@@ -384,7 +405,7 @@ async fn moving_half_of_shard_0_under_load_loses_nothing_and_no_client_call_fail
         acked.failures
     );
     assert!(reads > 0);
-    assert_placed(&s.pools, &acked).await;
+    assert_placed(&s.pools, &acked, &MOVED).await;
 
     // The map routes the range to shard-2, and the service follows it.
     let map = router
@@ -403,7 +424,7 @@ async fn moving_half_of_shard_0_under_load_loses_nothing_and_no_client_call_fail
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_move_survives_a_router_and_etcd_restart_and_a_cancelled_one_changes_nothing() {
-    let mut s = setup().await;
+    let mut s = setup(&[]).await;
     let endpoint = s.etcd.endpoint();
     let slow = [
         "--move-cleanup-grace-ms",
@@ -412,7 +433,7 @@ async fn a_move_survives_a_router_and_etcd_restart_and_a_cancelled_one_changes_n
         "150",
     ];
     let mut first = Router::start(&endpoint, &s.seed, &slow).await;
-    let load = Load::start(&s.client, 2, false);
+    let load = Load::start(&s.client, MOVED, 2, false);
     load.until_written(100).await;
     first
         .client
@@ -459,6 +480,11 @@ async fn a_move_survives_a_router_and_etcd_restart_and_a_cancelled_one_changes_n
         .await
         .unwrap();
     assert_eq!(on_target, 0, "a cancelled move leaves no copies");
+    assert_eq!(
+        outbox_holds(&s.pools[0]).await,
+        Vec::<String>::new(),
+        "a cancelled move drops its outbox hold"
+    );
 
     // A move interrupted mid-copy by a router crash and an etcd restart is resumed by the
     // next leader.
@@ -477,9 +503,20 @@ async fn a_move_survives_a_router_and_etcd_restart_and_a_cancelled_one_changes_n
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(first);
+    // A hold whose driver died after its operation's record went: the next leader's sweep
+    // drops it, while the interrupted move's own hold stands until that move ends.
+    sqlx::query("INSERT INTO outbox_holds (operation_id, after_id) VALUES ('vanished', 0)")
+        .execute(&s.pools[0])
+        .await
+        .unwrap();
     s.etcd.restart().await.unwrap();
     let mut second = Router::start(&endpoint, &s.seed, &["--move-cleanup-grace-ms", "100"]).await;
     let done = wait_done(&mut second.client, &op.name).await;
+    assert_eq!(
+        outbox_holds(&s.pools[0]).await,
+        Vec::<String>::new(),
+        "the finished move dropped its hold, the sweep the vanished one's"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (acked, _) = load.stop().await;
 
@@ -489,6 +526,154 @@ async fn a_move_survives_a_router_and_etcd_restart_and_a_cancelled_one_changes_n
         "client calls failed: {:?}",
         acked.failures
     );
-    assert_placed(&s.pools, &acked).await;
+    assert_placed(&s.pools, &acked, &MOVED).await;
+    drop(s.instance);
+}
+
+/// One copy step's worth of slots: the long move's length is its pauses, not its copying.
+const HELD_OPEN: RangeInclusive<u16> = 0..=15;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_held_open_past_the_outbox_purge_under_writes_loses_nothing() {
+    // The instance relays its outbox and purges rows published over a second ago, every
+    // second: an hour's retention, shrunk.
+    let redis = Redis::start().await.unwrap();
+    let s = setup(&[
+        "--redis-url",
+        &redis.url(),
+        "--outbox-retention-secs",
+        "1",
+        "--purge-interval-secs",
+        "1",
+    ])
+    .await;
+    // Every step of the move is followed by 2.5 s, past retention plus a purge interval:
+    // the changes a catch-up replays were purgeable before it ran. One pass, then the cut
+    // over, whose tail replays the rest.
+    let mut router = Router::start(
+        &s.etcd.endpoint(),
+        &s.seed,
+        &[
+            "--move-cleanup-grace-ms",
+            "100",
+            "--fault-move-step-pause-ms",
+            "2500",
+            "--move-tail-threshold",
+            "1000000",
+        ],
+    )
+    .await;
+    router
+        .client
+        .add_shard(pb::AddShardRequest {
+            shard_id: "shard-2".into(),
+            primary_address: format!("127.0.0.1:{}", s.shards[2].port()),
+            replica_addresses: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let load = Load::start(&s.client, HELD_OPEN, 2, false);
+    load.until_written(50).await;
+    let source = &s.pools[0];
+    // At most the hold the move sets: every row up to it is the purge's to take.
+    let first_id: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM outbox")
+        .fetch_one(source)
+        .await
+        .unwrap();
+    let op = router
+        .client
+        .move_slots(pb::MoveSlotsRequest {
+            start: i32::from(*HELD_OPEN.start()),
+            end: i32::from(*HELD_OPEN.end()),
+            to_shard: "shard-2".into(),
+            request_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // While the move runs, the purge goes on: rows from before the move go, rows the move
+    // may still replay stay past their retention.
+    let (mut purged_before, mut kept_past_retention) = (false, false);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let done = loop {
+        let (oldest, kept): (i64, i64) = sqlx::query_as(
+            "SELECT coalesce(min(id), 0), \
+               count(*) FILTER (WHERE published_at < now() - interval '3 seconds') FROM outbox",
+        )
+        .fetch_one(source)
+        .await
+        .unwrap();
+        if let Ok(current) = router
+            .client
+            .get_operation(pb::GetOperationRequest {
+                name: op.name.clone(),
+            })
+            .await
+        {
+            let current = current.into_inner();
+            if current.done {
+                break current;
+            }
+            purged_before |= oldest > first_id;
+            kept_past_retention |= kept > 0;
+        }
+        assert!(Instant::now() < deadline, "the move did not finish in 90 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (acked, _) = load.stop().await;
+
+    assert_eq!(done.phase, pb::operation::Phase::Done as i32, "{done:?}");
+    assert!(
+        purged_before,
+        "the purge ran during the move (rows before its watermark went)"
+    );
+    assert!(
+        kept_past_retention,
+        "rows the move could replay outlived their retention"
+    );
+    assert!(
+        acked.failures.is_empty(),
+        "client calls failed: {:?}",
+        acked.failures
+    );
+    let moved = acked
+        .events
+        .keys()
+        .filter(|name| {
+            let team = name.split('/').nth(1).unwrap();
+            HELD_OPEN.contains(&Slot::for_team(team).get())
+        })
+        .count();
+    println!(
+        "{} writes acknowledged, {moved} to the moved range, over a {} s move",
+        acked.events.len(),
+        (done.update_time.unwrap().seconds - done.create_time.unwrap().seconds)
+    );
+    assert_placed(&s.pools, &acked, &HELD_OPEN).await;
+    assert!(
+        outbox_holds(source).await.is_empty(),
+        "the move's hold is gone"
+    );
+
+    // Without the hold, the purge takes what the move kept.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let kept: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE published_at < now() - interval '3 seconds'",
+        )
+        .fetch_one(source)
+        .await
+        .unwrap();
+        if kept == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{kept} rows outlived the move's hold"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(s.instance);
 }
