@@ -4,6 +4,8 @@
 //! The cache is keyed by the token itself (the map hashes it; a hit compares the whole
 //! token), so no crafted token can collide with a verified one. Reloading keys that changed
 //! empties the cache: a removed key stops verifying at once, not when its tokens expire.
+//! Each such change is announced ([`Verifier::key_changes`]), so whatever holds rights past
+//! one verification (an open stream) can check its tokens again.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -50,6 +52,8 @@ pub struct Verifier {
     dir: PathBuf,
     keys: RwLock<Arc<KeySet>>,
     cache: moka::sync::Cache<Arc<str>, Arc<Claims>>,
+    /// How many times the keys changed: bumped by every reload that changes them.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -90,6 +94,7 @@ impl Verifier {
                 .max_capacity(CACHE_CAPACITY)
                 .expire_after(UntilExpiry)
                 .build(),
+            generation: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -142,7 +147,14 @@ impl Verifier {
         tracing::info!(kids = ?fresh.kids().collect::<Vec<_>>(), "token keys changed");
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
         self.cache.invalidate_all();
+        self.generation.send_modify(|g| *g += 1);
         Ok(true)
+    }
+
+    /// Wakes on every change of the keys (after the cache is emptied): the moment to verify
+    /// again a token accepted earlier.
+    pub fn key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Reloads every `every` for as long as it runs.
