@@ -685,3 +685,207 @@ impl http_body::Body for CheckedStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::BufferConfig;
+    use crate::limit::{Rate, RateLimitConfig};
+    use crate::mint::{Signer, generate_key_pair};
+    use convoy_proto::v1 as pb;
+    use prost::Message;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tonic_types::StatusExt;
+
+    const INGEST: &str = "/convoy.v1.IngestService/IngestEvents";
+    const GET: &str = "/convoy.v1.ConversationService/GetConversation";
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        signer: Signer,
+        authorizer: Arc<Authorizer>,
+        budget: BodyBudget,
+    }
+
+    fn setup(writer_rate: Option<Rate>) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = generate_key_pair().unwrap();
+        std::fs::write(dir.path().join("k1.pem"), &pair.public_pem).unwrap();
+        let signer = Signer::from_pem("k1", pair.private_pem.as_bytes()).unwrap();
+        let verifier = Arc::new(Verifier::from_dir(dir.path()).unwrap());
+        let limits = RateLimits::new(RateLimitConfig {
+            writer: writer_rate,
+            ..RateLimitConfig::default()
+        });
+        Setup {
+            _dir: dir,
+            signer,
+            authorizer: Arc::new(Authorizer::new(verifier, limits, 4 << 20)),
+            budget: BodyBudget::new(BufferConfig {
+                bytes: 1 << 20,
+                read_timeout: TIMEOUT,
+                wait: crate::budget::BUDGET_WAIT,
+            }),
+        }
+    }
+
+    /// A body fed chunk by chunk by the test, counting how often it is polled.
+    struct Feed {
+        chunks: tokio::sync::mpsc::Receiver<Bytes>,
+        polls: Arc<AtomicUsize>,
+    }
+
+    impl http_body::Body for Feed {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<BodyFrame<Bytes>, Status>>> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            self.chunks
+                .poll_recv(cx)
+                .map(|c| c.map(|c| Ok(BodyFrame::data(c))))
+        }
+    }
+
+    fn framed(message: &impl Message) -> Bytes {
+        let encoded = message.encode_to_vec();
+        let mut out = vec![0u8];
+        out.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        out.extend_from_slice(&encoded);
+        Bytes::from(out)
+    }
+
+    fn declaration(padding: usize) -> Bytes {
+        framed(&pb::IngestEventsRequest {
+            item: Some(pb::ingest_events_request::Item::Conversation(
+                pb::IngestConversation {
+                    name: "teams/acme/conversations/0190f0c6-0000-7000-8000-000000000001".into(),
+                    title: "x".repeat(padding),
+                    ..Default::default()
+                },
+            )),
+        })
+    }
+
+    impl Setup {
+        /// A request to `path` by a writer of acme, whose body the returned sender feeds.
+        fn request(
+            &self,
+            path: &str,
+        ) -> (
+            Request<Body>,
+            tokio::sync::mpsc::Sender<Bytes>,
+            Arc<AtomicUsize>,
+        ) {
+            let token = self
+                .signer
+                .mint(
+                    "t",
+                    &["acme".into()],
+                    Role::Writer,
+                    Duration::from_secs(3600),
+                )
+                .unwrap();
+            let (tx, chunks) = tokio::sync::mpsc::channel(16);
+            let polls = Arc::new(AtomicUsize::new(0));
+            let body = Body::new(Feed {
+                chunks,
+                polls: polls.clone(),
+            });
+            let request = Request::builder()
+                .uri(path)
+                .header("authorization", format!("Bearer {token}"))
+                .body(body)
+                .unwrap();
+            (request, tx, polls)
+        }
+
+        async fn authorize(
+            &self,
+            path: &'static str,
+            request: Request<Body>,
+        ) -> Result<Request<Body>, Status> {
+            let policy = policy::policy(path).unwrap();
+            authorize(&self.authorizer, &self.budget, policy, request)
+                .await
+                .map(|(request, _)| request)
+        }
+    }
+
+    async fn next(body: &mut Body) -> Option<Result<BodyFrame<Bytes>, Status>> {
+        body.frame().await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_stream_s_first_message_must_arrive_within_the_read_timeout() {
+        let setup = setup(None);
+        let (request, tx, _) = setup.request(INGEST);
+        let whole = declaration(10);
+        tx.send(whole.slice(..8)).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let cut = setup.authorize(INGEST, request).await.unwrap_err();
+        assert_eq!(started.elapsed(), TIMEOUT);
+        assert_eq!(cut.code(), Code::DeadlineExceeded);
+        assert_eq!(
+            cut.get_error_details().error_info().unwrap().reason,
+            "BODY_TIMEOUT"
+        );
+        assert_eq!(setup.budget.in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_message_holds_its_bytes_while_it_arrives_and_is_cut_if_it_trickles() {
+        let setup = setup(None);
+        let (request, tx, _) = setup.request(INGEST);
+        tx.send(declaration(10)).await.unwrap();
+        let request = setup.authorize(INGEST, request).await.unwrap();
+        assert!(request.extensions().get::<StreamRights>().is_some());
+        assert_eq!(
+            request.extensions().get::<StreamTeam>(),
+            Some(&StreamTeam(Arc::from("acme")))
+        );
+        let mut body = request.into_body();
+        assert!(next(&mut body).await.unwrap().unwrap().is_data());
+        assert_eq!(setup.budget.in_use(), 0, "handed on: released");
+
+        // A quiet minute between messages is not the read timeout's business.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let big = declaration(100_000);
+        tx.send(big.slice(..50_000)).await.unwrap();
+        let reading = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            (next(&mut body).await, started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            setup.budget.in_use(),
+            big.len(),
+            "its whole size, from its header"
+        );
+        let (cut, waited) = reading.await.unwrap();
+        assert_eq!(waited, TIMEOUT, "counted from its first bytes");
+        let cut = cut.unwrap().unwrap_err();
+        assert_eq!(cut.code(), Code::DeadlineExceeded);
+        assert_eq!(setup.budget.in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_team_caller_over_its_rate_is_refused_before_its_body_is_read() {
+        let setup = setup(Some("1/h".parse().unwrap()));
+        let (request, tx, _) = setup.request(GET);
+        let get = framed(&pb::GetConversationRequest {
+            name: "teams/acme/conversations/0190f0c6-0000-7000-8000-000000000001".into(),
+            ..Default::default()
+        });
+        tx.send(get.clone()).await.unwrap();
+        drop(tx);
+        setup.authorize(GET, request).await.unwrap();
+        let (request, _tx, polls) = setup.request(GET);
+        let refused = setup.authorize(GET, request).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(polls.load(Ordering::Relaxed), 0, "not a byte was read");
+    }
+}
