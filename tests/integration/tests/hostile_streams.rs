@@ -557,3 +557,63 @@ async fn a_message_that_trickles_in_is_cut_and_writes_nothing() {
     trickle.abort();
     assert_eq!(stored_digest(&shard).await, before, "nothing was written");
 }
+
+#[tokio::test]
+async fn the_sdk_resumes_a_watch_across_stream_lifetimes_losing_and_repeating_nothing() {
+    // A one-second lifetime: the watch below is ended (and resumed) several times.
+    let h = hostile(&["--server-stream-lifetime-s", "1"]).await;
+    let channel = h.fleet.channel().await;
+    let writer = h.token(Role::Writer, "acme");
+    let watched = create(&channel, &writer, "acme").await;
+    let sdk = convoy_client::ConvoyClient::connect(
+        convoy_client::Discovery::Static(vec![h.fleet.addr.to_string()]),
+        convoy_client::ClientConfig {
+            credentials: convoy_client::Credentials::token(&h.token(Role::Reader, "acme")).unwrap(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut watch = sdk.watches().watch_conversation(&watched, 0);
+
+    // 40 events over about 4 s, while the reader reads.
+    let total = 40;
+    let appender = tokio::spawn({
+        let channel = channel.clone();
+        let (writer, watched) = (writer.clone(), watched.clone());
+        async move {
+            let mut conversations = Conversations::new(channel);
+            for i in 0..total {
+                let event = pb::ConversationEvent {
+                    event_id: format!("e{i}"),
+                    ..message(1_793_527_200 + i, "tick")
+                };
+                conversations
+                    .append_events(with_token(
+                        pb::AppendEventsRequest {
+                            parent: watched.clone(),
+                            events: vec![event],
+                        },
+                        &writer,
+                    ))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let mut sequences = Vec::new();
+    while sequences.len() < total as usize {
+        let event = within(Duration::from_secs(20), "the next event", watch.next())
+            .await
+            .expect("the watch goes on")
+            .expect("no error reaches the reader");
+        sequences.push(event.sequence);
+    }
+    appender.await.unwrap();
+    assert_eq!(
+        sequences,
+        (1..=total).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    assert!(watch.resumes() >= 2, "resumed {} times", watch.resumes());
+}
