@@ -9,21 +9,27 @@
 //!    acting for a user adds the user's token in [`SUBJECT_HEADER`]; it is verified too,
 //!    and honoured only from a caller with the service role.
 //! 3. The role is checked ([`Caller::may_call`]) and, for a fleet-scoped RPC, the fleet-wide
-//!    grant ([`MethodPolicy::require_fleet_grant`]); then every team the request names in its
-//!    policy's `team_fields`, read from the encoded request ([`crate::wire`]) before tonic
-//!    decodes it: a team the caller does not reach gets PERMISSION_DENIED. Client streams
-//!    are checked message by message as they arrive.
-//! 4. The team's bucket for the caller's role is charged ([`RateLimits`]); an empty one gets
+//!    grant ([`MethodPolicy::require_fleet_grant`]). A call whose team is known before its
+//!    body is read (a fleet call, or a caller who reaches a single team) is charged now
+//!    (step 5), so a team over its rate is refused before a byte of its body is buffered.
+//! 4. Every team the request names in its policy's `team_fields` is read from the encoded
+//!    request ([`crate::wire`]) before tonic decodes it: a team the caller does not reach
+//!    gets PERMISSION_DENIED. The message is read into memory within a per-instance budget
+//!    of bytes and a read timeout ([`crate::budget`]). Client streams are checked message by
+//!    message as they arrive, each within the same budget and timeout.
+//! 5. The team's bucket for the caller's role is charged ([`RateLimits`]); an empty one gets
 //!    RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` and `grpc-retry-pushback-ms`.
-//! 5. The service runs with the [`Caller`] in the request's extensions and, for its own
+//! 6. The service runs with the [`Caller`] in the request's extensions and, for its own
 //!    outgoing calls, the user's token in a task-local ([`forwarded_token`]), which convoy's
-//!    clients send on as [`SUBJECT_HEADER`].
+//!    clients send on as [`SUBJECT_HEADER`]. A streaming call also gets its
+//!    [`StreamRights`] (which end when its tokens stop being valid) and, when it names a
+//!    team, its [`StreamTeam`], for the server's stream layer (`convoy_mesh::streams`).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -32,14 +38,17 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame as BodyFrame;
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::{BoxError, Layer, Service};
 
-use crate::claims::{Caller, Claims, Role};
+use crate::budget::{BodyBudget, MIN_RESERVATION, Reservation, too_large};
+use crate::claims::{ALL_TEAMS, Caller, Claims, Role};
 use crate::limit::RateLimits;
 use crate::policy::{self, MethodPolicy};
+use crate::rights::{StreamRights, StreamTeam};
 use crate::verify::{TokenError, Verifier};
 use crate::wire::{self, WireError};
 
@@ -106,19 +115,9 @@ impl Authorizer {
     /// The claims of the token in header `name`, if it is there. Both headers carry
     /// `Bearer <token>`: a service forwards its user's `authorization` value as it came.
     fn token(&self, headers: &HeaderMap, name: &str) -> Result<Option<Arc<Claims>>, Status> {
-        let Some(value) = headers.get(name) else {
+        let Some(token) = bearer(headers, name)? else {
             return Ok(None);
         };
-        let text = value
-            .to_str()
-            .map_err(|_| unauthenticated("TOKEN_INVALID", format!("{name} is not ASCII")))?;
-        let token = text
-            .strip_prefix("Bearer ")
-            .or_else(|| text.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                unauthenticated("TOKEN_INVALID", format!("{name} must be `Bearer <token>`"))
-            })?
-            .trim();
         let claims = self
             .verifier
             .verify(token)
@@ -218,7 +217,40 @@ impl Authorizer {
         }
     }
 
-    /// Step 4.
+    /// The rights of a streaming call let in with `headers` as `caller`.
+    fn rights(&self, headers: &HeaderMap, caller: &Caller) -> StreamRights {
+        let mut tokens = Vec::with_capacity(2);
+        for name in [http::header::AUTHORIZATION.as_str(), SUBJECT_HEADER] {
+            // Both verified a moment ago.
+            if let Ok(Some(token)) = bearer(headers, name) {
+                tokens.push((name, Arc::from(token)));
+            }
+        }
+        let exp = caller
+            .subject
+            .as_ref()
+            .map_or(caller.actor.exp, |s| s.exp.min(caller.actor.exp));
+        StreamRights::new(self.verifier.clone(), tokens, exp)
+    }
+
+    /// Step 3's early charge: charges the call now if its team is known before its body is
+    /// read (fleet calls; callers reaching a single team, which is the only one their
+    /// requests may name). Returns whether it did.
+    fn precharge(&self, caller: &Caller, policy: &MethodPolicy) -> Result<bool, Status> {
+        if matches!(policy.scope, TeamScope::Fleet | TeamScope::Unspecified) {
+            self.charge(caller, FLEET)?;
+            return Ok(true);
+        }
+        match caller.acting().teams.as_slice() {
+            [team] if team != ALL_TEAMS && caller.actor.role != Role::Service => {
+                self.charge(caller, team)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Step 5.
     fn charge(&self, caller: &Caller, team: &str) -> Result<(), Status> {
         if caller.actor.role == Role::Service {
             return Ok(());
@@ -239,6 +271,24 @@ fn role_name(role: convoy_proto::v1::AccessRole) -> &'static str {
     }
 }
 
+/// The token in header `name` (`Bearer <token>`), if the header is there.
+fn bearer<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Status> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| unauthenticated("TOKEN_INVALID", format!("{name} is not ASCII")))?;
+    let token = text
+        .strip_prefix("Bearer ")
+        .or_else(|| text.strip_prefix("bearer "))
+        .ok_or_else(|| {
+            unauthenticated("TOKEN_INVALID", format!("{name} must be `Bearer <token>`"))
+        })?
+        .trim();
+    Ok(Some(token))
+}
+
 fn token_message(header: &str, e: &TokenError) -> String {
     if header == SUBJECT_HEADER {
         format!("the forwarded token ({SUBJECT_HEADER}): {e}")
@@ -247,7 +297,8 @@ fn token_message(header: &str, e: &TokenError) -> String {
     }
 }
 
-fn unauthenticated(reason: &str, message: impl Into<String>) -> Status {
+/// UNAUTHENTICATED with an `ErrorInfo` of this layer's domain, counted by reason.
+pub(crate) fn unauthenticated(reason: &str, message: impl Into<String>) -> Status {
     metrics::counter!("convoy_auth_refused_total", "reason" => reason.to_owned()).increment(1);
     Status::with_error_details(
         Code::Unauthenticated,
@@ -285,20 +336,24 @@ fn rate_limited(team: &str, wait: Duration) -> Status {
             .unwrap_or(u64::MAX)
             .saturating_add(1),
     );
-    let mut details = ErrorDetails::with_retry_info(Some(wait));
-    details.add_quota_failure_violation(
-        format!("teams/{team}"),
-        "the team's request rate for this role is used up",
-    );
-    let mut status = Status::with_error_details(
-        Code::ResourceExhausted,
+    exhausted(
         format!(
             "team {team:?} is over its rate limit; retry in {} ms",
             wait.as_millis()
         ),
-        details,
-    );
-    if let Ok(value) = wait.as_millis().to_string().parse() {
+        &format!("teams/{team}"),
+        "the team's request rate for this role is used up",
+        wait,
+    )
+}
+
+/// RESOURCE_EXHAUSTED for a quota on `subject`, with `google.rpc.QuotaFailure`,
+/// `google.rpc.RetryInfo` and `grpc-retry-pushback-ms` telling the client when to retry.
+pub fn exhausted(message: String, subject: &str, description: &str, retry: Duration) -> Status {
+    let mut details = ErrorDetails::with_retry_info(Some(retry));
+    details.add_quota_failure_violation(subject, description);
+    let mut status = Status::with_error_details(Code::ResourceExhausted, message, details);
+    if let Ok(value) = retry.as_millis().to_string().parse() {
         status
             .metadata_mut()
             .insert("grpc-retry-pushback-ms", value);
@@ -311,12 +366,22 @@ fn rate_limited(team: &str, wait: Duration) -> Status {
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
     authorizer: Arc<Authorizer>,
+    budget: BodyBudget,
 }
 
 impl AuthLayer {
-    /// The layer.
+    /// The layer, buffering within a budget of the default size
+    /// ([`crate::BufferConfig::default`]).
     pub fn new(authorizer: Arc<Authorizer>) -> Self {
-        Self { authorizer }
+        Self {
+            authorizer,
+            budget: BodyBudget::default(),
+        }
+    }
+
+    /// The layer buffering within `budget` (one per server: clones of it share it).
+    pub fn with_budget(self, budget: BodyBudget) -> Self {
+        Self { budget, ..self }
     }
 }
 
@@ -327,6 +392,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthService {
             inner,
             authorizer: self.authorizer.clone(),
+            budget: self.budget.clone(),
         }
     }
 }
@@ -336,6 +402,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     authorizer: Arc<Authorizer>,
+    budget: BodyBudget,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -359,6 +426,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let authorizer = self.authorizer.clone();
+        let budget = self.budget.clone();
         let path = request.uri().path();
         if !path.starts_with("/convoy.") {
             return Box::pin(async move { inner.call(request).await.map_err(Into::into) });
@@ -372,7 +440,7 @@ where
             return Box::pin(async move { Ok(status.into_http()) });
         };
         Box::pin(async move {
-            match authorize(&authorizer, policy, request).await {
+            match authorize(&authorizer, &budget, policy, request).await {
                 Ok((request, forward)) => FORWARD
                     .scope(forward, inner.call(request))
                     .await
@@ -383,53 +451,44 @@ where
     }
 }
 
-/// Steps 1-4; the request to pass on (its body rebuilt or wrapped) and the token to
+/// Steps 1-5; the request to pass on (its body rebuilt or wrapped) and the token to
 /// forward.
 async fn authorize(
     authorizer: &Arc<Authorizer>,
+    budget: &BodyBudget,
     policy: &'static MethodPolicy,
     request: Request<Body>,
 ) -> Result<(Request<Body>, Option<HeaderValue>), Status> {
     let (caller, forward) = authorizer.authenticate(request.headers(), policy)?;
+    let streaming = convoy_proto::methods::shape(&policy.path).is_streaming();
+    let rights = streaming.then(|| authorizer.rights(request.headers(), &caller));
+    let precharged = authorizer.precharge(&caller, policy)?;
     let (mut parts, body) = request.into_parts();
-    let body = match policy.scope {
+    let (body, team) = match policy.scope {
         TeamScope::Request | TeamScope::CacheKey if policy.client_streaming => {
             // The first message is checked before the service runs (so a refused stream is
             // refused whatever the service does with it), the rest as they arrive.
-            let mut checked = Box::pin(CheckedStream {
-                inner: body,
-                buf: BytesMut::new(),
-                check: StreamCheck {
-                    authorizer: authorizer.clone(),
-                    caller: caller.clone(),
-                    policy,
-                },
-                first: None,
-                failed: false,
-            });
+            let check = StreamCheck {
+                authorizer: authorizer.clone(),
+                caller: caller.clone(),
+                policy,
+                precharged,
+                first_team: None,
+            };
+            let mut checked = Box::pin(CheckedStream::new(body, check, budget.clone()));
             match checked.as_mut().frame().await {
                 Some(Ok(frame)) => checked.first = Some(frame),
                 Some(Err(status)) => return Err(status),
                 None => return Err(Status::invalid_argument("the stream holds no message")),
             }
-            Body::new(checked)
+            let team = checked.check.first_team.take();
+            (Body::new(checked), team)
         }
         TeamScope::Request | TeamScope::CacheKey => {
-            let bytes = http_body_util::Limited::new(body, authorizer.max_message_bytes + 5)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        Status::resource_exhausted(format!(
-                            "the request is larger than {} bytes",
-                            authorizer.max_message_bytes
-                        ))
-                    } else {
-                        Status::from_error(e)
-                    }
-                })?
-                .to_bytes();
-            let mut rest = bytes.clone();
+            let buffered = budget
+                .read_message(body, authorizer.max_message_bytes)
+                .await?;
+            let mut rest = buffered.bytes().clone();
             let frame = wire::next_frame(&mut rest)
                 .ok_or_else(|| Status::invalid_argument("the request holds no complete message"))?;
             if frame.compressed {
@@ -438,14 +497,20 @@ async fn authorize(
                 ));
             }
             let team = authorizer.check_teams(&caller, policy, &frame.message)?;
-            authorizer.charge(&caller, team)?;
-            Body::new(http_body_util::Full::new(bytes))
+            if !precharged {
+                authorizer.charge(&caller, team)?;
+            }
+            let team = streaming.then(|| Arc::from(team));
+            (Body::new(buffered), team)
         }
-        TeamScope::Fleet | TeamScope::Unspecified => {
-            authorizer.charge(&caller, FLEET)?;
-            body
-        }
+        TeamScope::Fleet | TeamScope::Unspecified => (body, None),
     };
+    if let Some(rights) = rights {
+        parts.extensions.insert(rights);
+    }
+    if let Some(team) = team {
+        parts.extensions.insert(StreamTeam(team));
+    }
     parts.extensions.insert(caller);
     Ok((Request::from_parts(parts, body), forward))
 }
@@ -455,10 +520,14 @@ struct StreamCheck {
     authorizer: Arc<Authorizer>,
     caller: Caller,
     policy: &'static MethodPolicy,
+    /// The first message's charge was paid before the body was read.
+    precharged: bool,
+    /// The team the first message named.
+    first_team: Option<Arc<str>>,
 }
 
 impl StreamCheck {
-    fn message(&self, frame: &wire::Frame) -> Result<(), Status> {
+    fn message(&mut self, frame: &wire::Frame) -> Result<(), Status> {
         if frame.compressed {
             return Err(Status::unimplemented(
                 "compressed requests are not accepted",
@@ -467,21 +536,58 @@ impl StreamCheck {
         let team = self
             .authorizer
             .check_teams(&self.caller, self.policy, &frame.message)?;
-        self.authorizer.charge(&self.caller, team)
+        if !std::mem::take(&mut self.precharged) {
+            self.authorizer.charge(&self.caller, team)?;
+        }
+        if self.first_team.is_none() {
+            self.first_team = Some(Arc::from(team));
+        }
+        Ok(())
     }
 }
 
+/// A reservation of the budget on its way.
+type Reserving = Pin<Box<dyn Future<Output = Result<Reservation, Status>> + Send>>;
+
 pin_project! {
     /// A client stream whose messages are checked as they pass; the first refused one ends
-    /// the stream with its status (the service sees it as the stream's error).
+    /// the stream with its status (the service sees it as the stream's error). Each message
+    /// holds its bytes in the budget while it is read, and must arrive within the read
+    /// timeout (the first counted from the call's start, the others from their first
+    /// bytes: the time between messages is the stream layer's to bound).
     struct CheckedStream {
         #[pin]
         inner: Body,
         buf: BytesMut,
         check: StreamCheck,
+        budget: BodyBudget,
+        // The bytes of the message being read.
+        held: Option<Reservation>,
+        reserving: Option<Reserving>,
+        // When the message being read must be whole, while `reading`.
+        timer: Pin<Box<Sleep>>,
+        reading: bool,
         // A frame read (and checked) ahead, handed on first.
         first: Option<BodyFrame<Bytes>>,
         failed: bool,
+    }
+}
+
+impl CheckedStream {
+    fn new(inner: Body, check: StreamCheck, budget: BodyBudget) -> Self {
+        let timer = Box::pin(tokio::time::sleep(budget.config().read_timeout));
+        Self {
+            inner,
+            buf: BytesMut::new(),
+            check,
+            budget,
+            held: None,
+            reserving: None,
+            timer,
+            reading: true,
+            first: None,
+            failed: false,
+        }
     }
 }
 
@@ -500,41 +606,287 @@ impl http_body::Body for CheckedStream {
         if *this.failed {
             return Poll::Ready(None);
         }
+        let max = this.check.authorizer.max_message_bytes;
+        let mut fail = |status: Status| {
+            *this.failed = true;
+            Poll::Ready(Some(Err(status)))
+        };
         loop {
-            // Hand on every complete message held, checked.
-            if let Some(len) = wire::frame_len(this.buf) {
-                if len > this.check.authorizer.max_message_bytes {
-                    *this.failed = true;
-                    return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                        "a message is larger than {} bytes",
-                        this.check.authorizer.max_message_bytes
-                    )))));
+            // Hand on the next message once it is whole, checked.
+            let len = wire::frame_len(this.buf);
+            if let Some(len) = len {
+                if len > max {
+                    return fail(too_large(max));
                 }
                 if this.buf.len() >= len + 5 {
                     let mut whole = this.buf.split_to(len + 5).freeze();
                     let out = whole.clone();
                     let frame = wire::next_frame(&mut whole).expect("a complete frame");
                     if let Err(status) = this.check.message(&frame) {
-                        *this.failed = true;
-                        return Poll::Ready(Some(Err(status)));
+                        return fail(status);
+                    }
+                    *this.held = None;
+                    *this.reading = !this.buf.is_empty();
+                    if *this.reading {
+                        let due = Instant::now() + this.budget.config().read_timeout;
+                        this.timer.as_mut().reset(due);
                     }
                     return Poll::Ready(Some(Ok(BodyFrame::data(out))));
                 }
             }
-            match ready!(this.inner.as_mut().poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => this.buf.extend_from_slice(&data),
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                },
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None if this.buf.is_empty() => return Poll::Ready(None),
-                None => {
-                    *this.failed = true;
-                    return Poll::Ready(Some(Err(Status::invalid_argument(
-                        "the stream ended inside a message",
-                    ))));
+            // Hold the bytes of the message being read before reading more of it.
+            if !this.buf.is_empty() {
+                let need = len.map_or(MIN_RESERVATION.min(max + 5), |len| len + 5);
+                let have = this.held.as_ref().map_or(0, Reservation::bytes);
+                if need > have {
+                    let reserving = this.reserving.get_or_insert_with(|| {
+                        let budget = this.budget.clone();
+                        Box::pin(async move { budget.reserve(need - have).await })
+                    });
+                    match reserving.as_mut().poll(cx) {
+                        Poll::Ready(Ok(more)) => {
+                            *this.reserving = None;
+                            match this.held {
+                                Some(held) => held.merge(more),
+                                None => *this.held = Some(more),
+                            }
+                        }
+                        Poll::Ready(Err(status)) => return fail(status),
+                        Poll::Pending if this.timer.as_mut().poll(cx).is_ready() => {
+                            return fail(this.budget.timed_out());
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
                 }
             }
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if !*this.reading && !data.is_empty() {
+                            *this.reading = true;
+                            let due = Instant::now() + this.budget.config().read_timeout;
+                            this.timer.as_mut().reset(due);
+                        }
+                        this.buf.extend_from_slice(&data);
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) if this.buf.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) => {
+                    return fail(Status::invalid_argument(
+                        "the stream ended inside a message",
+                    ));
+                }
+                Poll::Pending if *this.reading && this.timer.as_mut().poll(cx).is_ready() => {
+                    return fail(this.budget.timed_out());
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::BufferConfig;
+    use crate::limit::{Rate, RateLimitConfig};
+    use crate::mint::{Signer, generate_key_pair};
+    use convoy_proto::v1 as pb;
+    use prost::Message;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tonic_types::StatusExt;
+
+    const INGEST: &str = "/convoy.v1.IngestService/IngestEvents";
+    const GET: &str = "/convoy.v1.ConversationService/GetConversation";
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        signer: Signer,
+        authorizer: Arc<Authorizer>,
+        budget: BodyBudget,
+    }
+
+    fn setup(writer_rate: Option<Rate>) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = generate_key_pair().unwrap();
+        std::fs::write(dir.path().join("k1.pem"), &pair.public_pem).unwrap();
+        let signer = Signer::from_pem("k1", pair.private_pem.as_bytes()).unwrap();
+        let verifier = Arc::new(Verifier::from_dir(dir.path()).unwrap());
+        let limits = RateLimits::new(RateLimitConfig {
+            writer: writer_rate,
+            ..RateLimitConfig::default()
+        });
+        Setup {
+            _dir: dir,
+            signer,
+            authorizer: Arc::new(Authorizer::new(verifier, limits, 4 << 20)),
+            budget: BodyBudget::new(BufferConfig {
+                bytes: 1 << 20,
+                read_timeout: TIMEOUT,
+                wait: crate::budget::BUDGET_WAIT,
+            }),
+        }
+    }
+
+    /// A body fed chunk by chunk by the test, counting how often it is polled.
+    struct Feed {
+        chunks: tokio::sync::mpsc::Receiver<Bytes>,
+        polls: Arc<AtomicUsize>,
+    }
+
+    impl http_body::Body for Feed {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<BodyFrame<Bytes>, Status>>> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            self.chunks
+                .poll_recv(cx)
+                .map(|c| c.map(|c| Ok(BodyFrame::data(c))))
+        }
+    }
+
+    fn framed(message: &impl Message) -> Bytes {
+        let encoded = message.encode_to_vec();
+        let mut out = vec![0u8];
+        out.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        out.extend_from_slice(&encoded);
+        Bytes::from(out)
+    }
+
+    fn declaration(padding: usize) -> Bytes {
+        framed(&pb::IngestEventsRequest {
+            item: Some(pb::ingest_events_request::Item::Conversation(
+                pb::IngestConversation {
+                    name: "teams/acme/conversations/0190f0c6-0000-7000-8000-000000000001".into(),
+                    title: "x".repeat(padding),
+                    ..Default::default()
+                },
+            )),
+        })
+    }
+
+    impl Setup {
+        /// A request to `path` by a writer of acme, whose body the returned sender feeds.
+        fn request(
+            &self,
+            path: &str,
+        ) -> (
+            Request<Body>,
+            tokio::sync::mpsc::Sender<Bytes>,
+            Arc<AtomicUsize>,
+        ) {
+            let token = self
+                .signer
+                .mint(
+                    "t",
+                    &["acme".into()],
+                    Role::Writer,
+                    Duration::from_secs(3600),
+                )
+                .unwrap();
+            let (tx, chunks) = tokio::sync::mpsc::channel(16);
+            let polls = Arc::new(AtomicUsize::new(0));
+            let body = Body::new(Feed {
+                chunks,
+                polls: polls.clone(),
+            });
+            let request = Request::builder()
+                .uri(path)
+                .header("authorization", format!("Bearer {token}"))
+                .body(body)
+                .unwrap();
+            (request, tx, polls)
+        }
+
+        async fn authorize(
+            &self,
+            path: &'static str,
+            request: Request<Body>,
+        ) -> Result<Request<Body>, Status> {
+            let policy = policy::policy(path).unwrap();
+            authorize(&self.authorizer, &self.budget, policy, request)
+                .await
+                .map(|(request, _)| request)
+        }
+    }
+
+    async fn next(body: &mut Body) -> Option<Result<BodyFrame<Bytes>, Status>> {
+        body.frame().await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_stream_s_first_message_must_arrive_within_the_read_timeout() {
+        let setup = setup(None);
+        let (request, tx, _) = setup.request(INGEST);
+        let whole = declaration(10);
+        tx.send(whole.slice(..8)).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let cut = setup.authorize(INGEST, request).await.unwrap_err();
+        assert_eq!(started.elapsed(), TIMEOUT);
+        assert_eq!(cut.code(), Code::DeadlineExceeded);
+        assert_eq!(
+            cut.get_error_details().error_info().unwrap().reason,
+            "BODY_TIMEOUT"
+        );
+        assert_eq!(setup.budget.in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_message_holds_its_bytes_while_it_arrives_and_is_cut_if_it_trickles() {
+        let setup = setup(None);
+        let (request, tx, _) = setup.request(INGEST);
+        tx.send(declaration(10)).await.unwrap();
+        let request = setup.authorize(INGEST, request).await.unwrap();
+        assert!(request.extensions().get::<StreamRights>().is_some());
+        assert_eq!(
+            request.extensions().get::<StreamTeam>(),
+            Some(&StreamTeam(Arc::from("acme")))
+        );
+        let mut body = request.into_body();
+        assert!(next(&mut body).await.unwrap().unwrap().is_data());
+        assert_eq!(setup.budget.in_use(), 0, "handed on: released");
+
+        // A quiet minute between messages is not the read timeout's business.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let big = declaration(100_000);
+        tx.send(big.slice(..50_000)).await.unwrap();
+        let reading = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            (next(&mut body).await, started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            setup.budget.in_use(),
+            big.len(),
+            "its whole size, from its header"
+        );
+        let (cut, waited) = reading.await.unwrap();
+        assert_eq!(waited, TIMEOUT, "counted from its first bytes");
+        let cut = cut.unwrap().unwrap_err();
+        assert_eq!(cut.code(), Code::DeadlineExceeded);
+        assert_eq!(setup.budget.in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_team_caller_over_its_rate_is_refused_before_its_body_is_read() {
+        let setup = setup(Some("1/h".parse().unwrap()));
+        let (request, tx, _) = setup.request(GET);
+        let get = framed(&pb::GetConversationRequest {
+            name: "teams/acme/conversations/0190f0c6-0000-7000-8000-000000000001".into(),
+            ..Default::default()
+        });
+        tx.send(get.clone()).await.unwrap();
+        drop(tx);
+        setup.authorize(GET, request).await.unwrap();
+        let (request, _tx, polls) = setup.request(GET);
+        let refused = setup.authorize(GET, request).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(polls.load(Ordering::Relaxed), 0, "not a byte was read");
     }
 }

@@ -10,8 +10,10 @@
 //! gave none (AIP-155), so retrying them is safe. A client is a session: a read of one
 //! conversation carries the token of the session's latest write to it (if any: the caches
 //! check it against their versions), a read across a team the newest token its writes
-//! returned, so it reads its own writes. With [`ClientConfig::with_tls`] every connection
-//! is mutual TLS ([`MeshTls`], from the `--tls-*` flags of [`TlsArgs`]).
+//! returned, so it reads its own writes. Watches ([`WatchClient`]) resume by themselves when
+//! a server ends their stream (at its maximum lifetime, or going away). With
+//! [`ClientConfig::with_tls`] every connection is mutual TLS ([`MeshTls`], from the
+//! `--tls-*` flags of [`TlsArgs`]).
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +21,7 @@ mod analytics;
 mod cache;
 mod conversation;
 mod session;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +49,9 @@ pub use conversation::ConversationClient;
 pub use convoy_auth::Credentials;
 use convoy_auth::CredentialsLayer;
 pub use convoy_mesh::tls::{MeshTls, TlsArgs};
+pub use watch::{
+    ConversationWatch, MAX_RETRIES, TeamWatch, TeamWatchItem, WATCH_CALL_TIMEOUT, WatchClient,
+};
 
 /// Where to find a service's instances.
 #[derive(Clone, Debug)]
@@ -152,6 +158,7 @@ impl std::error::Error for TransportError {
 pub struct ConvoyClient {
     conversation: ConversationClient,
     analytics: AnalyticsClient,
+    watch: WatchClient,
 }
 
 /// What every typed client shares.
@@ -295,6 +302,11 @@ impl ConvoyClient {
     /// made before any is ready wait (up to the fail-fast timeout) rather than fail.
     pub fn connect(discovery: Discovery, config: ClientConfig) -> Result<Self, Error> {
         tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        // A watch's stream lasts far longer than a call: its own deadline.
+        let watching = Arc::new(ClientConfig {
+            per_call_timeout: WATCH_CALL_TIMEOUT,
+            ..config.clone()
+        });
         let config = Arc::new(config);
         let session = SharedSession::default();
         Ok(Self {
@@ -303,6 +315,9 @@ impl ConvoyClient {
                 session.clone(),
             ),
             analytics: AnalyticsClient::new(Stack::new(&discovery, "analytics", config), session),
+            watch: WatchClient::new(measured(
+                Stack::new(&discovery, "conversation", watching).transport,
+            )),
         })
     }
 
@@ -314,6 +329,11 @@ impl ConvoyClient {
     /// The analytics service.
     pub fn analytics(&self) -> AnalyticsClient {
         self.analytics.clone()
+    }
+
+    /// The conversation service's live streams.
+    pub fn watches(&self) -> WatchClient {
+        self.watch.clone()
     }
 }
 

@@ -174,9 +174,12 @@ async fn wait_turn(
 }
 
 /// Calls the bulkhead never limits: health checks (a saturated instance is busy, not dead,
-/// and a probe that is refused would get it restarted under load) and reflection.
+/// and a probe that is refused would get it restarted under load), reflection, and
+/// streaming methods (limited by [`crate::streams`] instead).
 fn is_exempt(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.")
+    path.starts_with("/grpc.health.v1.")
+        || path.starts_with("/grpc.reflection.")
+        || convoy_proto::methods::shape(path).is_streaming()
 }
 
 impl<S> Layer<S> for BulkheadLayer {
@@ -543,6 +546,48 @@ mod tests {
         assert_eq!(got, [(None, WORK), (None, WORK * 2)]);
         let again = outcomes(start(&service, 1).await).await;
         assert_eq!(again, [(None, WORK)], "room again: passed on");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streaming_methods_never_take_or_wait_for_a_permit() {
+        let layer = bulkhead(1, 0, Duration::from_secs(60));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let service = tower::ServiceBuilder::new()
+            .layer(layer.early_shed())
+            .layer(layer.clone())
+            .service(slow(calls.clone()));
+        let busy = start(&service, 1).await;
+        assert_eq!(
+            layer.in_flight(),
+            1,
+            "full: the next unary call would be refused"
+        );
+        let mut streams = Vec::new();
+        for path in [
+            "/convoy.v1.IngestService/IngestEvents",
+            "/convoy.v1.WatchService/WatchConversation",
+            "/convoy.v1.WatchService/WatchTeam",
+        ] {
+            for _ in 0..3 {
+                let stream = Request::builder().uri(path).body(()).unwrap();
+                streams.push(tokio::spawn(service.clone().oneshot(stream)));
+            }
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(layer.in_flight(), 1, "the streams hold no permit");
+        let unary = outcomes(start(&service, 1).await).await;
+        assert_eq!(
+            unary,
+            [(Some("8".to_string()), Duration::ZERO)],
+            "a unary call still is"
+        );
+        let started = Instant::now();
+        for stream in streams {
+            let response = stream.await.unwrap().unwrap();
+            assert_eq!(status_of(&response), None, "not refused");
+        }
+        assert_eq!(started.elapsed(), WORK, "and none waited for one");
+        assert_eq!(outcomes(busy).await, [(None, WORK)]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,9 +4,10 @@
 //! `grpc.health.v1.Health` (SERVING per service name and
 //! for the whole server, ""), server reflection v1 and v1alpha over the embedded convoy
 //! descriptors (so grpcurl and grpcio can call without .proto files), deadline enforcement
-//! ([`crate::DeadlineLayer`]), a bulkhead that sheds instead of queueing
-//! ([`crate::BulkheadLayer`]), panics answered INTERNAL ([`crate::panic`]), HTTP/2
-//! keepalives, and an ordered graceful shutdown:
+//! ([`crate::DeadlineLayer`]), a bulkhead for unary calls with a short queue
+//! ([`crate::BulkheadLayer`]), limits of their own for streams ([`crate::streams`]), panics
+//! answered INTERNAL ([`crate::panic`]), HTTP/2 keepalives, and an ordered graceful
+//! shutdown:
 //! health turns NOT_SERVING, then the listener stops accepting and in-flight calls drain,
 //! bounded by [`ServerConfig::drain_timeout`]. A drain hook runs between the two (see
 //! [`ServerBuilder::serve_with_drain_hook`]): services deregister from etcd there.
@@ -29,6 +30,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::Service;
 
+use crate::streams::{StreamsConfig, StreamsLayer};
 use crate::{BulkheadConfig, BulkheadLayer, DeadlineLayer, RpcMetricsLayer};
 
 /// Services every convoy server answers besides its own.
@@ -73,6 +75,12 @@ pub struct ServerConfig {
     /// Largest request message accepted, in bytes (tonic's decoding limit, and what the
     /// authorization layer buffers at most). Default 4 MiB.
     pub max_message_bytes: usize,
+    /// The bytes the authorization layer holds at once, across every call, and how long a
+    /// message may take to arrive ([`convoy_auth::BodyBudget`]). Default 64 MiB and 10 s.
+    pub auth_buffer: convoy_auth::BufferConfig,
+    /// How many streams may be open, per instance and per team, and for how long
+    /// ([`crate::streams`]). Defaults in [`StreamsConfig::default`].
+    pub streams: StreamsConfig,
     /// Largest header block a client may send, in bytes. Default 16 KiB (a bearer token and
     /// a forwarded one fit several times over).
     pub max_header_list_bytes: u32,
@@ -108,6 +116,32 @@ impl QueueArgs {
     }
 }
 
+/// What callers may hold open besides the bulkhead's places, as flags every convoy server
+/// takes: streams ([`crate::streams::StreamArgs`]: `--max-streams`,
+/// `--max-streams-per-team`, `--stream-idle-timeout-ms`, `--client-stream-lifetime-s`,
+/// `--server-stream-lifetime-s`) and the messages authorization holds to read their teams
+/// ([`convoy_auth::BufferArgs`]: `--auth-buffer-mib`, `--auth-read-timeout-ms`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct LimitArgs {
+    /// Streams.
+    #[command(flatten)]
+    pub streams: crate::streams::StreamArgs,
+    /// Authorization's buffered messages.
+    #[command(flatten)]
+    pub buffer: convoy_auth::BufferArgs,
+}
+
+impl LimitArgs {
+    /// `config` with these limits.
+    pub fn apply(&self, config: ServerConfig) -> ServerConfig {
+        ServerConfig {
+            streams: self.streams.config(),
+            auth_buffer: self.buffer.config(),
+            ..config
+        }
+    }
+}
+
 /// tonic's own default decoding limit, named: the authorization layer buffers no more.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
 
@@ -127,6 +161,8 @@ impl Default for ServerConfig {
             auth: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_header_list_bytes: 16 << 10,
+            auth_buffer: convoy_auth::BufferConfig::default(),
+            streams: StreamsConfig::default(),
         }
     }
 }
@@ -268,6 +304,7 @@ impl ServerBuilder {
             max_wait: self.config.max_queue_wait,
             pushback: self.config.shed_pushback,
         });
+        let budget = convoy_auth::BodyBudget::new(self.config.auth_buffer);
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(self.config.http2_keepalive_interval))
@@ -275,20 +312,26 @@ impl ServerBuilder {
             .max_concurrent_streams(Some(self.config.max_concurrent_streams))
             .http2_max_header_list_size(self.config.max_header_list_bytes)
             // Outermost first: every call is measured, those refused inside included (shed
-            // RESOURCE_EXHAUSTED, expired DEADLINE_EXCEEDED, panicked INTERNAL); a call the
-            // full bulkhead would refuse is refused next, before a span, the body or a
+            // RESOURCE_EXHAUSTED, expired DEADLINE_EXCEEDED, panicked INTERNAL); a unary call
+            // the full bulkhead would refuse is refused next, before a span, the body or a
             // token cost anything; a panic anywhere becomes INTERNAL; a call's deadline
-            // bounds its wait in the bulkhead's queue.
+            // bounds its wait in the bulkhead's queue (and a stream's life, in the stream
+            // layer).
             .layer(RpcMetricsLayer::server())
             .layer(bulkhead.early_shed())
             .layer(crate::trace::TraceLayer::server())
             .layer(crate::panic::catch_panic_layer())
             .layer(DeadlineLayer::default())
             // Authorized and charged before it may queue or run: a stranger or a team over
-            // its rate cannot crowd out admitted calls.
-            .layer(tower::util::option_layer(
-                self.config.auth.clone().map(convoy_auth::AuthLayer::new),
-            ))
+            // its rate cannot crowd out admitted calls. The messages it reads for that are
+            // held within one budget of bytes for the instance, each read with a timeout.
+            .layer(tower::util::option_layer(self.config.auth.clone().map(
+                |auth| convoy_auth::AuthLayer::new(auth).with_budget(budget.clone()),
+            )))
+            // Streams, admitted by their team's and the instance's limits (the team is the
+            // one authorization found) and ended when idle, too old, past their deadline or
+            // their rights; they never reach the bulkhead, which limits unary calls.
+            .layer(StreamsLayer::new(self.config.streams))
             .layer(bulkhead)
             .add_routes(self.routes.routes());
         // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it on

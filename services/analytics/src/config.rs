@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use convoy_client::Discovery;
 use convoy_discovery::{RegistrationArgs, ShardArgs};
-use convoy_mesh::{MeshTls, QueueArgs, ServerConfig, TlsArgs};
+use convoy_mesh::{LimitArgs, MeshTls, QueueArgs, ServerConfig, TlsArgs};
 use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
@@ -80,6 +80,12 @@ pub struct Config {
     #[command(flatten)]
     pub queue: QueueArgs,
 
+    /// Streams and authorization's buffered messages (`--max-streams`,
+    /// `--max-streams-per-team`, `--stream-idle-timeout-ms`, `--client-stream-lifetime-s`,
+    /// `--server-stream-lifetime-s`, `--auth-buffer-mib`, `--auth-read-timeout-ms`).
+    #[command(flatten)]
+    pub limits: LimitArgs,
+
     /// Registration in etcd.
     #[command(flatten)]
     pub registration: RegistrationArgs,
@@ -122,12 +128,13 @@ impl Config {
 
     /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).
     pub fn server_config(&self, tls: Option<MeshTls>) -> ServerConfig {
-        self.queue.apply(ServerConfig {
+        let config = self.queue.apply(ServerConfig {
             tls,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             reflection: self.reflection,
             max_concurrent_calls: self.max_concurrent_calls,
             ..ServerConfig::default()
-        })
+        });
+        self.limits.apply(config)
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use convoy_discovery::RegistrationArgs;
-use convoy_mesh::{MeshTls, QueueArgs, ServerConfig, TlsArgs};
+use convoy_mesh::{LimitArgs, MeshTls, QueueArgs, ServerConfig, TlsArgs};
 use convoy_telemetry::TelemetryArgs;
 
 /// The name this service registers under in discovery.
@@ -59,6 +59,12 @@ pub struct Config {
     #[command(flatten)]
     pub queue: QueueArgs,
 
+    /// Streams and authorization's buffered messages (`--max-streams`,
+    /// `--max-streams-per-team`, `--stream-idle-timeout-ms`, `--client-stream-lifetime-s`,
+    /// `--server-stream-lifetime-s`, `--auth-buffer-mib`, `--auth-read-timeout-ms`).
+    #[command(flatten)]
+    pub limits: LimitArgs,
+
     /// Logs and metrics (`--log-format`, `--metrics-listen`).
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -76,11 +82,12 @@ pub struct Config {
 impl Config {
     /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).
     pub fn server_config(&self, tls: Option<MeshTls>) -> ServerConfig {
-        self.queue.apply(ServerConfig {
+        let config = self.queue.apply(ServerConfig {
             tls,
             max_concurrent_calls: self.max_concurrent_calls,
             ..ServerConfig::default()
-        })
+        });
+        self.limits.apply(config)
     }
 
     /// The longest TTL.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use convoy_client::Discovery;
 use convoy_discovery::{RegistrationArgs, ShardArgs};
-use convoy_mesh::{MeshTls, QueueArgs, ServerConfig, TlsArgs};
+use convoy_mesh::{LimitArgs, MeshTls, QueueArgs, ServerConfig, TlsArgs};
 use convoy_store::PoolSettings;
 use convoy_store::shard_map::redact_dsn;
 use convoy_telemetry::TelemetryArgs;
@@ -52,6 +52,12 @@ pub struct Config {
     /// The bulkhead's queue (`--max-queued-calls`, `--max-queue-wait-ms`).
     #[command(flatten)]
     pub queue: QueueArgs,
+
+    /// Streams and authorization's buffered messages (`--max-streams`,
+    /// `--max-streams-per-team`, `--stream-idle-timeout-ms`, `--client-stream-lifetime-s`,
+    /// `--server-stream-lifetime-s`, `--auth-buffer-mib`, `--auth-read-timeout-ms`).
+    #[command(flatten)]
+    pub limits: LimitArgs,
 
     /// Redis of the cache tier (`redis://host:port`): the outbox relay publishes committed
     /// changes on its invalidation bus. None: no relay (writes still record their outbox
@@ -177,13 +183,14 @@ impl Config {
 
     /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).
     pub fn server_config(&self, tls: Option<MeshTls>) -> ServerConfig {
-        self.queue.apply(ServerConfig {
+        let config = self.queue.apply(ServerConfig {
             tls,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             reflection: self.reflection,
             max_concurrent_calls: self.max_concurrent_calls,
             ..ServerConfig::default()
-        })
+        });
+        self.limits.apply(config)
     }
 
     /// The effective configuration as one log-friendly line, without secrets.

@@ -13,7 +13,16 @@
 //!
 //! A failure of the store (a shard down, a deadline) ends the stream with its status:
 //! what was stored before stays stored, and the client sends the stream again (every line
-//! it had sent is then skipped as a duplicate or stored, never twice).
+//! it had sent is then skipped as a duplicate or stored, never twice). So does an error of
+//! the stream itself, which the server's layers raise (`convoy_mesh::streams`): no message
+//! for the idle timeout (DEADLINE_EXCEEDED), the stream's maximum lifetime (UNAVAILABLE),
+//! its token's expiry or key's removal (UNAUTHENTICATED), a message that trickles in
+//! (`convoy_auth`'s read timeout). Lines of the batch not yet stored then are dropped, never
+//! stored without the rights they came with; a batch already on its way completes.
+//!
+//! An open stream holds at most one batch, so what the instance holds for ingestion is at
+//! most [`MAX_BATCH_BYTES`] (plus the message being decoded) times the streams it admits
+//! (`--max-streams`, and `--max-streams-per-team` for one team).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +34,7 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ApiError;
-use crate::limits::{MAX_DECODING_MESSAGE_BYTES, MAX_EVENTS_PER_BATCH};
+use crate::limits::MAX_EVENTS_PER_BATCH;
 use crate::model::{IngestConversation, NewEvent};
 use crate::names::ConversationName;
 use crate::sampler::Sampler;
@@ -34,8 +43,10 @@ use crate::validate;
 
 /// A batch is stored once the stream has paused this long.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
-/// A batch is stored once its lines' encoded sizes reach this (8 MiB).
-pub const MAX_BATCH_BYTES: usize = MAX_DECODING_MESSAGE_BYTES;
+/// A batch is stored once its lines' encoded sizes reach this: 1 MiB. What one open stream
+/// holds; large enough that a batch of [`MAX_EVENTS_PER_BATCH`] ordinary lines (a few KiB
+/// each) is bounded by its count, small enough that 1024 streams hold about 1 GiB.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Most line errors one response lists (`rejected_count` counts them all).
 pub const MAX_REPORTED_ERRORS: usize = 1000;
 

@@ -17,6 +17,14 @@
 //! `FellBehind` with the sequence to resume after, and its stream ends. A team watcher that
 //! falls behind, or whose instance may have missed bus messages (a gap in the bus's
 //! numbering, a Redis restart), is told the same: it re-lists and watches again.
+//!
+//! A watch is a stream like any other to the server's layers (`convoy_mesh::streams`): it
+//! counts against its team's and the instance's stream limits, and ends at its maximum
+//! lifetime (UNAVAILABLE, reason `STREAM_LIFETIME`), its deadline, or when its token
+//! expires or its key is removed (UNAUTHENTICATED). Ending it drops the stream this module
+//! returned, which ends its task and unsubscribes it. A conversation's watcher resumes after
+//! the last sequence it received and loses nothing (the SDK's `WatchClient` does so by
+//! itself); a team's watcher re-lists, as after `FellBehind`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use convoy_discovery::RegistrationArgs;
-use convoy_mesh::{MeshTls, ServerConfig, TlsArgs};
+use convoy_mesh::{LimitArgs, MeshTls, ServerConfig, TlsArgs};
 use convoy_store::{ShardMap, StoreError};
 use convoy_telemetry::TelemetryArgs;
 
@@ -56,6 +56,13 @@ pub struct Config {
     )]
     pub fault_move_step_pause_ms: u64,
 
+    /// Streams (the shard map's watchers) and authorization's buffered messages
+    /// (`--max-streams`, `--max-streams-per-team`, `--stream-idle-timeout-ms`,
+    /// `--client-stream-lifetime-s`, `--server-stream-lifetime-s`, `--auth-buffer-mib`,
+    /// `--auth-read-timeout-ms`).
+    #[command(flatten)]
+    pub limits: LimitArgs,
+
     /// Logs and metrics (`--log-format`, `--metrics-listen`).
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -93,9 +100,9 @@ impl Config {
 
     /// Server settings, with `tls` (from [`Config::tls`], loaded once per process).
     pub fn server_config(&self, tls: Option<MeshTls>) -> ServerConfig {
-        ServerConfig {
+        self.limits.apply(ServerConfig {
             tls,
             ..ServerConfig::default()
-        }
+        })
     }
 }
