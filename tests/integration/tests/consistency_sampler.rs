@@ -110,8 +110,11 @@ async fn caches_left_stale_by_a_missing_relay_are_reported_by_layer() {
     // would stop them serving within a few seconds, see `hostile_bus.rs`): nothing
     // invalidates the caches after a write, and the sampler must say where.
     let unchecked = ["--bus-stale-after-ms", "0"];
-    let (redis, _cache, fleet) =
-        sampled_fleet(&["--fault-no-relay", unchecked[0], unchecked[1]], &unchecked).await;
+    let (redis, _cache, fleet) = sampled_fleet(
+        &["--fault-no-relay", unchecked[0], unchecked[1]],
+        &unchecked,
+    )
+    .await;
     let url = redis.url();
     // The own L1 takes copies only while its subscriber is current.
     tokio::time::timeout(Duration::from_secs(10), async {
