@@ -137,6 +137,17 @@ impl Liveness {
             .min()
     }
 
+    /// Until when the relays heard vouch for the bus if none speaks again: the latest
+    /// `at + bound - backlog` over the relays whose backlog is within the bound (the
+    /// verdict is [`Verdict::Current`] exactly until then); `None` when none does.
+    pub fn vouched_until(&self) -> Option<Instant> {
+        self.relays
+            .values()
+            .filter(|(_, backlog)| *backlog <= self.bound)
+            .map(|(at, backlog)| *at + (self.bound - *backlog))
+            .max()
+    }
+
     /// The verdict at `now`.
     pub fn verdict(&self, now: Instant) -> Verdict {
         match self.backlog(now) {
@@ -148,13 +159,20 @@ impl Liveness {
 }
 
 /// What a subscriber and its handles share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     /// The Redis it follows (its URL).
     source: String,
+    /// The last step succeeded and the relays vouched for the bus then.
     current: AtomicBool,
     /// The same, for those who wait for a change (health reporting).
     current_changes: tokio::sync::watch::Sender<bool>,
+    /// Where [`State::vouched_until`] counts from.
+    epoch: Instant,
+    /// Until when the relays vouch for the bus ([`Liveness::vouched_until`]), as
+    /// nanoseconds after `epoch` plus one: 0 never, `u64::MAX` always (the check is off).
+    /// Read by every lookup, so time alone ends it, however late the next step is.
+    vouched_until: AtomicU64,
     flushes: AtomicU64,
     /// The stream id through which the L1 holds nothing older than the bus says.
     coherent_through: Mutex<Option<StreamId>>,
@@ -170,6 +188,40 @@ enum FlushMark {
     NextMessage,
     /// Every invalidation through this stream id.
     At(StreamId),
+}
+
+impl State {
+    fn new(source: String, checked: bool) -> Self {
+        Self {
+            source,
+            current: AtomicBool::new(false),
+            current_changes: tokio::sync::watch::Sender::new(false),
+            epoch: Instant::now(),
+            vouched_until: AtomicU64::new(if checked { 0 } else { u64::MAX }),
+            flushes: AtomicU64::new(0),
+            coherent_through: Mutex::new(None),
+            flush_mark: Mutex::new(FlushMark::default()),
+        }
+    }
+
+    /// Whether the relays vouch for the bus at `now`.
+    fn vouched(&self, now: Instant) -> bool {
+        match self.vouched_until.load(Ordering::Acquire) {
+            0 => false,
+            u64::MAX => true,
+            until => self.offset(now) < until,
+        }
+    }
+
+    fn set_vouched_until(&self, until: Option<Instant>) {
+        let encoded = until.map_or(0, |until| self.offset(until).saturating_add(1));
+        self.vouched_until.store(encoded, Ordering::Release);
+    }
+
+    /// `at` as nanoseconds after the epoch, saturating.
+    fn offset(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -216,11 +268,21 @@ pub struct SubscriberHandle {
 }
 
 impl SubscriberHandle {
-    /// True when the last step succeeded: the L1 has applied (or flushed past) every
-    /// invalidation up to the position that step reached ([`Self::coherent_through`]). It
-    /// may still be behind the bus's tip by what the next steps will read.
+    /// True when the last step succeeded and the relays still vouch for the bus (see
+    /// [`Self::bus_vouched`]): the L1 has applied (or flushed past) every invalidation up to
+    /// the position that step reached ([`Self::coherent_through`]), and none older than the
+    /// staleness bound is held up. It may still be behind the bus's tip by what the next
+    /// steps will read. The L1 serves only while this holds.
     pub fn is_current(&self) -> bool {
-        self.state.current.load(Ordering::Acquire)
+        self.state.current.load(Ordering::Acquire) && self.bus_vouched()
+    }
+
+    /// Whether the relays vouch for the bus now: no invalidation older than the staleness
+    /// bound is held up in an outbox. Redis's own entries are dropped by the relays before
+    /// they publish, so they may be served exactly while this holds, whether or not this
+    /// subscriber's last step succeeded. Always true when the check is off.
+    pub fn bus_vouched(&self) -> bool {
+        self.state.vouched(Instant::now())
     }
 
     /// [`Self::is_current`] as a channel that changes with it (for health reporting).
@@ -264,10 +326,7 @@ impl Subscriber {
     /// A subscriber applying `l2`'s bus to `l1`, current only while relays vouch for the
     /// bus within [`BUS_STALE_AFTER`] (see [`Subscriber::with_stale_after`]).
     pub fn new(l2: L2, l1: L1) -> Self {
-        let state = Arc::new(State {
-            source: l2.config.url.clone(),
-            ..State::default()
-        });
+        let state = Arc::new(State::new(l2.config.url.clone(), true));
         LIVE.lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::downgrade(&state));
@@ -289,6 +348,10 @@ impl Subscriber {
     /// whose publishers do not heartbeat.
     pub fn with_stale_after(mut self, bound: Option<Duration>) -> Self {
         self.liveness = bound.map(Liveness::new);
+        self.state.vouched_until.store(
+            if bound.is_some() { 0 } else { u64::MAX },
+            Ordering::Release,
+        );
         self
     }
 
@@ -340,6 +403,11 @@ impl Subscriber {
     /// Reads and applies what the bus has after the last message read; returns how many
     /// messages were applied.
     pub async fn step(&mut self) -> Result<usize, L2Error> {
+        // Serving, and the relays' word ran out since the last step: whatever arrives now,
+        // flush before serving again.
+        if self.is_current_now() && !self.state.vouched(Instant::now()) {
+            self.stale = true;
+        }
         match self.try_step().await {
             Ok(applied) => {
                 let now = Instant::now();
@@ -348,6 +416,7 @@ impl Subscriber {
                     .as_ref()
                     .map_or(Verdict::Current, |l| l.verdict(now));
                 if let Some(liveness) = &self.liveness {
+                    self.state.set_vouched_until(liveness.vouched_until());
                     metrics::gauge!("convoy_cache_bus_relay_backlog_seconds").set(
                         liveness
                             .backlog(now)
@@ -654,6 +723,40 @@ mod tests {
             liveness.relays.len(),
             1,
             "relays silent past the bound are forgotten"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_relays_vouch_exactly_until_the_verdict_turns() {
+        let mut liveness = Liveness::new(BOUND);
+        assert_eq!(liveness.vouched_until(), None);
+        let start = Instant::now();
+        liveness.heard(&beat("a", 1000), start);
+        liveness.heard(&beat("b", 4000), start);
+        let until = liveness.vouched_until().unwrap();
+        assert_eq!(
+            until,
+            start + Duration::from_secs(2),
+            "a's word, b's is spent"
+        );
+        assert_eq!(liveness.verdict(until), Verdict::Current);
+        assert_ne!(
+            liveness.verdict(until + Duration::from_nanos(1)),
+            Verdict::Current
+        );
+
+        // The handle reads it by time alone: no step needed for it to end.
+        let state = State::new(String::new(), true);
+        assert!(!state.vouched(Instant::now()), "not before a relay spoke");
+        state.set_vouched_until(Some(until));
+        assert!(state.vouched(Instant::now()));
+        advance_ms(2000).await;
+        assert!(state.vouched(Instant::now()), "at the instant itself");
+        advance_ms(1).await;
+        assert!(!state.vouched(Instant::now()));
+        assert!(
+            State::new(String::new(), false).vouched(Instant::now()),
+            "the check off"
         );
     }
 

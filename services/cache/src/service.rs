@@ -1,17 +1,18 @@
-//! The gRPC face of the cache tier: L1 in front of Redis, with versioned sets and leases,
-//! both served only while the bus subscriber is current.
+//! The gRPC face of the cache tier: L1 (only while the bus subscriber is current) in front of
+//! Redis (only while the relays vouch for the bus), with versioned sets and leases.
 //!
-//! While this instance's bus subscriber is not current, neither layer answers: reads are
-//! misses and a lease request gets neither an entry nor a lease, so callers read their
-//! database. The subscriber is not current when the bus cannot be read, and when it may
-//! be stale: no relay vouched for it within the staleness bound. Redis then may hold
-//! entries whose invalidations the relays could not apply (Redis refusing writes keeps
-//! their floors from rising and their entries from being dropped), and an L1 entry may
-//! have missed its invalidation. Redis errors never fail a read (a cache that cannot answer
-//! misses); they fail writes with UNAVAILABLE, since the caller should know its fill did
-//! not land. A set while the bus is stale still reaches Redis: its value was read after
-//! its lease, and the relays apply the held-up invalidations to Redis before they vouch for
-//! the bus again, so nothing it stores outlives an invalidation.
+//! A read is served by L1 only while this instance's bus subscriber is current: when the bus
+//! cannot be read, an L1 entry might have missed an invalidation, so the read goes to Redis,
+//! and when Redis is down too it is a miss. Redis is served only while the relays vouch for
+//! the bus (`SubscriberHandle::bus_vouched`: no invalidation older than the staleness bound
+//! is held up in an outbox): otherwise it may hold entries whose invalidations the relays
+//! could not apply (Redis refusing writes keeps their floors from rising and their entries
+//! from being dropped), so reads are misses and a lease request gets neither an entry nor
+//! a lease, and callers read their database. Redis errors never fail a read (a cache that
+//! cannot answer misses); they fail writes with UNAVAILABLE, since the caller should know
+//! its fill did not land. A set while the bus is stale still reaches Redis: its value was
+//! read after its lease, and the relays apply the held-up invalidations to Redis before
+//! they vouch for the bus again, so nothing it stores outlives an invalidation.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -159,19 +160,19 @@ impl CacheApi {
         }
     }
 
-    /// L1, then L2 (promoting into L1 unless `peek`), else a miss; a miss while the bus
-    /// is not current.
+    /// L1 (when current), then L2 (promoting into L1 unless `peek`), else a miss; a miss
+    /// while the relays do not vouch for the bus.
     async fn lookup(&self, key: &str, min: Option<Version>, peek: bool) -> Found {
-        let current = self.bus.is_current();
         let miss = Found {
             entry: None,
             layer: pb::CacheLayer::Unspecified,
             position: None,
         };
-        if !current {
+        if !self.bus.bus_vouched() {
             self.count(peek, Layer::Miss);
             return miss;
         }
+        let current = self.bus.is_current();
         // Read before L1 is: every invalidation through it was applied before the lookup.
         let position = self.bus.coherent_through();
         // Taken before L2 is read: a flush in between refuses the promotion.
@@ -184,7 +185,7 @@ impl CacheApi {
         } else {
             self.l1.get(key, min).await
         };
-        if let Some(entry) = l1 {
+        if current && let Some(entry) = l1 {
             self.count(peek, Layer::L1);
             return Found {
                 entry: Some((*entry).clone()),
@@ -194,7 +195,7 @@ impl CacheApi {
         }
         match self.l2.get(key).await {
             Ok(Some(entry)) if min.is_none_or(|m| entry.version >= m) => {
-                if !peek {
+                if current && !peek {
                     self.l1.set_fenced(key, entry.clone(), ticket).await;
                 }
                 self.count(peek, Layer::L2);
@@ -288,8 +289,8 @@ impl CacheService for CacheApi {
             check_key(&format!("keys[{i}]"), key)?;
         }
         // L1 first, then every L1 miss from Redis in one round trip, promoted as Get does;
-        // nothing while the bus is not current.
-        if !self.bus.is_current() {
+        // nothing while the relays do not vouch for the bus.
+        if !self.bus.bus_vouched() {
             for _ in &keys {
                 self.counters.count(Layer::Miss);
             }
@@ -297,11 +298,17 @@ impl CacheService for CacheApi {
                 entries: Vec::new(),
             }));
         }
+        let current = self.bus.is_current();
         let ticket = self.l1.ticket().await;
         let mut found: Vec<Option<Entry>> = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         for key in &keys {
-            match self.l1.get(key, None).await {
+            let hit = if current {
+                self.l1.get(key, None).await
+            } else {
+                None
+            };
+            match hit {
                 Some(entry) => {
                     self.counters.count(Layer::L1);
                     found.push(Some((*entry).clone()));
@@ -322,7 +329,9 @@ impl CacheService for CacheApi {
                 match entry {
                     Some(entry) => {
                         self.counters.count(Layer::L2);
-                        self.l1.set_fenced(&key, entry.clone(), ticket).await;
+                        if current {
+                            self.l1.set_fenced(&key, entry.clone(), ticket).await;
+                        }
                         found[slot] = Some(entry);
                     }
                     None => self.counters.count(Layer::Miss),
@@ -407,7 +416,7 @@ impl CacheService for CacheApi {
         if r.tags.len() > MAX_ENTRY_TAGS {
             return Err(invalid("tags", format!("has over {MAX_ENTRY_TAGS} tags")));
         }
-        if !self.bus.is_current() {
+        if !self.bus.bus_vouched() {
             // Neither an entry that may be stale nor a lease: the caller reads its source
             // and stores nothing (its store could not land in Redis while it refuses
             // writes, which is the usual reason).
@@ -420,7 +429,9 @@ impl CacheService for CacheApi {
         }
         // Read before L1 is; see `lookup`.
         let position = self.bus.coherent_through();
-        if let Some(entry) = self.l1.get(&r.key, None).await {
+        if self.bus.is_current()
+            && let Some(entry) = self.l1.get(&r.key, None).await
+        {
             self.counters.count(Layer::L1);
             return Ok(Response::new(pb::LeaseResponse {
                 outcome: Some(pb::lease_response::Outcome::Entry(Self::wire(

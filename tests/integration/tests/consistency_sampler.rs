@@ -41,12 +41,12 @@ async fn tally_of(url: &str, writes: u64) -> convoy_cache::consistency::Consiste
     .expect("every sampled write is checked at both delays")
 }
 
-/// Redis, a cache instance and a fleet (with `extra` flags) sampling every write, checked
-/// at both delays.
-async fn sampled_fleet(extra: &[&str]) -> (Redis, CacheInstance, Fleet) {
+/// Redis, a cache instance (with `cache_extra` flags) and a fleet (with `extra` flags)
+/// sampling every write, checked at both delays.
+async fn sampled_fleet(extra: &[&str], cache_extra: &[&str]) -> (Redis, CacheInstance, Fleet) {
     let redis = Redis::start().await.unwrap();
     let url = redis.url();
-    let cache = CacheInstance::start(&url, &[]).await;
+    let cache = CacheInstance::start(&url, cache_extra).await;
     let cache_addr = cache.addr.to_string();
     let flags = [
         &[
@@ -68,7 +68,7 @@ async fn sampled_fleet(extra: &[&str]) -> (Redis, CacheInstance, Fleet) {
 
 #[tokio::test]
 async fn sampled_writes_are_checked_and_a_stale_layer_is_reported() {
-    let (redis, _cache, fleet) = sampled_fleet(&[]).await;
+    let (redis, _cache, fleet) = sampled_fleet(&[], &[]).await;
     let url = redis.url();
     let mut client = fleet.client().await;
     let name = client
@@ -106,8 +106,15 @@ async fn sampled_writes_are_checked_and_a_stale_layer_is_reported() {
 
 #[tokio::test]
 async fn caches_left_stale_by_a_missing_relay_are_reported_by_layer() {
-    // No instance relays the outbox: nothing invalidates the caches after a write.
-    let (redis, _cache, fleet) = sampled_fleet(&["--fault-no-relay"]).await;
+    // No instance relays the outbox, and no cache checks for relays' heartbeats (which
+    // would stop them serving within a few seconds, see `hostile_bus.rs`): nothing
+    // invalidates the caches after a write, and the sampler must say where.
+    let unchecked = ["--bus-stale-after-ms", "0"];
+    let (redis, _cache, fleet) = sampled_fleet(
+        &["--fault-no-relay", unchecked[0], unchecked[1]],
+        &unchecked,
+    )
+    .await;
     let url = redis.url();
     // The own L1 takes copies only while its subscriber is current.
     tokio::time::timeout(Duration::from_secs(10), async {
