@@ -23,10 +23,11 @@ pub const MAX_BATCH_GET: usize = 100;
 pub const MAX_UPDATE_MASK_PATHS: usize = 16;
 /// Most events in one AppendEvents.
 pub const MAX_EVENTS_PER_BATCH: usize = 500;
-/// Most bytes of events in one AppendEvents (2 MiB), counted as the answer will repeat them
-/// (encoded, their raw JSON as stored, with their names): the answer also carries the
-/// conversation, and the two must fit a stock client's 4 MiB.
-pub const MAX_APPEND_EVENTS_BYTES: usize = 2 << 20;
+/// Most bytes of events in one AppendEvents (2.5 MiB), counted as the answer will repeat
+/// them (encoded, their raw JSON as stored, with their names): the answer also carries the
+/// conversation (at most [`MAX_CONVERSATION_BYTES`], 1.26 MiB), and the two must fit a stock
+/// client's 4 MiB.
+pub const MAX_APPEND_EVENTS_BYTES: usize = (5 << 20) / 2;
 /// Most tokens of each kind one event may report: a billion. The largest context windows
 /// hold a few million tokens, so this leaves three orders of magnitude of room, and a full
 /// batch (500 events) sums to 5 * 10^11, far inside i64. A conversation's totals add

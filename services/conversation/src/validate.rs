@@ -1117,16 +1117,16 @@ mod tests {
     }
 
     #[test]
-    fn events_whose_answer_would_pass_2_mib_are_refused() {
+    fn events_whose_answer_would_pass_2_5_mib_are_refused() {
         let big = |_| {
             event_with(|e| {
                 e.content = "c".repeat(MAX_EVENT_CONTENT_BYTES);
                 e.raw_json = format!("\"{}\"", "r".repeat(MAX_EVENT_RAW_JSON_BYTES - 2));
             })
         };
-        let fits = append_of((0..3).map(big).collect());
-        assert_eq!(append(&fits).unwrap().1.len(), 3);
-        let too_many_bytes = append_of((0..5).map(big).collect());
+        let fits = append_of((0..4).map(big).collect());
+        assert_eq!(append(&fits).unwrap().1.len(), 4);
+        let too_many_bytes = append_of((0..6).map(big).collect());
         assert_eq!(fields(append(&too_many_bytes).unwrap_err()), ["events"]);
     }
 

@@ -398,7 +398,7 @@ async fn pages_of_1_mib_conversations_stay_under_4_mib_and_page_through_every_ro
     assert_eq!(unique.len(), found.len(), "a hit was returned twice");
     assert_eq!(unique.len(), created.len());
 
-    // Events: 15 of 256 KiB (3.75 MiB), appended in batches under the 2 MiB bound.
+    // Events: 15 of 256 KiB (3.75 MiB), appended in batches under the 2.5 MiB bound.
     let conversation = create(&mut client, team, "events", "").await;
     for batch in 0..3 {
         let events = (0..5)
@@ -439,14 +439,14 @@ async fn pages_of_1_mib_conversations_stay_under_4_mib_and_page_through_every_ro
 }
 
 #[tokio::test]
-async fn appends_past_2_mib_or_500_events_are_refused_and_write_nothing() {
+async fn appends_past_2_5_mib_or_500_events_are_refused_and_write_nothing() {
     let fleet = Fleet::start(1).await;
     let mut client = fleet.client().await;
     let team = "appends";
     let conversation = create(&mut client, team, "target", "").await;
     let before = digest(&fleet, team).await;
 
-    let events = (0..9).map(|i| message(i, &body("x", 256 << 10))).collect();
+    let events = (0..11).map(|i| message(i, &body("x", 256 << 10))).collect();
     let status = client
         .append_events(pb::AppendEventsRequest {
             parent: conversation.name.clone(),
