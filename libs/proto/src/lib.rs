@@ -2,11 +2,13 @@
 //!
 //! This crate holds only generated code, the descriptor set that servers publish through
 //! reflection, and the few wire-level conventions every service shares (the consistency
-//! token header, each method's idempotency). Domain logic lives in the services and the other libs.
+//! token header, each method's idempotency, the bounds of an error status). Domain logic
+//! lives in the services and the other libs.
 
 #![forbid(unsafe_code)]
 
 pub mod consistency;
+pub mod errors;
 pub mod methods;
 pub mod names;
 

@@ -9,6 +9,10 @@
 //! sketch at the bin's representative value, which maps back to the same bin. Sketches
 //! of different shards merge bin by bin, so the merged answer has the same error bound as
 //! one sketch over all the rows.
+//!
+//! Counts and sums saturate at i64::MAX rather than overflow: the shards cap their sums
+//! there too (a team's token sums can pass i64 only with absurd data, but no request may
+//! turn that into an error), so a figure of i64::MAX reads "at least this much".
 
 use std::collections::HashMap;
 
@@ -91,13 +95,24 @@ impl Partial {
     /// Adds the figures of the conversations with `status` (its stored text).
     pub fn add_status(&mut self, status: &str, figures: StatusFigures) {
         if let Some(i) = STATUSES.iter().position(|s| *s == status) {
-            self.by_status[i] += figures.count;
+            add(&mut self.by_status[i], figures.count);
         }
-        self.count += figures.count;
-        self.messages += figures.messages;
+        add(&mut self.count, figures.count);
+        add(&mut self.messages, figures.messages);
         self.duration_sum += figures.duration_sum;
         self.effectiveness_sum += figures.effectiveness_sum;
-        self.scored += figures.scored;
+        add(&mut self.scored, figures.scored);
+    }
+
+    /// Adds a shard's figures of events: how many, tool calls, failed tool results and
+    /// tokens by kind (input, output, cache creation, cache read).
+    pub fn add_events(&mut self, events: i64, calls: i64, errors: i64, tokens: [i64; 4]) {
+        add(&mut self.count, events);
+        add(&mut self.calls, calls);
+        add(&mut self.errors, errors);
+        for (mine, theirs) in self.tokens.iter_mut().zip(tokens) {
+            add(mine, theirs);
+        }
     }
 
     /// Adds `count` durations in sketch bin `bin` (None: durations of zero).
@@ -111,22 +126,22 @@ impl Partial {
 
     /// Merges `other` (another shard's figures for the same group) into this one.
     pub fn merge(&mut self, other: &Partial) {
-        self.count += other.count;
+        add(&mut self.count, other.count);
         for (mine, theirs) in self.by_status.iter_mut().zip(other.by_status) {
-            *mine += theirs;
+            add(mine, theirs);
         }
-        self.messages += other.messages;
+        add(&mut self.messages, other.messages);
         self.duration_sum += other.duration_sum;
         self.effectiveness_sum += other.effectiveness_sum;
-        self.scored += other.scored;
+        add(&mut self.scored, other.scored);
         self.durations
             .merge(&other.durations)
             .expect("every partial uses sketch_config()");
         for (mine, theirs) in self.tokens.iter_mut().zip(other.tokens) {
-            *mine += theirs;
+            add(mine, theirs);
         }
-        self.calls += other.calls;
-        self.errors += other.errors;
+        add(&mut self.calls, other.calls);
+        add(&mut self.errors, other.errors);
     }
 
     /// The tokens on the wire.
@@ -165,6 +180,11 @@ impl Partial {
             quantile_relative_error: RELATIVE_ERROR,
         }
     }
+}
+
+/// Adds `n` to `total`, saturating at the bounds of i64 (see the module docs).
+fn add(total: &mut i64, n: i64) {
+    *total = total.saturating_add(n);
 }
 
 /// The figures of one status in one group, as a shard sums them.
@@ -284,5 +304,32 @@ mod tests {
             ]
         );
         assert_eq!(Partial::default().to_proto().mean_duration_seconds, 0.0);
+    }
+
+    #[test]
+    fn sums_past_i64_saturate_instead_of_overflowing() {
+        let mut shard_a = Partial::default();
+        shard_a.add_events(i64::MAX, 1, 0, [i64::MAX, 7, 0, 0]);
+        shard_a.add_events(5, 0, 0, [i64::MAX, 0, 0, 0]);
+        let mut shard_b = Partial::default();
+        shard_b.add_status(
+            "active",
+            StatusFigures {
+                count: i64::MAX,
+                messages: i64::MAX,
+                ..StatusFigures::default()
+            },
+        );
+        shard_b.add_events(0, 0, 0, [i64::MAX, 0, 0, 0]);
+        let mut merged = Partial::default();
+        merged.merge(&shard_a);
+        merged.merge(&shard_b);
+        merged.merge(&shard_b);
+        assert_eq!(merged.count, i64::MAX);
+        assert_eq!(merged.by_status[0], i64::MAX);
+        assert_eq!(merged.messages, i64::MAX);
+        assert_eq!(merged.tokens, [i64::MAX, 7, 0, 0]);
+        assert_eq!(merged.token_usage().input_tokens, i64::MAX);
+        assert_eq!(merged.to_proto().message_total, i64::MAX);
     }
 }

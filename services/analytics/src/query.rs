@@ -79,7 +79,23 @@ impl Grouping {
             Self::Total | Self::Intent | Self::Bucket(_) | Self::Usage { .. } => u32::MAX,
         }
     }
+
+    /// Most groups an answer may hold, where the groups are not bounded otherwise: usage
+    /// rows come from the team's own model names, so there may be any number of them.
+    /// (Intents and statuses are closed sets, time buckets are bounded by validation, and
+    /// top-N groupings by their limit.)
+    pub fn max_groups(&self) -> Option<usize> {
+        match self {
+            Self::Usage { .. } => Some(MAX_USAGE_ROWS),
+            _ => None,
+        }
+    }
 }
+
+/// Most rows of a usage answer (days times models): 10,000, a year of 27 models. A row
+/// takes at most about 200 bytes encoded, so the answer stays near 2 MiB, inside a stock
+/// client's 4 MiB; a range whose answer would have more is refused (narrow it).
+pub const MAX_USAGE_ROWS: usize = 10_000;
 
 /// A validated analytics request.
 #[derive(Clone, Debug, PartialEq, Eq)]

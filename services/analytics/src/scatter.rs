@@ -269,13 +269,16 @@ pub async fn run(
     ) {
         let rows = events_sql("", query).build().fetch_all(&mut *conn).await?;
         for row in rows {
-            let partial = groups.entry(row.try_get(0)?).or_default();
-            partial.count += row.try_get::<i64, _>(1)?;
-            partial.calls += row.try_get::<i64, _>(2)?;
-            partial.errors += row.try_get::<i64, _>(3)?;
-            for (k, slot) in partial.tokens.iter_mut().enumerate() {
-                *slot += row.try_get::<Option<i64>, _>(4 + k)?.unwrap_or(0);
+            let mut tokens = [0; 4];
+            for (k, slot) in tokens.iter_mut().enumerate() {
+                *slot = row.try_get::<Option<i64>, _>(4 + k)?.unwrap_or(0);
             }
+            groups.entry(row.try_get(0)?).or_default().add_events(
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+                tokens,
+            );
         }
         return Ok((lsn, groups));
     }
@@ -301,6 +304,12 @@ pub async fn run(
         partial.add_bin(row.try_get(2)?, count);
     }
     Ok((lsn, groups))
+}
+
+/// SQL for the sum of a bigint column as a bigint, saturated at i64::MAX: Postgres sums
+/// bigints as numeric, and a cast of a larger sum would fail the shard's whole answer.
+fn saturated_sum(column: &str) -> String {
+    format!("LEAST(sum({column}), {})::bigint", i64::MAX)
 }
 
 /// The origin of time buckets: a UTC midnight, so day buckets are UTC days.
@@ -380,10 +389,11 @@ fn conversations_sql<'a>(
             .push_bind(i64::from(limit))
             .push(")");
     }
-    sql.push(
-        " SELECT g, status, k, count(*), sum(message_count)::bigint, sum(duration_seconds), \
-         sum(effectiveness_score), count(effectiveness_score) FROM picked",
-    );
+    sql.push(format!(
+        " SELECT g, status, k, count(*), {}, sum(duration_seconds), \
+             sum(effectiveness_score), count(effectiveness_score) FROM picked",
+        saturated_sum("message_count")
+    ));
     if top.is_some() {
         sql.push(" WHERE g IN (SELECT g FROM top)");
     }
@@ -410,9 +420,12 @@ fn events_sql<'a>(prefix: &str, query: &'a Query) -> QueryBuilder<'a, Postgres> 
         "SELECT {group} AS g, count(*), \
            count(*) FILTER (WHERE e.kind = 'tool_call'), \
            count(*) FILTER (WHERE e.kind = 'tool_result' AND e.is_error), \
-           sum(e.input_tokens)::bigint, sum(e.output_tokens)::bigint, \
-           sum(e.cache_creation_input_tokens)::bigint, sum(e.cache_read_input_tokens)::bigint \
-         FROM conversation_events e "
+           {}, {}, {}, {} \
+         FROM conversation_events e ",
+        saturated_sum("e.input_tokens"),
+        saturated_sum("e.output_tokens"),
+        saturated_sum("e.cache_creation_input_tokens"),
+        saturated_sum("e.cache_read_input_tokens"),
     ));
     let tools = matches!(query.grouping, Grouping::Tools { .. });
     if tools {
@@ -431,9 +444,10 @@ fn events_sql<'a>(prefix: &str, query: &'a Query) -> QueryBuilder<'a, Postgres> 
     if tools {
         sql.push(" AND e.kind IN ('tool_call', 'tool_result')");
     } else {
+        // Counts are never negative: "any is positive" without a sum that could overflow.
         sql.push(
-            " AND (e.input_tokens + e.output_tokens + e.cache_creation_input_tokens \
-               + e.cache_read_input_tokens) > 0",
+            " AND GREATEST(e.input_tokens, e.output_tokens, e.cache_creation_input_tokens, \
+               e.cache_read_input_tokens) > 0",
         );
     }
     if query.intent.is_some() || query.status.is_some() {
@@ -448,6 +462,12 @@ fn events_sql<'a>(prefix: &str, query: &'a Query) -> QueryBuilder<'a, Postgres> 
         sql.push(")");
     }
     sql.push(" GROUP BY g");
+    if let Some(most) = query.grouping.max_groups() {
+        // One more than an answer may hold, so the service knows it would be too large
+        // without receiving every group.
+        sql.push(" ORDER BY g LIMIT ")
+            .push_bind(i64::try_from(most).unwrap_or(i64::MAX).saturating_add(1));
+    }
     if tools {
         // A team lives on one shard: its top N is the answer's.
         sql.push(

@@ -112,6 +112,17 @@ impl AnalyticsApi {
             shards.push(answer.shard.clone());
         }
         shards.sort();
+        if let Some(most) = query.grouping.max_groups()
+            && merged.len() > most
+        {
+            return Err(ApiError::TooLarge {
+                subject: "filter".into(),
+                why: format!(
+                    "the answer would have more than {most} rows, the most one answer holds: \
+                     narrow the time range"
+                ),
+            });
+        }
         let cacheable = missing.is_empty() && gathered.answers.iter().all(|a| a.fresh);
         let mut response = build(merged);
         *response.coverage() = Some(pb::Coverage {

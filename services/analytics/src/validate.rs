@@ -18,8 +18,9 @@ pub const MAX_BUCKETS: i64 = 2000;
 pub const DEFAULT_LIMIT: u32 = 20;
 /// Most rows a top-N request gets.
 pub const MAX_LIMIT: u32 = 200;
-/// Longest metadata key, in bytes (the conversation API's own limit).
-pub const MAX_METADATA_KEY_BYTES: usize = 256;
+/// Longest metadata key, in bytes: 128, the conversation API's own limit (no stored key is
+/// longer).
+pub const MAX_METADATA_KEY_BYTES: usize = 128;
 
 /// Collects violations while a request is read.
 #[derive(Default)]

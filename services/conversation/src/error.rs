@@ -3,12 +3,15 @@
 //! Handlers and the store return [`ApiError`]; [`ApiError::into_status`] is the only place a
 //! gRPC status is made, with rich details (google.rpc.BadRequest field violations,
 //! PreconditionFailure, ResourceInfo, RetryInfo) where they help the caller fix the call.
+//! Every status it makes is bounded by [`convoy_proto::errors`]: at most 10 violations
+//! listed, each clipped, and a clipped message, whatever the request carried.
 
 use std::time::Duration;
 
+use convoy_proto::errors;
 use convoy_store::DbFailure;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use tonic_types::ErrorDetails;
 
 /// Resource type named in ResourceInfo details.
 const CONVERSATION_TYPE: &str = "convoy.v1.Conversation";
@@ -28,6 +31,15 @@ pub enum ApiError {
         /// The resource or key.
         what: String,
         /// Why this is a conflict.
+        why: String,
+    },
+    /// The answer would be larger than one response may carry
+    /// ([`crate::limits::MAX_RESPONSE_BYTES`]).
+    #[error("{subject}: {why}")]
+    TooLarge {
+        /// The request field that asks for too much.
+        subject: String,
+        /// How much it asks for and what would fit.
         why: String,
     },
     /// The etag sent is not the current one.
@@ -71,12 +83,17 @@ impl Violation {
     }
 }
 
-fn describe(violations: &[Violation]) -> String {
+/// The violations as (field, description) pairs, for [`convoy_proto::errors`].
+fn pairs(violations: &[Violation]) -> Vec<(&str, &str)> {
     violations
         .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ")
+        .map(|v| (v.field.as_str(), v.description.as_str()))
+        .collect()
+}
+
+/// A bounded one-line description (see [`convoy_proto::errors::summary`]).
+fn describe(violations: &[Violation]) -> String {
+    errors::summary(&pairs(violations))
 }
 
 impl ApiError {
@@ -109,45 +126,47 @@ impl ApiError {
         }
     }
 
-    /// The gRPC status for this error.
+    /// The gRPC status for this error, bounded as [`convoy_proto::errors`] says.
     pub fn into_status(self) -> Status {
         let message = self.to_string();
         match self {
-            Self::InvalidArgument(violations) => Status::with_error_details(
-                Code::InvalidArgument,
-                message,
-                ErrorDetails::with_bad_request(
-                    violations
-                        .into_iter()
-                        .map(|v| FieldViolation::new(v.field, v.description))
-                        .collect::<Vec<_>>(),
-                ),
-            ),
-            Self::NotFound(name) => Status::with_error_details(
+            Self::InvalidArgument(violations) => errors::invalid_argument(&pairs(&violations)),
+            Self::NotFound(name) => errors::with_details(
                 Code::NotFound,
-                message,
+                &message,
                 ErrorDetails::with_resource_info(CONVERSATION_TYPE, name, "", "not found"),
             ),
-            Self::AlreadyExists { what, why } => Status::with_error_details(
+            Self::AlreadyExists { what, why } => errors::with_details(
                 Code::AlreadyExists,
-                message,
+                &message,
                 ErrorDetails::with_resource_info(CONVERSATION_TYPE, what, "", why),
             ),
-            Self::StaleEtag { name } => Status::with_error_details(
+            Self::TooLarge { subject, why } => errors::with_details(
                 Code::FailedPrecondition,
-                message,
+                &message,
+                ErrorDetails::with_precondition_failure_violation(
+                    "RESPONSE_SIZE",
+                    subject,
+                    errors::clip(&why, errors::MAX_DESCRIPTION_BYTES),
+                ),
+            ),
+            Self::StaleEtag { name } => errors::with_details(
+                Code::FailedPrecondition,
+                &message,
                 ErrorDetails::with_precondition_failure_violation(
                     "ETAG",
                     name,
                     "read the conversation again and retry with its current etag",
                 ),
             ),
-            Self::Unavailable { .. } => Status::with_error_details(
+            Self::Unavailable { .. } => errors::with_details(
                 Code::Unavailable,
-                message,
+                &message,
                 ErrorDetails::with_retry_info(Some(Duration::from_millis(500))),
             ),
-            Self::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            Self::DeadlineExceeded(_) => {
+                Status::deadline_exceeded(errors::clip(&message, errors::MAX_MESSAGE_BYTES))
+            }
             Self::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; the server logged the details")

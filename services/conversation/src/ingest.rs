@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use convoy_proto::errors::{self, clip};
 use convoy_proto::v1 as pb;
 use convoy_proto::v1::ingest_service_server::IngestService;
 use prost::Message;
@@ -49,6 +50,10 @@ pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Most line errors one response lists (`rejected_count` counts them all).
 pub const MAX_REPORTED_ERRORS: usize = 1000;
+/// Longest source of a listed line error, in bytes: 256, room for a file path and a line
+/// number. With the field and description clipped as every status's are, 1000 errors
+/// take well under 1 MiB.
+pub const MAX_SOURCE_BYTES: usize = 256;
 
 /// The IngestService implementation.
 #[derive(Clone, Debug)]
@@ -121,11 +126,17 @@ impl Report {
     fn reject(&mut self, source: &str, field: &str, description: String) {
         self.rejected += 1;
         metrics::counter!("convoy_ingest_lines_total", "outcome" => "rejected").increment(1);
+        self.list(source, field, &description);
+    }
+
+    /// Lists an error, while fewer than [`MAX_REPORTED_ERRORS`] are, each part clipped (the
+    /// source to [`MAX_SOURCE_BYTES`]) so the answer stays bounded whatever the lines held.
+    fn list(&mut self, source: &str, field: &str, description: &str) {
         if self.errors.len() < MAX_REPORTED_ERRORS {
             self.errors.push(pb::LineError {
-                source: source.to_owned(),
-                field: field.to_owned(),
-                description,
+                source: clip(source, MAX_SOURCE_BYTES).into_owned(),
+                field: clip(field, errors::MAX_FIELD_BYTES).into_owned(),
+                description: clip(description, errors::MAX_DESCRIPTION_BYTES).into_owned(),
             });
         }
     }
@@ -139,14 +150,8 @@ impl Report {
                 if let Some(first) = violations.next() {
                     self.reject(source, &first.field, first.description);
                 }
-                for more in violations {
-                    if self.errors.len() < MAX_REPORTED_ERRORS {
-                        self.errors.push(pb::LineError {
-                            source: source.to_owned(),
-                            field: more.field,
-                            description: more.description,
-                        });
-                    }
+                for more in violations.take(errors::MAX_REPORTED_VIOLATIONS - 1) {
+                    self.list(source, &more.field, &more.description);
                 }
             }
             other => self.reject(source, "line", other.to_string()),
@@ -254,10 +259,15 @@ impl IngestApi {
 async fn store_batch(store: Arc<ConversationStore>, batch: Batch) -> Result<Report, ApiError> {
     let mut report = Report::default();
     for declared in &batch.declared {
-        if let Some(written) = store.declare(declared).await? {
-            report
+        match store.declare(declared).await {
+            Ok(Some(written)) => report
                 .written
-                .push((declared.name.clone(), written.version.0));
+                .push((declared.name.clone(), written.version.0)),
+            Ok(None) => {}
+            // Refused for what it declares (metadata past its limit once merged): that
+            // declaration only; the stream goes on.
+            Err(e @ ApiError::InvalidArgument(_)) => report.refuse(&declared.name.to_string(), e),
+            Err(e) => return Err(e),
         }
     }
     for (name, lines) in batch.lines {

@@ -8,6 +8,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Datelike, Utc};
 use uuid::Uuid;
 
 use crate::limits::MAX_PAGE_TOKEN_BYTES;
@@ -83,10 +84,19 @@ pub fn decode(token: &str, request: u64) -> Result<Cursor, PageTokenError> {
     let fingerprint = u64::from_be_bytes(bytes[2..10].try_into().map_err(|_| Malformed)?);
     let rest = &bytes[10..];
     let cursor = match (kind, rest.len()) {
-        (1, 24) => Cursor::List(ListCursor {
-            created_at_micros: i64::from_be_bytes(rest[..8].try_into().map_err(|_| Malformed)?),
-            id: Uuid::from_slice(&rest[8..]).map_err(|_| Malformed)?,
-        }),
+        (1, 24) => {
+            let created_at_micros =
+                i64::from_be_bytes(rest[..8].try_into().map_err(|_| Malformed)?);
+            // Only times a row can have (years 1 to 9999): the store binds it as a
+            // timestamptz, and Postgres refuses times far outside that.
+            DateTime::<Utc>::from_timestamp_micros(created_at_micros)
+                .filter(|t| (1..=9999).contains(&t.year()))
+                .ok_or(Malformed)?;
+            Cursor::List(ListCursor {
+                created_at_micros,
+                id: Uuid::from_slice(&rest[8..]).map_err(|_| Malformed)?,
+            })
+        }
         (2, 20) => {
             let rank = f32::from_bits(u32::from_be_bytes(
                 rest[..4].try_into().map_err(|_| Malformed)?,
@@ -152,5 +162,33 @@ mod tests {
             }),
         );
         assert_eq!(decode(&nan, 7), Err(PageTokenError::Malformed));
+    }
+
+    #[test]
+    fn list_positions_outside_years_1_to_9999_are_refused() {
+        for micros in [
+            i64::MIN,
+            i64::MAX,
+            -62_135_596_800_000_001,
+            253_402_300_800_000_000,
+        ] {
+            let forged = encode(
+                7,
+                &Cursor::List(ListCursor {
+                    created_at_micros: micros,
+                    id: Uuid::nil(),
+                }),
+            );
+            assert_eq!(
+                decode(&forged, 7),
+                Err(PageTokenError::Malformed),
+                "{micros}"
+            );
+        }
+        let last_micro = Cursor::List(ListCursor {
+            created_at_micros: 253_402_300_799_999_999,
+            id: Uuid::nil(),
+        });
+        assert_eq!(decode(&encode(7, &last_micro), 7), Ok(last_micro));
     }
 }

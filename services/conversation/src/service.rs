@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cached::ReadThrough;
 use crate::error::ApiError;
-use crate::model::{ListCursor, SearchCursor, Version};
+use crate::model::Version;
 use crate::names::ConversationName;
 use crate::page_token::{self, Cursor};
 use crate::sampler::Sampler;
@@ -155,10 +155,14 @@ impl ConversationService for ConversationApi {
         let at = ReadAt::from_token(validate::consistency_token(request.metadata())?.as_ref());
         let (team, names) = validate::batch_get(request.get_ref())?;
         let conversations = self
-            .inline(|store| async move { store.batch_get(&team, &names, &at).await })
+            .inline(|store| async move {
+                store
+                    .batch_get(&team, &names, &at, wire::conversation)
+                    .await
+            })
             .await?;
         Ok(Response::new(pb::BatchGetConversationsResponse {
-            conversations: conversations.into_iter().map(wire::conversation).collect(),
+            conversations,
         }))
     }
 
@@ -170,21 +174,11 @@ impl ConversationService for ConversationApi {
         let query = validate::list(request.get_ref())?;
         let fingerprint = validate::list_token_fingerprint(&query);
         let page = self
-            .inline(|store| async move { store.list(&query, &at).await })
+            .inline(|store| async move { store.list(&query, &at, wire::conversation).await })
             .await?;
-        let next_page_token = match (page.more, page.items.last()) {
-            (true, Some(last)) => page_token::encode(
-                fingerprint,
-                &Cursor::List(ListCursor {
-                    created_at_micros: last.created_at.timestamp_micros(),
-                    id: last.name.id,
-                }),
-            ),
-            _ => String::new(),
-        };
         Ok(Response::new(pb::ListConversationsResponse {
-            conversations: page.items.into_iter().map(wire::conversation).collect(),
-            next_page_token,
+            conversations: page.items,
+            next_page_token: next_page_token(fingerprint, page.next.map(Cursor::List)),
         }))
     }
 
@@ -196,28 +190,18 @@ impl ConversationService for ConversationApi {
         let query = validate::search(request.get_ref())?;
         let fingerprint = validate::search_token_fingerprint(&query);
         let page = self
-            .inline(|store| async move { store.search(&query, &at).await })
+            .inline(|store| async move {
+                store
+                    .search(&query, &at, |c, rank| pb::SearchResult {
+                        conversation: Some(wire::conversation(c)),
+                        rank,
+                    })
+                    .await
+            })
             .await?;
-        let next_page_token = match (page.more, page.items.last()) {
-            (true, Some((last, rank))) => page_token::encode(
-                fingerprint,
-                &Cursor::Search(SearchCursor {
-                    rank: *rank,
-                    id: last.name.id,
-                }),
-            ),
-            _ => String::new(),
-        };
         Ok(Response::new(pb::SearchConversationsResponse {
-            results: page
-                .items
-                .into_iter()
-                .map(|(c, rank)| pb::SearchResult {
-                    conversation: Some(wire::conversation(c)),
-                    rank,
-                })
-                .collect(),
-            next_page_token,
+            results: page.items,
+            next_page_token: next_page_token(fingerprint, page.next.map(Cursor::Search)),
         }))
     }
 
@@ -286,19 +270,22 @@ impl ConversationService for ConversationApi {
         let fingerprint = validate::events_token_fingerprint(&query, original_after);
         let name = query.conversation.clone();
         let page = self
-            .inline(|store| async move { store.list_events(&query, &at).await })
+            .inline(|store| async move {
+                store
+                    .list_events_page(&query, &at, |e| wire::event(&name, e))
+                    .await
+            })
             .await?;
-        let next_page_token = match (page.more, page.items.last()) {
-            (true, Some(last)) => page_token::encode(fingerprint, &Cursor::Events(last.sequence)),
-            _ => String::new(),
-        };
         Ok(Response::new(pb::ListEventsResponse {
-            events: page
-                .items
-                .into_iter()
-                .map(|e| wire::event(&name, e))
-                .collect(),
-            next_page_token,
+            events: page.items,
+            next_page_token: next_page_token(fingerprint, page.next.map(Cursor::Events)),
         }))
     }
+}
+
+/// The token of the page after `next` (the position of a page's last item when more
+/// follow), for the request with fingerprint `fingerprint`; empty on the last page.
+fn next_page_token(fingerprint: u64, next: Option<Cursor>) -> String {
+    next.map(|cursor| page_token::encode(fingerprint, &cursor))
+        .unwrap_or_default()
 }

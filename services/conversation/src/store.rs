@@ -6,9 +6,16 @@
 //! rely on (see `libs/store/migrations`); the query-shape functions are public so the
 //! EXPLAIN tests run exactly the SQL that the service runs.
 //!
+//! Pages and batches are bounded in bytes as well as rows ([`MAX_RESPONSE_BYTES`]): the
+//! store converts each row with the caller's wire conversion, measures the message with
+//! prost's `encoded_len`, and stops before the item that would pass the bound, reading rows
+//! as a stream so that it never holds more than the bound and one row. Postgres itself
+//! stops sending rows once an estimate of their sizes passes twice the bound
+//! ([`SQL_BYTE_BUDGET`]), so a page of large rows costs the shard no more than that either.
+//!
 //! Not here: validation ([`crate::validate`]) or the wire format ([`crate::wire`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -20,13 +27,15 @@ use std::sync::Arc;
 use convoy_store::ownership::{self, Fence};
 use convoy_store::spans::db_span;
 use convoy_store::{DbFailure, Epoch, LivePools, Node, ShardPools, Slot};
+use sqlx::postgres::PgRow;
 use sqlx::types::Json;
-use sqlx::{Connection, PgPool, Postgres, QueryBuilder};
+use sqlx::{Connection, FromRow, PgPool, Postgres, QueryBuilder, Row};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::ApiError;
+use crate::limits::{MAX_CONVERSATION_BYTES, MAX_METADATA_ENTRIES, MAX_RESPONSE_BYTES};
 use crate::model::*;
 use crate::names::{ConversationName, TeamId};
 
@@ -52,19 +61,80 @@ pub const GET_SQL: &str = "SELECT team_id, id, title, intent, status, content, m
     last_event_at, version, created_at, updated_at \
     FROM conversations WHERE team_id = $1 AND id = $2";
 
-/// Several conversations of one team by primary key.
-pub const BATCH_GET_SQL: &str = "SELECT team_id, id, title, intent, status, content, metadata, \
-    effectiveness_score, message_count, event_count, duration_seconds, input_tokens, \
-    output_tokens, cache_creation_input_tokens, cache_read_input_tokens, first_event_at, \
-    last_event_at, version, created_at, updated_at \
-    FROM conversations WHERE team_id = $1 AND id = ANY($2)";
+/// Estimated encoded size of a conversation row: its text as stored, its metadata's jsonb
+/// size, and 256 bytes for the rest. Reads no TOASTed value (`octet_length` of text and
+/// `pg_column_size` take the stored length).
+const CONVERSATION_ESTIMATE: &str = "(octet_length(title) + octet_length(content) \
+    + pg_column_size(metadata) + 256)::bigint";
 
-/// A page of a conversation's events.
-pub const LIST_EVENTS_SQL: &str = "SELECT sequence, event_id, parent_event_id, kind, role, \
-    occurred_at, content, tool_name, tool_call_id, is_error, model, input_tokens, output_tokens, \
-    cache_creation_input_tokens, cache_read_input_tokens, is_sidechain, raw_json \
-    FROM conversation_events WHERE team_id = $1 AND conversation_id = $2 AND sequence > $3 \
-    ORDER BY sequence LIMIT $4";
+/// Estimated encoded size of an event row, as [`CONVERSATION_ESTIMATE`].
+const EVENT_ESTIMATE: &str = "(octet_length(content) + coalesce(pg_column_size(raw_json), 0) \
+    + 1024)::bigint";
+
+/// Estimated bytes after which Postgres sends no more rows of a page or batch: twice
+/// [`MAX_RESPONSE_BYTES`], because the estimate may be off by a few percent (or more for
+/// compressed JSON) and the exact cut is made on the encoded messages.
+pub const SQL_BYTE_BUDGET: i64 = 2 * MAX_RESPONSE_BYTES as i64;
+
+/// Several conversations of one team by primary key (`$1` the team, `$2` the ids), no more
+/// than [`SQL_BYTE_BUDGET`] (`$3`) of them by estimate; `found` counts every match.
+pub static BATCH_GET_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {COLUMNS}, found FROM (SELECT *, count(*) OVER () AS found, \
+           sum(est) OVER (ORDER BY id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) - est \
+             AS before \
+         FROM (SELECT {COLUMNS}, {CONVERSATION_ESTIMATE} AS est FROM conversations \
+           WHERE team_id = $1 AND id = ANY($2)) matched) sized \
+         WHERE before < $3"
+    )
+});
+
+/// A page of a conversation's events (`$1`, `$2` the conversation, after sequence `$3`, at
+/// most `$4` rows, no more than `$5` bytes by estimate: see [`sized`]).
+pub static LIST_EVENTS_SQL: LazyLock<String> = LazyLock::new(|| {
+    let mut qb = QueryBuilder::<Postgres>::new("");
+    sized(
+        &mut qb,
+        EVENT_COLUMNS,
+        "sequence",
+        |qb| {
+            qb.push(format!(
+                "SELECT {EVENT_COLUMNS}, {EVENT_ESTIMATE} AS est FROM conversation_events \
+                 WHERE team_id = $1 AND conversation_id = $2 AND sequence > $3 \
+                 ORDER BY sequence LIMIT $4"
+            ));
+        },
+        |qb| {
+            qb.push("$5");
+        },
+    );
+    qb.into_sql()
+});
+
+/// Wraps a page's query, which `inner` pushes (it selects `columns` and `est`, the row's
+/// estimated encoded size, in `order`, with its LIMIT), so that Postgres sends only the rows
+/// that start within a byte budget (`budget` pushes it), and says of each row whether
+/// another follows it (`more_after`): the caller knows the page was cut even when Postgres
+/// cut it. The inner query keeps its plan (an index scan under a limit).
+fn sized<'a>(
+    qb: &mut QueryBuilder<'a, Postgres>,
+    columns: &str,
+    order: &str,
+    inner: impl FnOnce(&mut QueryBuilder<'a, Postgres>),
+    budget: impl FnOnce(&mut QueryBuilder<'a, Postgres>),
+) {
+    qb.push(format!(
+        "SELECT {columns}, more_after FROM (SELECT *, \
+           lead(true, 1, false) OVER w AS more_after, sum(est) OVER w - est AS before FROM ("
+    ));
+    inner(qb);
+    qb.push(format!(
+        ") page WINDOW w AS (ORDER BY {order} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT \
+         ROW)) sized WHERE before < "
+    ));
+    budget(qb);
+    qb.push(format!(" ORDER BY {order}"));
+}
 
 #[derive(sqlx::FromRow)]
 struct ConversationRow {
@@ -203,31 +273,48 @@ fn push_filters(qb: &mut QueryBuilder<'_, Postgres>, filters: &Filters) {
     }
 }
 
-/// The List query, newest first with keyset pagination; `prefix` is `""` or an EXPLAIN.
+/// The List query, newest first with keyset pagination, bounded in bytes by estimate
+/// ([`sized`]); `prefix` is `""` or an EXPLAIN.
 pub fn list_query(prefix: &str, q: &ListQuery) -> QueryBuilder<'static, Postgres> {
     let mut qb = QueryBuilder::new(prefix);
-    qb.push("SELECT ")
-        .push(COLUMNS)
-        .push(" FROM conversations WHERE team_id = ")
-        .push_bind(q.team.as_str().to_owned());
-    push_filters(&mut qb, &q.filters);
-    if let Some(cursor) = q.cursor {
-        let created = DateTime::<Utc>::from_timestamp_micros(cursor.created_at_micros)
-            .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        qb.push(" AND (created_at, id) < (")
-            .push_bind(created)
-            .push(", ")
-            .push_bind(cursor.id)
-            .push(")");
-    }
-    qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(q.page_size as i64 + 1);
+    let order = "created_at DESC, id DESC";
+    sized(
+        &mut qb,
+        COLUMNS,
+        order,
+        |qb| {
+            qb.push("SELECT ")
+                .push(COLUMNS)
+                .push(", ")
+                .push(CONVERSATION_ESTIMATE)
+                .push(" AS est FROM conversations WHERE team_id = ")
+                .push_bind(q.team.as_str().to_owned());
+            push_filters(qb, &q.filters);
+            if let Some(cursor) = q.cursor {
+                let created = DateTime::<Utc>::from_timestamp_micros(cursor.created_at_micros)
+                    .unwrap_or(DateTime::<Utc>::MIN_UTC);
+                qb.push(" AND (created_at, id) < (")
+                    .push_bind(created)
+                    .push(", ")
+                    .push_bind(cursor.id)
+                    .push(")");
+            }
+            qb.push(" ORDER BY ")
+                .push(order)
+                .push(" LIMIT ")
+                .push_bind(q.page_size as i64 + 1);
+        },
+        |qb| {
+            qb.push_bind(SQL_BYTE_BUDGET);
+        },
+    );
     qb
 }
 
-/// The Search query, best rank first with keyset pagination on (rank, id). The tsquery is
-/// written inline (not joined from a function in FROM) so the planner sees a constant and
-/// can use the (team_id, search_vector) GIN index for both conditions.
+/// The Search query, best rank first with keyset pagination on (rank, id), bounded in bytes
+/// by estimate ([`sized`]). The tsquery is written inline (not joined from a function in
+/// FROM) so the planner sees a constant and can use the (team_id, search_vector) GIN index
+/// for both conditions.
 pub fn search_query(prefix: &str, q: &SearchQuery) -> QueryBuilder<'static, Postgres> {
     let tsquery = |qb: &mut QueryBuilder<'static, Postgres>| {
         qb.push("websearch_to_tsquery('english', ")
@@ -235,35 +322,121 @@ pub fn search_query(prefix: &str, q: &SearchQuery) -> QueryBuilder<'static, Post
             .push(")");
     };
     let mut qb = QueryBuilder::new(prefix);
-    qb.push("SELECT ")
-        .push(COLUMNS)
-        .push(", ts_rank(search_vector, ");
-    tsquery(&mut qb);
-    qb.push(") AS rank FROM conversations WHERE team_id = ")
-        .push_bind(q.team.as_str().to_owned())
-        .push(" AND search_vector @@ ");
-    tsquery(&mut qb);
-    push_filters(&mut qb, &q.filters);
-    if let Some(cursor) = q.cursor {
-        qb.push(" AND (ts_rank(search_vector, ");
-        tsquery(&mut qb);
-        qb.push("), id) < (")
-            .push_bind(cursor.rank)
-            .push("::real, ")
-            .push_bind(cursor.id)
-            .push(")");
-    }
-    qb.push(" ORDER BY rank DESC, id DESC LIMIT ")
-        .push_bind(q.page_size as i64 + 1);
+    let order = "rank DESC, id DESC";
+    sized(
+        &mut qb,
+        &format!("{COLUMNS}, rank"),
+        order,
+        |qb| {
+            qb.push("SELECT ")
+                .push(COLUMNS)
+                .push(", ")
+                .push(CONVERSATION_ESTIMATE)
+                .push(" AS est, ts_rank(search_vector, ");
+            tsquery(qb);
+            qb.push(") AS rank FROM conversations WHERE team_id = ")
+                .push_bind(q.team.as_str().to_owned())
+                .push(" AND search_vector @@ ");
+            tsquery(qb);
+            push_filters(qb, &q.filters);
+            if let Some(cursor) = q.cursor {
+                qb.push(" AND (ts_rank(search_vector, ");
+                tsquery(qb);
+                qb.push("), id) < (")
+                    .push_bind(cursor.rank)
+                    .push("::real, ")
+                    .push_bind(cursor.id)
+                    .push(")");
+            }
+            qb.push(" ORDER BY ")
+                .push(order)
+                .push(" LIMIT ")
+                .push_bind(q.page_size as i64 + 1);
+        },
+        |qb| {
+            qb.push_bind(SQL_BYTE_BUDGET);
+        },
+    );
     qb
 }
 
 /// A page of results and whether more follow.
-pub struct Page<T> {
+pub struct Page<T, K = ()> {
     /// The rows.
     pub items: Vec<T>,
     /// True when another page exists.
     pub more: bool,
+    /// The position of the last item when another page exists: the next page starts after
+    /// it.
+    pub next: Option<K>,
+}
+
+/// A row of a [`sized`] page: the row, and whether another follows it.
+struct Sized<R> {
+    row: R,
+    more_after: bool,
+}
+
+impl<'r, R: sqlx::FromRow<'r, PgRow>> sqlx::FromRow<'r, PgRow> for Sized<R> {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            row: R::from_row(row)?,
+            more_after: row.try_get("more_after")?,
+        })
+    }
+}
+
+/// The encoded size of `item` as one element of a response's repeated field: its tag, its
+/// length and itself.
+fn framed_len(item: &impl prost::Message) -> usize {
+    let len = item.encoded_len();
+    1 + prost::length_delimiter_len(len) + len
+}
+
+/// Reads a page from `rows` (a [`sized`] query's, in page order): each row becomes a model
+/// (`model`), its position (`position`) and its wire form (`wire`), kept while the page has
+/// fewer than `page_size` items and their encoded sizes stay within [`MAX_RESPONSE_BYTES`].
+/// The first item always fits ([`crate::limits`] holds every stored item within the bound).
+/// Rows are read as they arrive, so no more than the bound and one row are held.
+async fn collect_page<R, M, W, K>(
+    mut rows: impl futures::Stream<Item = Result<Sized<R>, sqlx::Error>> + Unpin,
+    page_size: usize,
+    model: impl Fn(R) -> Result<M, ApiError>,
+    position: impl Fn(&M) -> K,
+    wire: impl Fn(M) -> W,
+) -> Result<Page<W, K>, OpError>
+where
+    W: prost::Message,
+{
+    use futures::TryStreamExt as _;
+    let mut items = Vec::new();
+    let mut bytes = 0;
+    let mut last = None;
+    let mut more = false;
+    while let Some(Sized { row, more_after }) = rows.try_next().await? {
+        if items.len() == page_size {
+            more = true;
+            break;
+        }
+        let value = model(row)?;
+        let at = position(&value);
+        let item = wire(value);
+        let size = framed_len(&item);
+        if !items.is_empty() && bytes + size > MAX_RESPONSE_BYTES {
+            more = true;
+            break;
+        }
+        bytes += size;
+        items.push(item);
+        last = Some(at);
+        // Postgres may have cut the page by its estimate: the last row it sent knows.
+        more = more_after;
+    }
+    Ok(Page {
+        items,
+        more,
+        next: if more { last } else { None },
+    })
 }
 
 /// A created conversation, or the one a replayed request created earlier.
@@ -561,39 +734,63 @@ impl ConversationStore {
         .await
     }
 
-    /// Gets every named conversation of one team, in the order of `names`; NOT_FOUND
-    /// names the first missing one.
-    pub async fn batch_get(
+    /// Gets every named conversation of one team, each converted by `wire`, in the order of
+    /// `names` (a name given twice is answered twice); NOT_FOUND names the first missing
+    /// one. All or nothing: when the answer would take more than [`MAX_RESPONSE_BYTES`]
+    /// encoded, the call is refused ([`ApiError::TooLarge`]), having read no more than that
+    /// and one row.
+    pub async fn batch_get<W>(
         &self,
         team: &TeamId,
         names: &[ConversationName],
         at: &ReadAt,
-    ) -> Result<Vec<Conversation>, ApiError> {
-        let ids: Vec<Uuid> = names.iter().map(|n| n.id).collect();
-        let ids = &ids;
-        let rows: Vec<ConversationRow> = self
-            .on_shard_read(team, at, |pool: PgPool| async move {
-                let pool = &pool;
-                Ok(sqlx::query_as(BATCH_GET_SQL)
-                    .bind(team.as_str())
-                    .bind(ids)
-                    .fetch_all(pool)
-                    .await?)
-            })
-            .await?;
-        // Some missing: a replica may be behind a create; only the primary says it is gone.
-        if rows.len() < ids.len() && *at != ReadAt::Primary {
-            return Box::pin(self.batch_get(team, names, &ReadAt::Primary)).await;
+        wire: impl Fn(Conversation) -> W + Sync,
+    ) -> Result<Vec<W>, ApiError>
+    where
+        W: prost::Message + Clone,
+    {
+        let mut wanted: HashMap<Uuid, usize> = HashMap::with_capacity(names.len());
+        for name in names {
+            *wanted.entry(name.id).or_default() += 1;
         }
-        let mut by_id = std::collections::HashMap::with_capacity(rows.len());
-        for row in rows {
-            let conversation = row.into_model()?;
-            by_id.insert(conversation.name.id, conversation);
+        let ids: Vec<Uuid> = wanted.keys().copied().collect();
+        let (ids, wanted, wire) = (&ids, &wanted, &wire);
+        let read = |pool: PgPool| async move {
+            use futures::TryStreamExt as _;
+            let mut rows = sqlx::query(BATCH_GET_SQL.as_str())
+                .bind(team.as_str())
+                .bind(ids)
+                .bind(SQL_BYTE_BUDGET)
+                .fetch(&pool);
+            let mut by_id = HashMap::with_capacity(ids.len());
+            let mut found = 0;
+            let mut bytes = 0;
+            while let Some(row) = rows.try_next().await? {
+                found = row.try_get::<i64, _>("found")?;
+                let conversation = ConversationRow::from_row(&row)?.into_model()?;
+                let id = conversation.name.id;
+                let item = wire(conversation);
+                bytes += framed_len(&item) * wanted.get(&id).copied().unwrap_or(1);
+                if bytes > MAX_RESPONSE_BYTES {
+                    return Err(OpError::Api(too_large(names.len())));
+                }
+                by_id.insert(id, item);
+            }
+            // Postgres stopped sending by its estimate: the answer is surely too large.
+            if by_id.len() < usize::try_from(found).unwrap_or(usize::MAX) {
+                return Err(OpError::Api(too_large(names.len())));
+            }
+            Ok(by_id)
+        };
+        let mut fetched = self.on_shard_read(team, at, &read).await?;
+        // Some missing: a replica may be behind a create; only the primary says it is gone.
+        if fetched.len() < ids.len() && *at != ReadAt::Primary {
+            fetched = self.on_shard_read(team, &ReadAt::Primary, &read).await?;
         }
         names
             .iter()
             .map(|name| {
-                by_id
+                fetched
                     .get(&name.id)
                     .cloned()
                     .ok_or_else(|| ApiError::NotFound(name.to_string()))
@@ -601,38 +798,66 @@ impl ConversationStore {
             .collect()
     }
 
-    /// Lists a page of a team's conversations.
-    pub async fn list(&self, q: &ListQuery, at: &ReadAt) -> Result<Page<Conversation>, ApiError> {
-        let rows: Vec<ConversationRow> = self
-            .on_shard_read(&q.team, at, |pool: PgPool| async move {
-                let pool = &pool;
-                Ok(list_query("", q).build_query_as().fetch_all(pool).await?)
-            })
-            .await?;
-        page(rows, q.page_size, ConversationRow::into_model)
+    /// Lists a page of a team's conversations, each converted by `wire`, bounded in rows and
+    /// bytes (see [`collect_page`]).
+    pub async fn list<W: prost::Message>(
+        &self,
+        q: &ListQuery,
+        at: &ReadAt,
+        wire: impl Fn(Conversation) -> W + Sync,
+    ) -> Result<Page<W, ListCursor>, ApiError> {
+        let wire = &wire;
+        self.on_shard_read(&q.team, at, |pool: PgPool| async move {
+            let mut query = list_query("", q);
+            let rows = query
+                .build_query_as::<Sized<ConversationRow>>()
+                .fetch(&pool);
+            collect_page(
+                rows,
+                q.page_size,
+                ConversationRow::into_model,
+                |c| ListCursor {
+                    created_at_micros: c.created_at.timestamp_micros(),
+                    id: c.name.id,
+                },
+                wire,
+            )
+            .await
+        })
+        .await
     }
 
-    /// Searches a team's conversations.
-    pub async fn search(
+    /// Searches a team's conversations; each hit (with its rank) converted by `wire`, the
+    /// page bounded in rows and bytes (see [`collect_page`]).
+    pub async fn search<W: prost::Message>(
         &self,
         q: &SearchQuery,
         at: &ReadAt,
-    ) -> Result<Page<(Conversation, f32)>, ApiError> {
+        wire: impl Fn(Conversation, f32) -> W + Sync,
+    ) -> Result<Page<W, SearchCursor>, ApiError> {
         #[derive(sqlx::FromRow)]
         struct Hit {
             #[sqlx(flatten)]
             row: ConversationRow,
             rank: f32,
         }
-        let rows: Vec<Hit> = self
-            .on_shard_read(&q.team, at, |pool: PgPool| async move {
-                let pool = &pool;
-                Ok(search_query("", q).build_query_as().fetch_all(pool).await?)
-            })
-            .await?;
-        page(rows, q.page_size, |hit| {
-            Ok((hit.row.into_model()?, hit.rank))
+        let wire = &wire;
+        self.on_shard_read(&q.team, at, |pool: PgPool| async move {
+            let mut query = search_query("", q);
+            let rows = query.build_query_as::<Sized<Hit>>().fetch(&pool);
+            collect_page(
+                rows,
+                q.page_size,
+                |hit| Ok((hit.row.into_model()?, hit.rank)),
+                |(c, rank)| SearchCursor {
+                    rank: *rank,
+                    id: c.name.id,
+                },
+                |(c, rank)| wire(c, rank),
+            )
+            .await
         })
+        .await
     }
 
     /// Applies a patch, if `expected` (when given) is still the current version.
@@ -813,8 +1038,13 @@ impl ConversationStore {
                 .iter()
                 .filter(|e| e.event.kind == EventKind::Message)
                 .count() as i64;
-            let sum =
-                |f: fn(&TokenUsage) -> i64| stored.iter().map(|e| f(&e.event.usage)).sum::<i64>();
+            // Within i64 by validation (500 events of at most a billion each); saturating
+            // all the same, as the stored totals are.
+            let sum = |f: fn(&TokenUsage) -> i64| {
+                stored
+                    .iter()
+                    .fold(0_i64, |sum, e| sum.saturating_add(f(&e.event.usage)))
+            };
             let first = stored.iter().map(|e| e.event.occurred_at).min();
             let last = stored.iter().map(|e| e.event.occurred_at).max();
             let row: ConversationRow = bind_events(sqlx::query_as(&APPEND), name, &stored)
@@ -841,7 +1071,10 @@ impl ConversationStore {
     }
 
     /// Declares a conversation for ingestion: creates it, or updates its title, intent and
-    /// metadata (merged key by key) where they differ. A declaration that changes nothing
+    /// metadata (merged key by key) where they differ. A merge that would leave more than
+    /// [`MAX_METADATA_ENTRIES`] entries is refused (INVALID_ARGUMENT, nothing written), so a
+    /// stored conversation stays within [`MAX_CONVERSATION_BYTES`] however often it is
+    /// declared. A declaration that changes nothing
     /// writes nothing (no version, no outbox row), so re-importing a transcript is a no-op.
     /// Returns the conversation when it was written.
     pub async fn declare(&self, c: &IngestConversation) -> Result<Option<Conversation>, ApiError> {
@@ -857,6 +1090,7 @@ impl ConversationStore {
                  updated_at = now() \
                WHERE (c.title, c.intent, c.metadata) IS DISTINCT FROM \
                      (EXCLUDED.title, COALESCE($4, c.intent), c.metadata || EXCLUDED.metadata) \
+                 AND {MERGED_KEYS} <= {MAX_METADATA_ENTRIES} \
                RETURNING {COLUMNS}, xmax = 0 AS inserted), \
              outboxed AS (INSERT INTO outbox (team_id, conversation_id, version, kind, tags) \
                SELECT team_id, id, version, \
@@ -867,30 +1101,91 @@ impl ConversationStore {
         let statement = &statement;
         let row: Option<ConversationRow> = self
             .on_shard(&c.name.team, |pool: PgPool, _replicas| async move {
-                Ok(sqlx::query_as(statement)
+                let row = sqlx::query_as(statement)
                     .bind(c.name.team.as_str())
                     .bind(c.name.id)
                     .bind(&c.title)
                     .bind(c.intent.map(Intent::as_str))
                     .bind(Json(&c.metadata))
                     .fetch_optional(&pool)
-                    .await?)
+                    .await?;
+                if row.is_none() && !c.metadata.is_empty() {
+                    // Nothing written: unchanged, or refused because the merged metadata
+                    // would pass its limit (asked only when the declaration has metadata).
+                    let merged: Option<i64> = sqlx::query_scalar(
+                        "SELECT (SELECT count(*) FROM jsonb_object_keys(metadata || $3)) \
+                         FROM conversations WHERE team_id = $1 AND id = $2",
+                    )
+                    .bind(c.name.team.as_str())
+                    .bind(c.name.id)
+                    .bind(Json(&c.metadata))
+                    .fetch_optional(&pool)
+                    .await?;
+                    if let Some(merged) = merged.filter(|n| *n > MAX_METADATA_ENTRIES as i64) {
+                        return Err(OpError::Api(ApiError::invalid(
+                            "conversation.metadata",
+                            format!(
+                                "would hold {merged} entries once merged with the stored ones; \
+                                 at most {MAX_METADATA_ENTRIES} are allowed"
+                            ),
+                        )));
+                    }
+                }
+                Ok(row)
             })
             .await?;
         row.map(ConversationRow::into_model).transpose()
     }
 
-    /// Lists a page of a conversation's events.
+    /// Lists a page of a conversation's events, each converted by `wire`, bounded in rows and
+    /// bytes (see [`collect_page`]).
+    pub async fn list_events_page<W: prost::Message>(
+        &self,
+        q: &EventsQuery,
+        at: &ReadAt,
+        wire: impl Fn(Event) -> W + Sync,
+    ) -> Result<Page<W, i64>, ApiError> {
+        let name = &q.conversation;
+        let wire = &wire;
+        self.on_shard_read(&name.team, at, |pool: PgPool| async move {
+            let pool = &pool;
+            let rows = sqlx::query_as::<_, Sized<EventRow>>(LIST_EVENTS_SQL.as_str())
+                .bind(name.team.as_str())
+                .bind(name.id)
+                .bind(q.after_sequence)
+                .bind(q.page_size as i64 + 1)
+                .bind(SQL_BYTE_BUDGET)
+                .fetch(pool);
+            let page = collect_page(
+                rows,
+                q.page_size,
+                EventRow::into_model,
+                |e| e.sequence,
+                wire,
+            )
+            .await?;
+            if page.items.is_empty() && !exists(pool, name).await? {
+                return Err(OpError::Api(ApiError::NotFound(name.to_string())));
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    /// Lists a page of a conversation's events, bounded in rows only: a page shorter than
+    /// `page_size` is the last. For readers that take events one at a time (watch streams);
+    /// answers to clients use [`ConversationStore::list_events_page`].
     pub async fn list_events(&self, q: &EventsQuery, at: &ReadAt) -> Result<Page<Event>, ApiError> {
         let name = &q.conversation;
         let rows: Vec<EventRow> = self
             .on_shard_read(&name.team, at, |pool: PgPool| async move {
                 let pool = &pool;
-                let rows: Vec<EventRow> = sqlx::query_as(LIST_EVENTS_SQL)
+                let rows: Vec<EventRow> = sqlx::query_as(LIST_EVENTS_SQL.as_str())
                     .bind(name.team.as_str())
                     .bind(name.id)
                     .bind(q.after_sequence)
                     .bind(q.page_size as i64 + 1)
+                    .bind(i64::MAX)
                     .fetch_all(pool)
                     .await?;
                 if rows.is_empty() && !exists(pool, name).await? {
@@ -985,6 +1280,7 @@ fn page<R, T>(
     Ok(Page {
         items: rows.into_iter().map(convert).collect::<Result<_, _>>()?,
         more,
+        next: None,
     })
 }
 
@@ -997,6 +1293,22 @@ async fn exists<'e>(
         .bind(name.id)
         .fetch_one(executor)
         .await
+}
+
+/// The number of keys of a declaration's merged metadata, in its upsert.
+const MERGED_KEYS: &str =
+    "(SELECT count(*) FROM jsonb_object_keys(c.metadata || EXCLUDED.metadata))";
+
+/// A BatchGet whose answer would pass [`MAX_RESPONSE_BYTES`].
+fn too_large(names: usize) -> ApiError {
+    let always = MAX_RESPONSE_BYTES / MAX_CONVERSATION_BYTES;
+    ApiError::TooLarge {
+        subject: "names".into(),
+        why: format!(
+            "the {names} conversations named take more than {MAX_RESPONSE_BYTES} bytes encoded, \
+             the most one answer carries: ask for fewer at a time ({always} always fit)"
+        ),
+    }
 }
 
 /// After a conditional write touched no row: was the row missing, or its etag stale?
@@ -1191,6 +1503,12 @@ async fn replay(
 /// are the events' columns, see [`bind_events`]), and the conversation's counters (`$20`
 /// events, `$21` messages, `$22`-`$25` tokens, `$26`/`$27` the first and last event times)
 /// with its outbox row. Returns the conversation's new [`COLUMNS`].
+///
+/// Token totals saturate at i64::MAX (added as numeric, then capped): each event brings at
+/// most [`crate::limits::MAX_TOKENS_PER_EVENT`] of each kind, but appends to one
+/// conversation have no end, and a total must never fail the append that passes it. Event
+/// and message counts grow by at most 500 per append, so they would need 10^16 appends to
+/// overflow: they add plainly (a sequence must stay exact).
 static APPEND: LazyLock<String> = LazyLock::new(|| {
     with_outbox_after(
         "inserted AS (INSERT INTO conversation_events (team_id, conversation_id, sequence, \
@@ -1205,21 +1523,30 @@ static APPEND: LazyLock<String> = LazyLock::new(|| {
             "UPDATE conversations SET \
                event_count = event_count + $20, \
                message_count = message_count + $21, \
-               input_tokens = input_tokens + $22, \
-               output_tokens = output_tokens + $23, \
-               cache_creation_input_tokens = cache_creation_input_tokens + $24, \
-               cache_read_input_tokens = cache_read_input_tokens + $25, \
+               input_tokens = {}, \
+               output_tokens = {}, \
+               cache_creation_input_tokens = {}, \
+               cache_read_input_tokens = {}, \
                first_event_at = LEAST(first_event_at, $26), \
                last_event_at = GREATEST(last_event_at, $27), \
                duration_seconds = EXTRACT(EPOCH FROM \
                    GREATEST(last_event_at, $27) - LEAST(first_event_at, $26))::double precision, \
                version = version + 1, \
                updated_at = now() \
-             WHERE team_id = $1 AND id = $2 RETURNING {COLUMNS}"
+             WHERE team_id = $1 AND id = $2 RETURNING {COLUMNS}",
+            saturating_add("input_tokens", "$22"),
+            saturating_add("output_tokens", "$23"),
+            saturating_add("cache_creation_input_tokens", "$24"),
+            saturating_add("cache_read_input_tokens", "$25"),
         ),
         Change::EventsAppended,
     )
 });
+
+/// SQL for `column + addend` on bigints, saturated at i64::MAX instead of failing.
+fn saturating_add(column: &str, addend: &str) -> String {
+    format!("LEAST({column}::numeric + {addend}, {})::bigint", i64::MAX)
+}
 
 /// Binds [`APPEND`]'s `$1`-`$19`: the conversation and its new events, a column each.
 fn bind_events<'q, O>(

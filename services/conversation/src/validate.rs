@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Datelike, Utc};
 use convoy_proto::consistency::ConsistencyToken;
+use convoy_proto::errors::clip;
 use convoy_proto::v1 as pb;
+use prost::Message;
 use uuid::Uuid;
 
 use crate::error::{ApiError, Violation};
@@ -52,6 +54,10 @@ impl Violations {
         }
     }
 }
+
+/// Longest piece of a client's value quoted back in a violation's description: 64 bytes,
+/// enough to recognise it (every description is clipped again where the status is made).
+const MAX_QUOTED_BYTES: usize = 64;
 
 /// Text that Postgres can store and that fits `max` bytes.
 fn text(value: &str, max: usize) -> Result<(), String> {
@@ -120,8 +126,10 @@ fn metadata(map: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, 
         if key.is_empty() {
             return Err("has an empty key".into());
         }
-        text(key, MAX_METADATA_KEY_BYTES).map_err(|why| format!("key {key:?} {why}"))?;
-        text(value, MAX_METADATA_VALUE_BYTES).map_err(|why| format!("value of {key:?} {why}"))?;
+        let quoted = || clip(key, MAX_QUOTED_BYTES);
+        text(key, MAX_METADATA_KEY_BYTES).map_err(|why| format!("key {:?} {why}", quoted()))?;
+        text(value, MAX_METADATA_VALUE_BYTES)
+            .map_err(|why| format!("value of {:?} {why}", quoted()))?;
     }
     Ok(map.clone())
 }
@@ -306,9 +314,10 @@ pub fn batch_get(
                 req.names.len()
             ),
         );
+        return v.finish(|| unreachable!("has a violation"));
     }
-    let mut names = Vec::with_capacity(req.names.len().min(MAX_BATCH_GET));
-    for (i, name) in req.names.iter().enumerate().take(MAX_BATCH_GET) {
+    let mut names = Vec::with_capacity(req.names.len());
+    for (i, name) in req.names.iter().enumerate() {
         let field = format!("names[{i}]");
         if let Some(parsed) = v.check(&field, ConversationName::parse(name)) {
             if team.as_ref().is_some_and(|t| *t != parsed.team) {
@@ -497,11 +506,49 @@ pub fn update(
     let name = v.check("conversation.name", ConversationName::parse(&c.name));
     let expected = v.check("conversation.etag", etag(&c.etag)).flatten();
 
-    let paths: Vec<String> = match &req.update_mask {
-        Some(mask) if !mask.paths.is_empty() => mask.paths.clone(),
+    // Which updatable fields the mask names, as flags in UPDATABLE's order: repeats and
+    // `*` cost one pass over the paths, and each field is validated (its value copied)
+    // once, however often it is named.
+    let mut named = [false; UPDATABLE.len()];
+    match &req.update_mask {
+        Some(mask) if mask.paths.len() > MAX_UPDATE_MASK_PATHS => {
+            v.add(
+                "update_mask.paths",
+                format!(
+                    "has {} paths; at most {MAX_UPDATE_MASK_PATHS} are allowed (name each of \
+                     {} at most once, or `*`)",
+                    mask.paths.len(),
+                    UPDATABLE.join(", ")
+                ),
+            );
+            return v.finish(|| unreachable!("has a violation"));
+        }
+        Some(mask) if !mask.paths.is_empty() => {
+            for (i, path) in mask.paths.iter().enumerate() {
+                if path == "*" {
+                    named = [true; UPDATABLE.len()];
+                } else if let Some(at) = UPDATABLE.iter().position(|f| f == path) {
+                    named[at] = true;
+                } else if OUTPUT_ONLY.contains(&path.as_str()) {
+                    v.add(
+                        format!("update_mask.paths[{i}]"),
+                        format!("{path:?} is output only and cannot be updated"),
+                    );
+                } else {
+                    v.add(
+                        format!("update_mask.paths[{i}]"),
+                        format!(
+                            "{:?} is not a field of Conversation; updatable: {}",
+                            clip(path, MAX_QUOTED_BYTES),
+                            UPDATABLE.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
         // AIP-134: no mask means every populated field.
         _ => {
-            let populated = [
+            named = [
                 !c.title.is_empty(),
                 c.intent != 0,
                 c.status != 0,
@@ -509,68 +556,37 @@ pub fn update(
                 !c.metadata.is_empty(),
                 c.effectiveness_score.is_some(),
             ];
-            UPDATABLE
-                .iter()
-                .zip(populated)
-                .filter(|(_, set)| *set)
-                .map(|(path, _)| (*path).to_owned())
-                .collect()
         }
-    };
+    }
     let mut patch = ConversationPatch::default();
-    for (i, path) in paths.iter().enumerate() {
-        let mask_field = format!("update_mask.paths[{i}]");
-        let targets: Vec<&str> = if path == "*" {
-            UPDATABLE.to_vec()
-        } else if UPDATABLE.contains(&path.as_str()) {
-            vec![path.as_str()]
-        } else if OUTPUT_ONLY.contains(&path.as_str()) {
-            v.add(
-                mask_field,
-                format!("{path:?} is output only and cannot be updated"),
-            );
-            continue;
-        } else {
-            v.add(
-                mask_field,
-                format!(
-                    "{path:?} is not a field of Conversation; updatable: {}",
-                    UPDATABLE.join(", ")
-                ),
-            );
-            continue;
-        };
-        for target in targets {
-            match target {
-                "title" => patch.title = v.check("conversation.title", title(&c.title)),
-                "intent" => patch.intent = v.check("conversation.intent", intent(c.intent)),
-                "status" => {
-                    patch.status = v
-                        .check("conversation.status", status(c.status))
-                        .and_then(|s| {
-                            s.or_else(|| {
-                                v.add("conversation.status", "is required when it is in the mask");
-                                None
-                            })
+    for (target, _) in UPDATABLE.iter().zip(named).filter(|(_, on)| *on) {
+        match *target {
+            "title" => patch.title = v.check("conversation.title", title(&c.title)),
+            "intent" => patch.intent = v.check("conversation.intent", intent(c.intent)),
+            "status" => {
+                patch.status = v
+                    .check("conversation.status", status(c.status))
+                    .and_then(|s| {
+                        s.or_else(|| {
+                            v.add("conversation.status", "is required when it is in the mask");
+                            None
                         })
-                }
-                "content" => {
-                    patch.content = v.check(
-                        "conversation.content",
-                        text(&c.content, MAX_CONTENT_BYTES).map(|()| c.content.clone()),
-                    )
-                }
-                "metadata" => {
-                    patch.metadata = v.check("conversation.metadata", metadata(&c.metadata))
-                }
-                "effectiveness_score" => {
-                    patch.effectiveness_score = v.check(
-                        "conversation.effectiveness_score",
-                        effectiveness(c.effectiveness_score),
-                    )
-                }
-                _ => unreachable!("UPDATABLE lists only the fields above"),
+                    })
             }
+            "content" => {
+                patch.content = v.check(
+                    "conversation.content",
+                    text(&c.content, MAX_CONTENT_BYTES).map(|()| c.content.clone()),
+                )
+            }
+            "metadata" => patch.metadata = v.check("conversation.metadata", metadata(&c.metadata)),
+            "effectiveness_score" => {
+                patch.effectiveness_score = v.check(
+                    "conversation.effectiveness_score",
+                    effectiveness(c.effectiveness_score),
+                )
+            }
+            _ => unreachable!("UPDATABLE lists only the fields above"),
         }
     }
     if v.0.is_empty() && patch.is_empty() {
@@ -589,12 +605,13 @@ pub fn delete(
     v.finish(|| (name.expect("checked"), expected))
 }
 
-/// An event, its fields' paths made by `field` (only on error).
+/// An event, its fields' paths made by `field` (only on error), and an upper bound of its
+/// encoded size when the API repeats it.
 fn event(
     e: &pb::ConversationEvent,
     field: impl Fn(&str) -> String,
     v: &mut Violations,
-) -> Option<NewEvent> {
+) -> Option<(NewEvent, usize)> {
     let kind = v.check_at(
         || field("kind"),
         match pb::EventKind::try_from(e.kind) {
@@ -650,29 +667,30 @@ fn event(
     );
     let model = v.check_at(|| field("model"), optional_text(&e.model, MAX_MODEL_BYTES));
     let usage = e.token_usage.unwrap_or_default();
-    let usage = v.check_at(
-        || field("token_usage"),
-        if [
-            usage.input_tokens,
-            usage.output_tokens,
+    let mut count =
+        |name: &str, n: i64| v.check_at(|| field(&format!("token_usage.{name}")), token_count(n));
+    let usage = (
+        count("input_tokens", usage.input_tokens),
+        count("output_tokens", usage.output_tokens),
+        count(
+            "cache_creation_input_tokens",
             usage.cache_creation_input_tokens,
-            usage.cache_read_input_tokens,
-        ]
-        .iter()
-        .any(|n| *n < 0)
-        {
-            Err("has a negative count".to_owned())
-        } else {
-            Ok(TokenUsage {
-                input: usage.input_tokens,
-                output: usage.output_tokens,
-                cache_creation: usage.cache_creation_input_tokens,
-                cache_read: usage.cache_read_input_tokens,
-            })
-        },
+        ),
+        count("cache_read_input_tokens", usage.cache_read_input_tokens),
     );
     let raw_json = v.check_at(|| field("raw_json"), raw_json(&e.raw_json));
-    Some(NewEvent {
+    let (Some(input), Some(output), Some(cache_creation), Some(cache_read)) = usage else {
+        return None;
+    };
+    let (raw_json, stored_raw_bytes) = raw_json?.unzip();
+    // The answer repeats the event with the raw JSON as stored (which may be longer than
+    // sent: `1E2` comes back as `100.0`) and with its name and sequence.
+    let echoed = e.encoded_len()
+        + stored_raw_bytes
+            .unwrap_or(0)
+            .saturating_sub(e.raw_json.len())
+        + ECHO_NAME_BYTES;
+    let event = NewEvent {
         event_id: event_id?,
         parent_event_id: parent?,
         kind: kind?,
@@ -683,13 +701,53 @@ fn event(
         tool_call_id: tool_call_id?,
         is_error: e.is_error,
         model: model?,
-        usage: usage?,
+        usage: TokenUsage {
+            input,
+            output,
+            cache_creation,
+            cache_read,
+        },
         is_sidechain: e.is_sidechain,
-        raw_json: raw_json?,
-    })
+        raw_json,
+    };
+    Some((event, echoed))
 }
 
-fn raw_json(text: &str) -> Result<Option<serde_json::Value>, String> {
+/// Bytes the server adds to an event it repeats: its name (`teams/{team}/conversations/
+/// {uuid}/events/{sequence}`, at most 148 bytes) and sequence, with their framing.
+const ECHO_NAME_BYTES: usize = 192;
+
+/// One token count of one event: 0 to [`MAX_TOKENS_PER_EVENT`].
+fn token_count(n: i64) -> Result<i64, String> {
+    if n < 0 {
+        Err(format!("is {n}; token counts are 0 or more"))
+    } else if n > MAX_TOKENS_PER_EVENT {
+        Err(format!(
+            "is {n}; at most {MAX_TOKENS_PER_EVENT} tokens of a kind per event are allowed"
+        ))
+    } else {
+        Ok(n)
+    }
+}
+
+/// Counts the bytes written to it.
+#[derive(Default)]
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Raw JSON as stored, with the length it has when written back (compactly, as the API
+/// returns it): both within [`MAX_EVENT_RAW_JSON_BYTES`].
+fn raw_json(text: &str) -> Result<Option<(serde_json::Value, usize)>, String> {
     if text.is_empty() {
         return Ok(None);
     }
@@ -703,9 +761,18 @@ fn raw_json(text: &str) -> Result<Option<serde_json::Value>, String> {
     if text.contains("\\u0000") {
         return Err("contains \\u0000, which cannot be stored".into());
     }
-    serde_json::from_str(text)
-        .map(Some)
-        .map_err(|e| format!("is not valid JSON: {e}"))
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("is not valid JSON: {e}"))?;
+    let mut stored = ByteCount::default();
+    serde_json::to_writer(&mut stored, &value).map_err(|e| format!("cannot be stored: {e}"))?;
+    if stored.0 > MAX_EVENT_RAW_JSON_BYTES {
+        return Err(format!(
+            "takes {} bytes as stored (numbers are written out in full); at most \
+             {MAX_EVENT_RAW_JSON_BYTES} are allowed",
+            stored.0
+        ));
+    }
+    Ok(Some((value, stored.0)))
 }
 
 /// Validates AppendEvents: all events or none.
@@ -727,16 +794,26 @@ pub fn append(
         );
         return v.finish(|| unreachable!("has a violation"));
     }
-    let events: Vec<Option<NewEvent>> = req
+    let events: Vec<Option<(NewEvent, usize)>> = req
         .events
         .iter()
         .enumerate()
         .map(|(i, e)| event(e, |name| format!("events[{i}].{name}"), &mut v))
         .collect();
+    let echoed: usize = events.iter().flatten().map(|(_, bytes)| bytes).sum();
+    if echoed > MAX_APPEND_EVENTS_BYTES {
+        v.add(
+            "events",
+            format!(
+                "take {echoed} bytes as stored; at most {MAX_APPEND_EVENTS_BYTES} per call are \
+                 allowed (the answer repeats them): append them in smaller batches"
+            ),
+        );
+    }
     v.finish(|| {
         (
             name.expect("checked"),
-            events.into_iter().map(|e| e.expect("checked")).collect(),
+            events.into_iter().map(|e| e.expect("checked").0).collect(),
         )
     })
 }
@@ -772,7 +849,9 @@ pub fn ingest_line(line: &pb::IngestLine) -> Result<(ConversationName, NewEvent)
         ConversationName::parse(&line.conversation),
     );
     let event = match (&line.event, line.raw_line.is_empty()) {
-        (Some(e), true) => event(e, |name| format!("line.event.{name}"), &mut v),
+        (Some(e), true) => {
+            event(e, |name| format!("line.event.{name}"), &mut v).map(|(event, _)| event)
+        }
         (Some(_), false) => {
             v.add(
                 "line",
@@ -791,14 +870,21 @@ pub fn ingest_line(line: &pb::IngestLine) -> Result<(ConversationName, NewEvent)
 
 /// A raw source line as a RAW event; see [`ingest_line`].
 fn raw_line(text: &str) -> Result<NewEvent, String> {
-    let value = raw_json(text)?.ok_or("is empty")?;
+    let (value, _) = raw_json(text)?.ok_or("is empty")?;
     let serde_json::Value::Object(fields) = &value else {
         return Err("is JSON but not an object: a transcript line is one JSON object".into());
     };
     let occurred_at = match fields.get("timestamp") {
         Some(serde_json::Value::String(t)) => DateTime::parse_from_rfc3339(t)
             .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| format!("has a `timestamp` that is not RFC 3339 ({e}): {t:?}"))?,
+            .ok()
+            .filter(|t| (1..=9999).contains(&t.year()))
+            .ok_or_else(|| {
+                format!(
+                    "has a `timestamp` that is not an RFC 3339 time in years 1 to 9999: {:?}",
+                    clip(t, MAX_QUOTED_BYTES)
+                )
+            })?,
         _ => {
             return Err("has no `timestamp` string: send it as an event with an occur_time".into());
         }
@@ -876,4 +962,235 @@ pub fn list_events(req: &pb::ListEventsRequest) -> Result<EventsQuery, ApiError>
         after_sequence: after.unwrap_or(req.after_sequence),
         page_size: page_size.expect("checked"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAME: &str = "teams/acme/conversations/0190b3c4-5d6e-7f80-9a1b-2c3d4e5f6a7b";
+
+    fn fields(error: ApiError) -> Vec<String> {
+        match error {
+            ApiError::InvalidArgument(v) => v.into_iter().map(|v| v.field).collect(),
+            other => panic!("not INVALID_ARGUMENT: {other}"),
+        }
+    }
+
+    fn update_with(paths: Vec<String>, content: &str) -> pb::UpdateConversationRequest {
+        pb::UpdateConversationRequest {
+            conversation: Some(pb::Conversation {
+                name: NAME.into(),
+                title: "t".into(),
+                intent: pb::Intent::Debug as i32,
+                status: pb::ConversationStatus::Completed as i32,
+                content: content.into(),
+                effectiveness_score: Some(0.5),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths }),
+        }
+    }
+
+    fn event_with(f: impl FnOnce(&mut pb::ConversationEvent)) -> pb::ConversationEvent {
+        let mut e = pb::ConversationEvent {
+            kind: pb::EventKind::Message as i32,
+            occur_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            content: "hello".into(),
+            ..Default::default()
+        };
+        f(&mut e);
+        e
+    }
+
+    fn append_of(events: Vec<pb::ConversationEvent>) -> pb::AppendEventsRequest {
+        pb::AppendEventsRequest {
+            parent: NAME.into(),
+            events,
+        }
+    }
+
+    #[test]
+    fn a_mask_of_more_than_16_paths_is_refused_without_reading_them() {
+        let huge = "x".repeat(1 << 20);
+        let request = update_with(vec!["*".to_owned(); 400_000], &huge);
+        let error = update(&request).unwrap_err();
+        let status = error.into_status();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("has 400000 paths"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(fields(update(&request).unwrap_err()), ["update_mask.paths"]);
+        let at_limit = update_with(vec!["*".to_owned(); MAX_UPDATE_MASK_PATHS], "c");
+        assert!(update(&at_limit).is_ok());
+    }
+
+    #[test]
+    fn repeated_and_wildcard_paths_name_each_field_once() {
+        let mut paths = vec!["*".to_owned(), "title".to_owned(), "*".to_owned()];
+        paths.extend(["content", "content", "status"].map(str::to_owned));
+        let (_, patch, _) = update(&update_with(paths, "body")).unwrap();
+        assert_eq!(patch.title.as_deref(), Some("t"));
+        assert_eq!(patch.content.as_deref(), Some("body"));
+        assert_eq!(patch.status, Some(Status::Completed));
+        assert_eq!(patch.intent, Some(Intent::Debug));
+        assert_eq!(patch.effectiveness_score, Some(Some(0.5)));
+        assert_eq!(patch.metadata, Some(BTreeMap::new()));
+        // A field named twice with a bad value is one violation, not two.
+        let bad = update_with(vec!["content".to_owned(); 2], "nul\0");
+        assert_eq!(fields(update(&bad).unwrap_err()), ["conversation.content"]);
+    }
+
+    #[test]
+    fn each_unknown_or_output_only_path_is_named() {
+        let paths = ["title", "version", "nope"].map(str::to_owned).to_vec();
+        assert_eq!(
+            fields(update(&update_with(paths, "")).unwrap_err()),
+            ["update_mask.paths[1]", "update_mask.paths[2]"]
+        );
+    }
+
+    #[test]
+    fn token_counts_from_0_to_a_billion_are_accepted() {
+        let usage = |n| pb::TokenUsage {
+            input_tokens: n,
+            output_tokens: n,
+            cache_creation_input_tokens: n,
+            cache_read_input_tokens: n,
+        };
+        for n in [0, 1, MAX_TOKENS_PER_EVENT] {
+            let request = append_of(vec![event_with(|e| e.token_usage = Some(usage(n)))]);
+            let (_, events) = append(&request).unwrap();
+            assert_eq!(events[0].usage.cache_read, n);
+        }
+    }
+
+    #[test]
+    fn token_counts_out_of_range_name_the_field() {
+        let request = append_of(vec![
+            event_with(|_| {}),
+            event_with(|e| {
+                e.token_usage = Some(pb::TokenUsage {
+                    input_tokens: i64::MAX,
+                    output_tokens: -1,
+                    cache_creation_input_tokens: MAX_TOKENS_PER_EVENT + 1,
+                    cache_read_input_tokens: i64::MIN,
+                })
+            }),
+        ]);
+        assert_eq!(
+            fields(append(&request).unwrap_err()),
+            [
+                "events[1].token_usage.input_tokens",
+                "events[1].token_usage.output_tokens",
+                "events[1].token_usage.cache_creation_input_tokens",
+                "events[1].token_usage.cache_read_input_tokens",
+            ]
+        );
+        let line = pb::IngestLine {
+            conversation: NAME.into(),
+            event: Some(event_with(|e| {
+                e.token_usage = Some(pb::TokenUsage {
+                    input_tokens: i64::MAX,
+                    ..Default::default()
+                })
+            })),
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(ingest_line(&line).unwrap_err()),
+            ["line.event.token_usage.input_tokens"]
+        );
+    }
+
+    #[test]
+    fn more_than_500_events_are_refused_with_one_violation() {
+        let request = append_of(vec![event_with(|_| {}); MAX_EVENTS_PER_BATCH + 1]);
+        assert_eq!(fields(append(&request).unwrap_err()), ["events"]);
+        let request = append_of(vec![event_with(|_| {}); MAX_EVENTS_PER_BATCH]);
+        assert_eq!(append(&request).unwrap().1.len(), MAX_EVENTS_PER_BATCH);
+    }
+
+    #[test]
+    fn events_whose_answer_would_pass_2_5_mib_are_refused() {
+        let big = |_| {
+            event_with(|e| {
+                e.content = "c".repeat(MAX_EVENT_CONTENT_BYTES);
+                e.raw_json = format!("\"{}\"", "r".repeat(MAX_EVENT_RAW_JSON_BYTES - 2));
+            })
+        };
+        let fits = append_of((0..4).map(big).collect());
+        assert_eq!(append(&fits).unwrap().1.len(), 4);
+        let too_many_bytes = append_of((0..6).map(big).collect());
+        assert_eq!(fields(append(&too_many_bytes).unwrap_err()), ["events"]);
+    }
+
+    #[test]
+    fn raw_json_is_bounded_as_stored_not_only_as_sent() {
+        // `1E2` is stored and returned as `100.0`: half as long again.
+        let items = vec!["1E2"; 60_000].join(",");
+        let sent = format!("[{items}]");
+        assert!(sent.len() <= MAX_EVENT_RAW_JSON_BYTES);
+        let request = append_of(vec![event_with(|e| e.raw_json = sent)]);
+        assert_eq!(
+            fields(append(&request).unwrap_err()),
+            ["events[0].raw_json"]
+        );
+        assert!(
+            raw_json("{\"a\": [1, 2]}")
+                .unwrap()
+                .is_some_and(|(_, n)| n == 11)
+        );
+    }
+
+    #[test]
+    fn a_batch_get_of_more_than_100_names_is_refused_with_one_violation() {
+        let request = pb::BatchGetConversationsRequest {
+            parent: "teams/acme".into(),
+            names: vec![NAME.to_owned(); MAX_BATCH_GET + 1],
+        };
+        assert_eq!(fields(batch_get(&request).unwrap_err()), ["names"]);
+        let request = pb::BatchGetConversationsRequest {
+            names: vec![NAME.to_owned(); MAX_BATCH_GET],
+            ..request
+        };
+        assert_eq!(batch_get(&request).unwrap().1.len(), MAX_BATCH_GET);
+    }
+
+    #[test]
+    fn metadata_of_more_than_64_entries_is_refused() {
+        let mut request = update_with(vec!["metadata".into()], "");
+        let c = request.conversation.as_mut().unwrap();
+        c.metadata = (0..=MAX_METADATA_ENTRIES)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
+        assert_eq!(
+            fields(update(&request).unwrap_err()),
+            ["conversation.metadata"]
+        );
+        let long_key = BTreeMap::from([("k".repeat(1 << 20), "v".to_owned())]);
+        let why = metadata(&long_key).unwrap_err();
+        assert!(
+            why.len() < 200,
+            "the key is quoted in full: {} bytes",
+            why.len()
+        );
+    }
+
+    #[test]
+    fn raw_lines_with_times_outside_years_1_to_9999_are_refused() {
+        for timestamp in ["0000-12-31T23:59:59Z", "not a time"] {
+            let line = pb::IngestLine {
+                conversation: NAME.into(),
+                raw_line: format!("{{\"timestamp\": \"{timestamp}\"}}"),
+                ..Default::default()
+            };
+            assert_eq!(fields(ingest_line(&line).unwrap_err()), ["line.raw_line"]);
+        }
+    }
 }

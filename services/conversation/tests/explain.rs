@@ -5,7 +5,9 @@
 use chrono::{TimeZone, Utc};
 use conversation::model::*;
 use conversation::names::{ConversationName, TeamId};
-use conversation::store::{BATCH_GET_SQL, GET_SQL, LIST_EVENTS_SQL, list_query, search_query};
+use conversation::store::{
+    BATCH_GET_SQL, GET_SQL, LIST_EVENTS_SQL, SQL_BYTE_BUDGET, list_query, search_query,
+};
 use convoy_store::{PoolSettings, ShardMap, ShardPools};
 use convoy_testkit::Postgres;
 use serde_json::Value;
@@ -106,19 +108,21 @@ async fn every_query_shape_uses_an_index() {
         .unwrap();
     assert_uses_index("get", &get.0, "conversations_pkey");
 
-    let batch: (Value,) = sqlx::query_as(&format!("EXPLAIN (FORMAT JSON) {BATCH_GET_SQL}"))
+    let batch: (Value,) = sqlx::query_as(&format!("EXPLAIN (FORMAT JSON) {}", *BATCH_GET_SQL))
         .bind("team-0")
         .bind(&some)
+        .bind(SQL_BYTE_BUDGET)
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_uses_index("batch get", &batch.0, "conversations_pkey");
 
-    let events: (Value,) = sqlx::query_as(&format!("EXPLAIN (FORMAT JSON) {LIST_EVENTS_SQL}"))
+    let events: (Value,) = sqlx::query_as(&format!("EXPLAIN (FORMAT JSON) {}", *LIST_EVENTS_SQL))
         .bind("team-0")
         .bind(some[0])
         .bind(0_i64)
         .bind(101_i64)
+        .bind(SQL_BYTE_BUDGET)
         .fetch_one(&pool)
         .await
         .unwrap();
