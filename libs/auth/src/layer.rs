@@ -879,7 +879,6 @@ mod tests {
         let (request, tx, _) = setup.request(GET);
         let get = framed(&pb::GetConversationRequest {
             name: "teams/acme/conversations/0190f0c6-0000-7000-8000-000000000001".into(),
-            ..Default::default()
         });
         tx.send(get.clone()).await.unwrap();
         drop(tx);

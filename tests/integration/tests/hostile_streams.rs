@@ -266,10 +266,7 @@ async fn a_team_flooding_streams_exhausts_only_its_own_share() {
             "an admitted stream's declaration",
             async {
                 loop {
-                    let get = pb::GetConversationRequest {
-                        name: name.clone(),
-                        ..Default::default()
-                    };
+                    let get = pb::GetConversationRequest { name: name.clone() };
                     if conversations
                         .get_conversation(with_token(get, &acme))
                         .await
