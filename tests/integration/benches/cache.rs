@@ -23,6 +23,9 @@ async fn instance(redis: &Redis, extra: &[&str]) -> CacheServiceClient<tonic::tr
         "--redis-url".into(),
         redis.url(),
         "--no-auth".into(),
+        // No relay runs here to heartbeat on the bus: serve without waiting for one.
+        "--bus-stale-after-ms".into(),
+        "0".into(),
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let config = cache_service::Config::try_parse_from(args).unwrap();

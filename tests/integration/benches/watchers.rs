@@ -29,7 +29,20 @@ fn rss_kib() -> u64 {
 async fn main() {
     let redis = Redis::start().await.unwrap();
     let url = redis.url();
-    let fleet = Fleet::start_with(1, &["--redis-url", &url]).await;
+    // The watchers measured here are one team's, far past the default stream limits (1024
+    // an instance, 64 a team): raise both so every one opens.
+    let fleet = Fleet::start_with(
+        1,
+        &[
+            "--redis-url",
+            &url,
+            "--max-streams",
+            "100000",
+            "--max-streams-per-team",
+            "100000",
+        ],
+    )
+    .await;
     let mut client =
         pb::conversation_service_client::ConversationServiceClient::new(fleet.channel().await);
     let mut names = Vec::new();
