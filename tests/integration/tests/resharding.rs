@@ -313,6 +313,19 @@ async fn setup(extra: &[&str]) -> Setup {
     }
 }
 
+/// Adds the third shard (`shard-2`, the moves' target) to the map through `router`.
+async fn add_target(router: &mut Router, s: &Setup) {
+    router
+        .client
+        .add_shard(pb::AddShardRequest {
+            shard_id: "shard-2".into(),
+            primary_address: format!("127.0.0.1:{}", s.shards[2].port()),
+            replica_addresses: Vec::new(),
+        })
+        .await
+        .unwrap();
+}
+
 /// Every acknowledged conversation is stored exactly once, on its owner (shard-2 for the
 /// `moved` range), with its events.
 async fn assert_placed(pools: &[PgPool], acked: &Acked, moved: &RangeInclusive<u16>) {
@@ -435,15 +448,7 @@ async fn a_move_survives_a_router_and_etcd_restart_and_a_cancelled_one_changes_n
     let mut first = Router::start(&endpoint, &s.seed, &slow).await;
     let load = Load::start(&s.client, MOVED, 2, false);
     load.until_written(100).await;
-    first
-        .client
-        .add_shard(pb::AddShardRequest {
-            shard_id: "shard-2".into(),
-            primary_address: format!("127.0.0.1:{}", s.shards[2].port()),
-            replica_addresses: Vec::new(),
-        })
-        .await
-        .unwrap();
+    add_target(&mut first, &s).await;
 
     // A move cancelled before its cut-over leaves everything where it was.
     let cancelled = first
@@ -563,15 +568,7 @@ async fn a_move_held_open_past_the_outbox_purge_under_writes_loses_nothing() {
         ],
     )
     .await;
-    router
-        .client
-        .add_shard(pb::AddShardRequest {
-            shard_id: "shard-2".into(),
-            primary_address: format!("127.0.0.1:{}", s.shards[2].port()),
-            replica_addresses: Vec::new(),
-        })
-        .await
-        .unwrap();
+    add_target(&mut router, &s).await;
     let load = Load::start(&s.client, HELD_OPEN, 2, false);
     load.until_written(50).await;
     let source = &s.pools[0];
