@@ -19,7 +19,7 @@ pub const SERVICE_NAME: &str = "analytics";
 #[command(name = "analytics", version, about)]
 pub struct Config {
     /// Address for gRPC.
-    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:20081")]
+    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:50081")]
     pub listen: SocketAddr,
 
     /// Where the shards are.

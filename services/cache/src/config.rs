@@ -16,7 +16,7 @@ pub const SERVICE_NAME: &str = "cache";
 #[command(name = "cache", version, about)]
 pub struct Config {
     /// Address for gRPC.
-    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:20061")]
+    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:50061")]
     pub listen: SocketAddr,
 
     /// Redis (`redis://host:port`): L2, leases and the invalidation bus.

@@ -22,7 +22,7 @@ pub const SERVICE_NAME: &str = "conversation";
 #[command(name = "conversation", version, about)]
 pub struct Config {
     /// Address for gRPC.
-    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:20051")]
+    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
     /// Where the shards are, and the pools to them.

@@ -17,7 +17,7 @@ pub const SERVICE_NAME: &str = "shard-router";
 #[command(name = "shard-router", version, about)]
 pub struct Config {
     /// Address for gRPC.
-    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:20071")]
+    #[arg(long, env = "CONVOY_LISTEN", default_value = "127.0.0.1:50071")]
     pub listen: SocketAddr,
 
     /// The map to publish when etcd holds none yet (a TOML shard map); ignored once one is
