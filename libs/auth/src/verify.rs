@@ -82,8 +82,8 @@ pub enum Reload {
     /// The keys in force changed (files added, removed, changed, turned bad or good);
     /// every verified token is forgotten.
     Changed,
-    /// The directory could not be listed; the keys in force stay for now (at most
-    /// [`KEY_DIR_UNREADABLE_GRACE`] in all).
+    /// The directory could not be listed; the keys in force stay, at most
+    /// [`KEY_DIR_UNREADABLE_GRACE`] from the first failed listing.
     Kept(KeyError),
     /// The directory is gone, or could not be listed for longer than the grace: no key is
     /// in force (every token is refused).

@@ -31,8 +31,8 @@
 //! # Connection
 //! Every operation is sent on one `redis::aio::MultiplexedConnection`, shared by clones: its
 //! driver task writes concurrent requests back to back on one socket and matches the replies
-//! in order. Until 2026-11-22 L2 used a deadpool-redis pool, whose `Manager::recycle` always
-//! sends `UNWATCH` + `PING` on checkout (deadpool-redis 0.23 has no `RecyclingMethod`).
+//! in order, rather than a deadpool-redis pool, whose `Manager::recycle` always sends
+//! `UNWATCH` + `PING` on checkout (deadpool-redis 0.23 has no `RecyclingMethod`).
 //! `cargo bench -p convoy-cache --bench redis_conn` compared the two side by side on two cores
 //! over loopback (figures in `docs/benchmarks.md`). One at a time the pool cost 1.9-2.7× the
 //! multiplexed connection (a small `GET`: 157 µs against 59 µs, a raw RESP round trip being

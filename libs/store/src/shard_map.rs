@@ -1,7 +1,7 @@
 //! The shard map: which shard owns each slot, and where each shard's servers are.
 //!
-//! For now the map comes from configuration (a TOML file or a list of DSNs split evenly);
-//! the shard-router will publish it in etcd with the same shape. A map is validated once
+//! A map is read from configuration (a TOML file or a list of DSNs split evenly) or from
+//! etcd, where the shard-router publishes it in the same shape. A map is validated once
 //! when built ("parse, don't validate"): every slot has exactly one owner, shard ids are
 //! unique labels, and every shard has a primary.
 //!

@@ -4,8 +4,8 @@
 //! stored map ([`convoy_discovery::shard_map`]), checks every node of every shard (health,
 //! replica lag) and serves `convoy.v1.ShardRouterService`: the map, its changes as a stream,
 //! where a team lives, and the shards with their nodes' health. Services route on their
-//! own; the router only publishes. Moving slots (AddShard, MoveSlots and the operations)
-//! answers UNIMPLEMENTED until online resharding lands.
+//! own; the router only publishes. It also adds shards and moves slot ranges between them
+//! online (AddShard, MoveSlots and the operations: [`mover`], [`operations`]).
 
 #![forbid(unsafe_code)]
 
