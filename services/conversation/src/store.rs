@@ -273,6 +273,20 @@ fn push_filters(qb: &mut QueryBuilder<'_, Postgres>, filters: &Filters) {
     }
 }
 
+/// Ends a page's inner query: its order, and one row more than the page (which tells that
+/// another page follows).
+fn order_and_limit(qb: &mut QueryBuilder<'_, Postgres>, order: &str, page_size: usize) {
+    qb.push(" ORDER BY ")
+        .push(order)
+        .push(" LIMIT ")
+        .push_bind(page_size as i64 + 1);
+}
+
+/// Binds [`SQL_BYTE_BUDGET`] as a client page's budget in [`sized`].
+fn sql_byte_budget(qb: &mut QueryBuilder<'_, Postgres>) {
+    qb.push_bind(SQL_BYTE_BUDGET);
+}
+
 /// The List query, newest first with keyset pagination, bounded in bytes by estimate
 /// ([`sized`]); `prefix` is `""` or an EXPLAIN.
 pub fn list_query(prefix: &str, q: &ListQuery) -> QueryBuilder<'static, Postgres> {
@@ -299,14 +313,9 @@ pub fn list_query(prefix: &str, q: &ListQuery) -> QueryBuilder<'static, Postgres
                     .push_bind(cursor.id)
                     .push(")");
             }
-            qb.push(" ORDER BY ")
-                .push(order)
-                .push(" LIMIT ")
-                .push_bind(q.page_size as i64 + 1);
+            order_and_limit(qb, order, q.page_size);
         },
-        |qb| {
-            qb.push_bind(SQL_BYTE_BUDGET);
-        },
+        sql_byte_budget,
     );
     qb
 }
@@ -348,14 +357,9 @@ pub fn search_query(prefix: &str, q: &SearchQuery) -> QueryBuilder<'static, Post
                     .push_bind(cursor.id)
                     .push(")");
             }
-            qb.push(" ORDER BY ")
-                .push(order)
-                .push(" LIMIT ")
-                .push_bind(q.page_size as i64 + 1);
+            order_and_limit(qb, order, q.page_size);
         },
-        |qb| {
-            qb.push_bind(SQL_BYTE_BUDGET);
-        },
+        sql_byte_budget,
     );
     qb
 }
